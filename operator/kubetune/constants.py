@@ -1,0 +1,61 @@
+"""Every name the project shares across modules: API group, labels, annotations,
+env variables, mount paths, field managers. One place, so that the operator,
+the CLI, the trainers' contract and the tests cannot drift apart."""
+
+from typing import Final
+
+GROUP: Final = "kubetune.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+CATEGORY: Final = "kubetune"
+
+KIND_AUTOMODEL: Final = "AutomodelJob"
+KIND_UNSLOTH: Final = "UnslothJob"
+KIND_MODEL: Final = "Model"
+KIND_FILESET: Final = "Fileset"
+
+# Labels put on everything the operator creates.
+LABEL_JOB_NAME: Final = "kubetune.io/job-name"
+LABEL_JOB_KIND: Final = "kubetune.io/job-kind"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "kubetune"
+LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+
+# Field manager / user agent the operator uses, so its API calls can be counted.
+FIELD_MANAGER: Final = "kubetune-operator"
+
+# Where the trainer finds its inputs inside a pod (see docs/CONTRACT.md).
+CONFIG_MOUNT_DIR: Final = "/etc/kubetune"
+CONFIG_FILE_NAME: Final = "config.json"
+CONFIG_PATH: Final = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}"
+MODEL_MOUNT: Final = "/kubetune/model"
+TEACHER_MOUNT: Final = "/kubetune/teacher"
+TRAINING_DATA_MOUNT: Final = "/kubetune/data/training"
+VALIDATION_DATA_MOUNT: Final = "/kubetune/data/validation"
+OUTPUT_MOUNT: Final = "/kubetune/output"
+SHM_MOUNT: Final = "/dev/shm"
+TERMINATION_LOG: Final = "/dev/termination-log"
+
+# Env variables the trainer reads (credentials only; all settings come from the config file).
+ENV_MLFLOW_TOKEN: Final = "MLFLOW_TRACKING_TOKEN"
+ENV_WANDB_API_KEY: Final = "WANDB_API_KEY"
+ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"
+
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+
+# Kubeflow training-operator (PyTorchJob) names the pod must use.
+PYTORCHJOB_API_VERSION: Final = "kubeflow.org/v1"
+PYTORCHJOB_CONTAINER: Final = "pytorch"
+PYTORCHJOB_PORT_NAME: Final = "pytorchjob-port"
+PYTORCHJOB_PORT: Final = 23456
+
+# The Unsloth default LoRA target set (seed: "Unsloth's 7-module set").
+UNSLOTH_DEFAULT_TARGET_MODULES: Final = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
