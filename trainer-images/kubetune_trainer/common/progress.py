@@ -1,0 +1,189 @@
+"""Progress to the job's status (docs/CONTRACT.md section 3), with stdlib urllib + ssl only.
+
+The trainer image carries no Kubernetes client: one JSON merge patch on the
+job's `/status` with the pod's service-account token is all it needs. A failed
+patch is logged and never fails training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer.common.config import TrainerConfig
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+MIN_INTERVAL_S = 10.0
+HISTORY_POINTS = 50
+PATCH_TIMEOUT_S = 5.0
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+class ProgressReporter:
+    """Sends `status.progress` patches, at most one per `min_interval_s`, plus one on close().
+
+    `ProgressReporter.from_config(cfg)` gives a reporter that does nothing when
+    progress.type is "none", on ranks other than 0, or outside a cluster.
+    """
+
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        min_interval_s: float = MIN_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._ssl_context = ssl_context
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        self._last_sent: float | None = None
+        self._pending: dict[str, Any] | None = None
+        self._history: list[dict[str, Any]] = []
+        self._last_train_loss: float | None = None
+        self._last_validation_loss: float | None = None
+        self.patches_sent = 0
+        self.patches_failed = 0
+
+    @classmethod
+    def disabled(cls) -> ProgressReporter:
+        return cls(None)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: TrainerConfig,
+        *,
+        rank: int | None = None,
+        service_account_dir: Path = SERVICE_ACCOUNT_DIR,
+        api_server: str | None = None,
+    ) -> ProgressReporter:
+        """Build the reporter the config asks for.
+
+        rank defaults to $RANK (torchrun) or 0. `api_server` overrides the
+        in-cluster address (https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT).
+        """
+        if rank is None:
+            rank = int(os.environ.get("RANK", "0"))
+        target = cfg.progress
+        if target.type != "kubernetes" or rank != 0:
+            return cls.disabled()
+        if api_server is None:
+            host = os.environ.get("KUBERNETES_SERVICE_HOST")
+            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            if not host:
+                print(
+                    "kubetune-trainer: progress.type is kubernetes but KUBERNETES_SERVICE_HOST is unset; "
+                    "progress will not be reported",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return cls.disabled()
+            # An IPv6 service address needs brackets in a URL.
+            api_server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        token_file = service_account_dir / "token"
+        ca_file = service_account_dir / "ca.crt"
+        token = token_file.read_text().strip() if token_file.exists() else None
+        context: ssl.SSLContext | None = None
+        if api_server.startswith("https://"):
+            context = ssl.create_default_context(cafile=str(ca_file) if ca_file.exists() else None)
+        url = (
+            f"{api_server.rstrip('/')}/apis/{target.group}/{target.version}/namespaces/"
+            f"{target.namespace}/{target.plural}/{target.name}/status"
+        )
+        return cls(url, token=token, ssl_context=context)
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+    def report(
+        self,
+        *,
+        step: int,
+        max_steps: int | None = None,
+        epoch: float | None = None,
+        train_loss: float | None = None,
+        validation_loss: float | None = None,
+    ) -> None:
+        """Record a point; send a patch when the last one is at least min_interval_s old."""
+        if not self.enabled:
+            return
+        train_loss = _finite(train_loss)
+        validation_loss = _finite(validation_loss)
+        if train_loss is not None:
+            self._last_train_loss = train_loss
+        if validation_loss is not None:
+            self._last_validation_loss = validation_loss
+        point: dict[str, Any] = {"step": int(step)}
+        if train_loss is not None:
+            point["trainLoss"] = train_loss
+        if validation_loss is not None:
+            point["validationLoss"] = validation_loss
+        if len(point) > 1:
+            if self._history and self._history[-1]["step"] == point["step"]:
+                self._history[-1].update(point)
+            else:
+                self._history.append(point)
+            del self._history[:-HISTORY_POINTS]
+        progress: dict[str, Any] = {"step": int(step)}
+        if max_steps is not None:
+            progress["maxSteps"] = int(max_steps)
+        if epoch is not None:
+            progress["epoch"] = round(float(epoch), 4)
+        if self._last_train_loss is not None:
+            progress["trainLoss"] = self._last_train_loss
+        if self._last_validation_loss is not None:
+            progress["validationLoss"] = self._last_validation_loss
+        self._pending = progress
+        now = self._clock()
+        if self._last_sent is None or now - self._last_sent >= self._min_interval_s:
+            self._send()
+
+    def close(self) -> None:
+        """Send the last recorded point (the final one per the contract)."""
+        if self.enabled and self._pending is not None:
+            self._send()
+
+    def _send(self) -> None:
+        assert self.url is not None and self._pending is not None
+        progress = dict(self._pending)
+        progress["updatedAt"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        progress["history"] = list(self._history)
+        body = json.dumps({"status": {"progress": progress}}).encode()
+        request = urllib.request.Request(self.url, data=body, method="PATCH")
+        request.add_header("Content-Type", "application/merge-patch+json")
+        request.add_header("Accept", "application/json")
+        if self._token:
+            request.add_header("Authorization", f"Bearer {self._token}")
+        self._last_sent = self._clock()
+        self._pending = None
+        try:
+            with urllib.request.urlopen(request, timeout=PATCH_TIMEOUT_S, context=self._ssl_context) as response:
+                response.read()
+            self.patches_sent += 1
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.patches_failed += 1
+            print(
+                f"kubetune-trainer: progress patch to {self.url} failed (training continues): {exc}",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -1,0 +1,67 @@
+"""Failure reporting: a one-line reason in the termination log and a non-zero exit.
+
+Kubernetes copies /dev/termination-log into the container status, where the
+operator (and `kubectl describe`) show it; `KUBETUNE_TERMINATION_LOG` redirects
+it for local runs and tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from kubetune_trainer.common.config import ConfigError
+
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+# The kubelet reads at most 4096 bytes of the termination message.
+MAX_REASON_CHARS = 1000
+
+
+class TrainerError(RuntimeError):
+    """A failure whose message is already the user-facing reason (no traceback needed)."""
+
+
+def one_line(reason: str) -> str:
+    line = " ".join(reason.split())
+    return line[: MAX_REASON_CHARS - 3] + "..." if len(line) > MAX_REASON_CHARS else line
+
+
+def write_termination_log(reason: str) -> Path | None:
+    """Write the reason; returns the file written, or None when no log is writable here."""
+    path = Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(one_line(reason) + "\n", encoding="utf-8")
+    except OSError:
+        return None
+    return path
+
+
+def run_with_termination_log(main_fn: Callable[[], int | None]) -> NoReturn:
+    """Run the trainer's main; on failure write the reason and exit non-zero.
+
+    Exit codes: main's return value (0 when None), 1 on an exception, 130 on
+    KeyboardInterrupt; SystemExit passes through (with a reason when non-zero).
+    """
+    try:
+        code = main_fn()
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            write_termination_log(f"exited with {exc.code}")
+        raise
+    except KeyboardInterrupt:
+        write_termination_log("interrupted")
+        sys.exit(130)
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, (TrainerError, ConfigError)):
+            traceback.print_exc()
+        print(f"kubetune-trainer: failed: {reason}", file=sys.stderr, flush=True)
+        write_termination_log(reason)
+        sys.exit(1)
+    sys.exit(int(code or 0))
