@@ -9,10 +9,13 @@ name=$1; shift
 cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
 key=$( (echo "python=$(python3 -c 'import sys; print(sys.version)')"; cat "$@") | sha256sum | cut -c1-16)
 venv="$cache/venvs/$name-$key"
+mkdir -p "$cache/venvs"
+# One builder at a time per environment: parallel test runs must not race.
+exec 9>"$venv.lock"
+flock 9
 if [ ! -f "$venv/.complete" ]; then
   echo "hack/venv.sh: building $venv from $* (first run only; cached afterwards)" >&2
   rm -rf "$venv"
-  mkdir -p "$cache/venvs"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
   args=()

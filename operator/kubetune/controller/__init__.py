@@ -1,0 +1,1 @@
+"""The kubetune operator: pure builders, thin kopf handlers."""
