@@ -1,0 +1,87 @@
+"""Fixtures for tests against the local control plane (hack/cluster/localcluster.py).
+
+`cluster` (session): a running LocalCluster. By default a fresh one is started in a
+temporary directory and stopped when the session ends, also on failure. Set
+KUBETUNE_TEST_CLUSTER_DIR to the directory of a cluster that is already running
+(e.g. `.cluster` after `make cluster-up`) to reuse it; it is then left running.
+
+`namespace` (function): a fresh namespace, ready for pods, deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "hack" / "cluster"))
+
+from localcluster import ClusterError, LocalCluster  # noqa: E402
+
+_session_cluster: list[LocalCluster] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    reuse_dir = os.environ.get("KUBETUNE_TEST_CLUSTER_DIR")
+    if reuse_dir:
+        existing = LocalCluster(Path(reuse_dir))
+        if existing.is_running():
+            _session_cluster.append(existing)
+            yield existing
+            existing.check_alive()
+            return
+    base = Path(reuse_dir) if reuse_dir else tmp_path_factory.mktemp("cluster")
+    instance = LocalCluster(base)
+    _session_cluster.append(instance)
+    try:
+        instance.up()
+        yield instance
+        instance.check_alive()
+    finally:
+        # Logs stay in base for reading; every process is gone.
+        instance.down(remove_state=False)
+        _session_cluster.clear()
+
+
+@pytest.fixture(autouse=True)
+def _cluster_still_alive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each cluster test, fail naming the log of any component that died."""
+    yield
+    if "cluster" in request.fixturenames and _session_cluster:
+        _session_cluster[0].check_alive()
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.create_namespace(name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and _session_cluster:
+        cluster = _session_cluster[0]
+        try:
+            status = cluster.status()
+        except (ClusterError, OSError) as err:
+            status = f"(status unavailable: {err})"
+        report.sections.append(("local cluster", f"{status}\nlogs: {cluster.logs_dir}"))
+    return report
