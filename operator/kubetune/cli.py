@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,8 +71,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    # kopf and aiohttp load only for this command: validate/schema stay quick.
+    from kubetune.controller.builders import OperatorSettings
+    from kubetune.controller.handlers import run_operator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    namespaces = [] if args.all_namespaces else [ns for item in args.namespace for ns in item.split(",") if ns]
+    if not namespaces and not args.all_namespaces:
+        print("kubetune operator: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return 2
+    settings = OperatorSettings(
+        automodel_image=args.automodel_image,
+        unsloth_image=args.unsloth_image,
+        image_pull_policy=args.image_pull_policy,
+        output_claim=args.output_claim,
+    )
+    asyncio.run(run_operator(settings, namespaces, args.health_port))
+    return 0
+
+
+def _env_default(name: str, fallback: str) -> str:
+    return os.environ.get(name) or fallback
+
+
 def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Commands whose modules pull in heavier imports register here, imported only when run."""
+    """Commands whose modules pull in heavier imports register here and import them only when run."""
+    from kubetune.controller.builders import OperatorSettings
+
+    defaults = OperatorSettings()
+    p = sub.add_parser("operator", help="run the operator (kopf, standalone, one replica)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        action="append",
+        default=[n for n in os.environ.get("KUBETUNE_WATCH_NAMESPACES", "").split(",") if n],
+        help="watch this namespace (repeatable, or comma-separated); needs only a namespaced Role "
+        "(env KUBETUNE_WATCH_NAMESPACES)",
+    )
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace (needs a ClusterRole)")
+    p.add_argument(
+        "--automodel-image",
+        default=_env_default("KUBETUNE_AUTOMODEL_IMAGE", defaults.automodel_image),
+        help="trainer image for AutomodelJobs (env KUBETUNE_AUTOMODEL_IMAGE)",
+    )
+    p.add_argument(
+        "--unsloth-image",
+        default=_env_default("KUBETUNE_UNSLOTH_IMAGE", defaults.unsloth_image),
+        help="trainer image for UnslothJobs (env KUBETUNE_UNSLOTH_IMAGE)",
+    )
+    p.add_argument(
+        "--image-pull-policy",
+        default=_env_default("KUBETUNE_IMAGE_PULL_POLICY", "IfNotPresent"),
+        choices=("Always", "IfNotPresent", "Never"),
+    )
+    p.add_argument(
+        "--output-claim",
+        default=_env_default("KUBETUNE_OUTPUT_CLAIM", defaults.output_claim),
+        help="PersistentVolumeClaim (in each job's namespace) that receives outputs (env KUBETUNE_OUTPUT_CLAIM)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=int(_env_default("KUBETUNE_HEALTH_PORT", "8080")),
+        help="serve GET /healthz on this port; 0 turns it off",
+    )
+    p.set_defaults(func=cmd_operator)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,12 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "resources": ["automodeljobs/status", "unslothjobs/status", "models/status", "filesets/status"],
         "verbs": ["get", "patch", "update"],
     },
+    # ownerReferences with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
+    {
+        "apiGroups": [c.GROUP],
+        "resources": ["automodeljobs/finalizers", "unslothjobs/finalizers"],
+        "verbs": ["update"],
+    },
     # The output Model entity of a finished job.
     {"apiGroups": [c.GROUP], "resources": ["models"], "verbs": ["create"]},
     # The workloads: a PyTorchJob (multi-GPU / multi-node) or a batch Job (one GPU).

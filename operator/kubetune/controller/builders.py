@@ -1,0 +1,429 @@
+"""Pure builders: a validated job and its resolved entities in, plain dicts out.
+No Kubernetes client here; the reconciler applies what these return.
+
+Choices made on purpose (documented in docs/OPERATOR.md):
+- One GPU → batch/v1 Job: restartPolicy Never (a failed pod stays for its logs),
+  backoffLimit 2 (two retries, each resuming from the checkpoint on the output
+  volume), and a podFailurePolicy that fails the Job at once on the trainer's own
+  error exit code 1 (a bad config will not get better) and does not count pod
+  disruptions (preemption, node drain) against the backoff limit.
+- More GPUs or nodes → PyTorchJob: restartPolicy ExitCode (the training-operator
+  restarts replicas killed by a signal — exit codes 128+ — and fails on 1-127),
+  runPolicy.backoffLimit 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune import constants as c
+from kubetune.api.automodel import AutomodelJobSpec
+from kubetune.api.resources import Resource
+from kubetune.api.unsloth import UnslothJobSpec
+from kubetune.controller.references import EntityRecord
+from kubetune.render import TrainerPaths, cluster_paths, dumps_config, kubernetes_progress, render_trainer_config
+
+JobSpec = AutomodelJobSpec | UnslothJobSpec
+JOB_BACKOFF_LIMIT = 2
+PYTORCHJOB_BACKOFF_LIMIT = 3
+TRAINER_EXIT_CODE_PERMANENT = 1
+TRAINER_UID = 1000
+MAX_JOB_NAME = 40  # leaves room for "-automodel-trainer" and the pod suffixes within 63
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """The operator's configuration (the chart's values)."""
+
+    automodel_image: str = "ghcr.io/kubetune/trainer-automodel:0.1.0"
+    unsloth_image: str = "ghcr.io/kubetune/trainer-unsloth:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    output_claim: str = "kubetune-output"
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """Everything the builders need: the job, validated, and its entities, resolved."""
+
+    resource: Resource
+    name: str
+    namespace: str
+    uid: str
+    spec: JobSpec
+    entities: Mapping[str, EntityRecord]  # by role: model, teacher_model, training_data, validation_data
+    settings: OperatorSettings = field(default_factory=OperatorSettings)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    base: str
+    config_map: str
+    service_account: str
+    role: str
+    child: str
+
+
+def backend(resource: Resource) -> str:
+    return "automodel" if resource.kind == c.KIND_AUTOMODEL else "unsloth"
+
+
+def child_names(resource: Resource, name: str) -> ChildNames:
+    """Fixed names: the same job always maps to the same children (create-or-get)."""
+    base = f"{name}-{backend(resource)}"
+    return ChildNames(
+        base=base,
+        config_map=f"{base}-config",
+        service_account=f"{base}-trainer",
+        role=f"{base}-trainer",
+        child=base,
+    )
+
+
+def total_gpus(spec: JobSpec) -> int:
+    if isinstance(spec, AutomodelJobSpec):
+        return spec.parallelism.total_gpus
+    return spec.hardware.gpu_count
+
+
+def uses_pytorchjob(spec: JobSpec) -> bool:
+    return isinstance(spec, AutomodelJobSpec) and (
+        spec.parallelism.num_nodes > 1 or spec.parallelism.num_gpus_per_node > 1
+    )
+
+
+def owner_reference(inputs: JobInputs) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": inputs.resource.kind,
+        "name": inputs.name,
+        "uid": inputs.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def common_labels(inputs: JobInputs) -> dict[str, str]:
+    return {
+        c.LABEL_JOB_NAME: inputs.name,
+        c.LABEL_JOB_KIND: inputs.resource.kind,
+        c.LABEL_MANAGED_BY: c.MANAGED_BY,
+    }
+
+
+def _metadata(inputs: JobInputs, name: str, extra_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": inputs.namespace,
+        "labels": {**common_labels(inputs), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(inputs)],
+    }
+
+
+def trainer_config(inputs: JobInputs) -> dict[str, Any]:
+    paths: TrainerPaths = cluster_paths(
+        has_teacher="teacher_model" in inputs.entities, has_validation="validation_data" in inputs.entities
+    )
+    return render_trainer_config(
+        inputs.resource,
+        name=inputs.name,
+        namespace=inputs.namespace,
+        uid=inputs.uid,
+        spec=inputs.spec,
+        paths=paths,
+        progress=kubernetes_progress(inputs.resource, inputs.namespace, inputs.name),
+    )
+
+
+def build_config_map(inputs: JobInputs) -> dict[str, Any]:
+    names = child_names(inputs.resource, inputs.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(inputs, names.config_map),
+        "data": {c.CONFIG_FILE_NAME: dumps_config(trainer_config(inputs))},
+    }
+
+
+def build_trainer_identity(inputs: JobInputs) -> list[dict[str, Any]]:
+    """A per-job ServiceAccount that may only patch this job's status (progress)."""
+    names = child_names(inputs.resource, inputs.name)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(inputs, names.service_account)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(inputs, names.role),
+            "rules": [
+                {
+                    "apiGroups": [c.GROUP],
+                    "resources": [f"{inputs.resource.plural}/status"],
+                    "resourceNames": [inputs.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(inputs, names.role),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.role},
+            "subjects": [{"kind": "ServiceAccount", "name": names.service_account, "namespace": inputs.namespace}],
+        },
+    ]
+
+
+_MOUNTS = (
+    ("model", c.MODEL_MOUNT),
+    ("teacher_model", c.TEACHER_MOUNT),
+    ("training_data", c.TRAINING_DATA_MOUNT),
+    ("validation_data", c.VALIDATION_DATA_MOUNT),
+)
+
+
+def _volumes_and_mounts(inputs: JobInputs) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    names = child_names(inputs.resource, inputs.name)
+    # A pod mounts claims of its own namespace only: an entity shared from another
+    # namespace is mounted through the claim of the same name here (see docs/OPERATOR.md).
+    claims: dict[str, str] = {}
+
+    def volume_for(claim: str) -> str:
+        if claim not in claims:
+            claims[claim] = f"claim-{len(claims)}"
+        return claims[claim]
+
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": c.CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": "shm", "mountPath": c.SHM_MOUNT},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    for role, mount_path in _MOUNTS:
+        record = inputs.entities.get(role)
+        if record is None:
+            continue
+        pvc = record.spec["storage"]["pvc"]
+        mount: dict[str, Any] = {"name": volume_for(pvc["claimName"]), "mountPath": mount_path, "readOnly": True}
+        if pvc.get("path"):
+            mount["subPath"] = pvc["path"]
+        mounts.append(mount)
+    mounts.append(
+        {"name": volume_for(inputs.settings.output_claim), "mountPath": c.OUTPUT_MOUNT, "subPath": inputs.name}
+    )
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": names.config_map}},
+        # NCCL and the DataLoader workers exchange tensors through /dev/shm; the
+        # container default (64 MiB) is too small for them.
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    volumes += [{"name": vol, "persistentVolumeClaim": {"claimName": claim}} for claim, vol in claims.items()]
+    return volumes, mounts
+
+
+def _env(inputs: JobInputs) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if isinstance(inputs.spec, UnslothJobSpec):
+        # Inside the pod the device plugin numbers the allotted GPUs from 0, so the
+        # selection is "the first N" whatever indices the spec named on the host.
+        env.append(
+            {"name": "CUDA_VISIBLE_DEVICES", "value": ",".join(str(i) for i in range(inputs.spec.hardware.gpu_count))}
+        )
+    integrations = inputs.spec.integrations
+    if integrations and integrations.mlflow and integrations.mlflow.token_secret:
+        ref = integrations.mlflow.token_secret
+        env.append({"name": c.ENV_MLFLOW_TOKEN, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if integrations and integrations.wandb and integrations.wandb.api_key_secret:
+        ref = integrations.wandb.api_key_secret
+        env.append({"name": c.ENV_WANDB_API_KEY, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
+def _image(inputs: JobInputs) -> str:
+    if inputs.spec.image:
+        return inputs.spec.image
+    if isinstance(inputs.spec, AutomodelJobSpec):
+        return inputs.settings.automodel_image
+    return inputs.settings.unsloth_image
+
+
+def _command(inputs: JobInputs) -> list[str]:
+    module = f"kubetune_trainer.{backend(inputs.resource)}"
+    if uses_pytorchjob(inputs.spec):
+        # torchrun takes --nnodes/--nproc-per-node/--node-rank from the PET_* variables
+        # the training-operator injects; the rendezvous address from MASTER_ADDR/PORT.
+        return [
+            "torchrun",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+            "-m",
+            module,
+            "--config",
+            c.CONFIG_PATH,
+        ]
+    return ["python", "-m", module, "--config", c.CONFIG_PATH]
+
+
+RESTRICTED_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def build_pod_template(inputs: JobInputs, container_name: str, restart_policy: str) -> dict[str, Any]:
+    names = child_names(inputs.resource, inputs.name)
+    volumes, mounts = _volumes_and_mounts(inputs)
+    gpus = (
+        inputs.spec.parallelism.num_gpus_per_node
+        if isinstance(inputs.spec, AutomodelJobSpec)
+        else inputs.spec.hardware.gpu_count
+    )
+    container: dict[str, Any] = {
+        "name": container_name,
+        "image": _image(inputs),
+        "imagePullPolicy": inputs.settings.image_pull_policy,
+        "command": _command(inputs),
+        "env": _env(inputs),
+        "resources": {"requests": {c.GPU_RESOURCE: str(gpus)}, "limits": {c.GPU_RESOURCE: str(gpus)}},
+        "volumeMounts": mounts,
+        "securityContext": RESTRICTED_CONTAINER_SECURITY,
+        "terminationMessagePath": c.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if uses_pytorchjob(inputs.spec):
+        container["ports"] = [{"name": c.PYTORCHJOB_PORT_NAME, "containerPort": c.PYTORCHJOB_PORT}]
+    return {
+        "metadata": {"labels": common_labels(inputs)},
+        "spec": {
+            "restartPolicy": restart_policy,
+            "serviceAccountName": names.service_account,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": TRAINER_UID,
+                "runAsGroup": TRAINER_UID,
+                "fsGroup": TRAINER_UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            # A preempted trainer saves a checkpoint on SIGTERM; give it time to.
+            "terminationGracePeriodSeconds": 120,
+            "containers": [container],
+            "volumes": volumes,
+        },
+    }
+
+
+def _child_labels(inputs: JobInputs) -> dict[str, str]:
+    queue = inputs.labels.get(c.LABEL_KUEUE_QUEUE)
+    return {c.LABEL_KUEUE_QUEUE: queue} if queue else {}
+
+
+def build_batch_job(inputs: JobInputs) -> dict[str, Any]:
+    names = child_names(inputs.resource, inputs.name)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(inputs, names.child, _child_labels(inputs)),
+        "spec": {
+            "suspend": inputs.spec.suspend,
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": JOB_BACKOFF_LIMIT,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "trainer",
+                            "operator": "In",
+                            "values": [TRAINER_EXIT_CODE_PERMANENT],
+                        },
+                    },
+                ]
+            },
+            "template": build_pod_template(inputs, "trainer", "Never"),
+        },
+    }
+
+
+def build_pytorchjob(inputs: JobInputs) -> dict[str, Any]:
+    assert isinstance(inputs.spec, AutomodelJobSpec)
+    names = child_names(inputs.resource, inputs.name)
+    template = build_pod_template(inputs, c.PYTORCHJOB_CONTAINER, "ExitCode")
+    restart = template["spec"].pop("restartPolicy")
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": restart, "template": template}}
+    workers = inputs.spec.parallelism.num_nodes - 1
+    if workers:
+        replicas["Worker"] = {"replicas": workers, "restartPolicy": restart, "template": template}
+    return {
+        "apiVersion": c.PYTORCHJOB_API_VERSION,
+        "kind": "PyTorchJob",
+        "metadata": _metadata(inputs, names.child, _child_labels(inputs)),
+        "spec": {
+            "nprocPerNode": str(inputs.spec.parallelism.num_gpus_per_node),
+            "runPolicy": {
+                "backoffLimit": PYTORCHJOB_BACKOFF_LIMIT,
+                "cleanPodPolicy": "None",
+                "suspend": inputs.spec.suspend,
+            },
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def build_child(inputs: JobInputs) -> dict[str, Any]:
+    return build_pytorchjob(inputs) if uses_pytorchjob(inputs.spec) else build_batch_job(inputs)
+
+
+def build_all(inputs: JobInputs) -> list[dict[str, Any]]:
+    """Every object of a job, in creation order (the child last: it needs the rest)."""
+    return [build_config_map(inputs), *build_trainer_identity(inputs), build_child(inputs)]
+
+
+def output_model_name(inputs: JobInputs) -> str:
+    return inputs.spec.output.name or f"{inputs.name}-output"
+
+
+def output_format(spec: JobSpec) -> str:
+    if isinstance(spec, AutomodelJobSpec):
+        return "adapter" if spec.training.finetuning_type == "lora" else "full"
+    if spec.training.finetuning_type == "lora" and spec.output.save_method == "lora":
+        return "adapter"
+    return "full"
+
+
+def output_dir(fmt: str) -> str:
+    """Where the trainer writes the result inside the output volume (docs/CONTRACT.md)."""
+    return "adapter" if fmt == "adapter" else "model"
+
+
+def build_output_model(inputs: JobInputs) -> dict[str, Any]:
+    """The Model entity a finished job produces (the trainer wrote it under output/)."""
+    fmt = output_format(inputs.spec)
+    base = inputs.entities.get("model")
+    base_ref = inputs.spec.model if isinstance(inputs.spec, AutomodelJobSpec) else inputs.spec.model.name
+    spec: dict[str, Any] = {
+        "storage": {"pvc": {"claimName": inputs.settings.output_claim, "path": f"{inputs.name}/{output_dir(fmt)}"}},
+        "format": fmt,
+        "description": inputs.spec.output.description or f"Produced by {inputs.resource.kind} {inputs.name}",
+    }
+    if fmt == "adapter":
+        spec["baseModel"] = base_ref
+    if base is not None:
+        for key in ("tokenizer", "vocabSize"):
+            if base.spec.get(key) is not None:
+                spec[key] = base.spec[key]
+    metadata = _metadata(inputs, output_model_name(inputs))
+    # Not owned by the job: deleting a finished job must not delete the model it made.
+    del metadata["ownerReferences"]
+    return {"apiVersion": c.API_VERSION, "kind": c.KIND_MODEL, "metadata": metadata, "spec": spec}

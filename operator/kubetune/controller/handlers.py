@@ -1,0 +1,118 @@
+"""Thin kopf handlers: each watch event goes to the reconciler.
+
+Raw event handlers (`on.event`), not kopf's create/update handlers, on purpose:
+the reconciler is idempotent and level-based, so it needs no per-handler
+progress bookkeeping — which kopf would otherwise store with an extra PATCH of
+every job, costing API requests and a status field the user never asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import kopf
+
+from kubetune import constants as c
+from kubetune.api.resources import FILESET, JOB_RESOURCES, MODEL
+from kubetune.controller.builders import OperatorSettings
+from kubetune.controller.kubeclient import KubeClient
+from kubetune.controller.reconciler import JobKey, Reconciler
+
+registry = kopf.OperatorRegistry()
+_reconciler: Reconciler | None = None
+
+
+def _rec() -> Reconciler:
+    if _reconciler is None:
+        raise RuntimeError("the operator is not started")
+    return _reconciler
+
+
+def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(cast(Any, dict(body)), type=type_, reason=reason, message=message[:1024])
+
+
+def _job_key(labels: Mapping[str, str], namespace: str | None) -> JobKey | None:
+    name, kind = labels.get(c.LABEL_JOB_NAME), labels.get(c.LABEL_JOB_KIND)
+    return (kind, namespace, name) if name and kind and namespace else None
+
+
+_MANAGED = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
+
+
+async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    meta = body["metadata"]
+    if type == "DELETED":
+        _rec().forget_job((body["kind"], meta["namespace"], meta["name"]))
+        return
+    await _rec().on_job(dict(body))
+
+
+async def on_child_event(body: kopf.Body, type: str | None, namespace: str | None, **_: Any) -> None:
+    key = _job_key(body["metadata"].get("labels") or {}, namespace)
+    if key is not None and type != "DELETED":
+        await _rec().on_child(key, dict(body))
+
+
+async def on_pod_event(body: kopf.Body, type: str | None, namespace: str | None, **_: Any) -> None:
+    key = _job_key(body["metadata"].get("labels") or {}, namespace)
+    if key is not None:
+        await _rec().on_pod(key, dict(body), deleted=type == "DELETED")
+
+
+async def on_entity_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    await _rec().on_entity(dict(body), deleted=type == "DELETED")
+
+
+async def on_claim_event(body: kopf.Body, type: str | None, namespace: str | None, name: str, **_: Any) -> None:
+    if namespace is None:
+        return
+    phase = None if type == "DELETED" else (body.get("status") or {}).get("phase", "Pending")
+    await _rec().on_claim(namespace, name, phase)
+
+
+# Explicit ids, so that a rename of a function never changes what kopf calls it.
+for _res in JOB_RESOURCES:
+    kopf.on.event(c.GROUP, c.VERSION, _res.plural, registry=registry, id=f"{_res.plural}-event")(on_job_event)
+for _group, _version, _plural in (("batch", "v1", "jobs"), ("kubeflow.org", "v1", "pytorchjobs")):
+    kopf.on.event(_group, _version, _plural, labels=_MANAGED, registry=registry, id=f"{_plural}-child-event")(
+        on_child_event
+    )
+kopf.on.event("", "v1", "pods", labels=_MANAGED, registry=registry, id="pods-event")(on_pod_event)
+for _res in (MODEL, FILESET):
+    kopf.on.event(c.GROUP, c.VERSION, _res.plural, registry=registry, id=f"{_res.plural}-event")(on_entity_event)
+kopf.on.event("", "v1", "persistentvolumeclaims", registry=registry, id="claims-event")(on_claim_event)
+
+
+@kopf.on.startup(registry=registry, id="settings")
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our own events carry the news; kopf's per-handler INFO events would double the API traffic.
+    settings.posting.level = logging.WARNING
+    settings.scanning.disabled = True
+    settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+
+
+async def run_operator(
+    settings: OperatorSettings,
+    namespaces: Sequence[str],
+    health_port: int,
+    stop_flag: asyncio.Event | None = None,
+) -> None:
+    global _reconciler
+    client = KubeClient.from_environment()
+    _reconciler = Reconciler(client, settings, _post_event)
+    try:
+        await kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=list(namespaces),
+            liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+            stop_flag=stop_flag,
+        )
+    finally:
+        await client.close()

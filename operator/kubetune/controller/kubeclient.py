@@ -1,0 +1,156 @@
+"""A small JSON client for the Kubernetes API: the few verbs the operator uses,
+on aiohttp (which kopf already brings), with kopf's own credential discovery
+(kubeconfig or in-cluster service account). Its user agent names kubetune, so
+the API server's metrics can count the operator's requests apart from kopf's."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import ssl
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import kopf
+
+from kubetune import __version__
+from kubetune import constants as c
+
+USER_AGENT = f"{c.FIELD_MANAGER}/{__version__}"
+SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Mapping[str, Any], method: str, path: str) -> None:
+        self.status = status
+        self.body = body
+        self.reason = str(body.get("reason", ""))
+        super().__init__(f"{method} {path}: {status} {body.get('message', body)}")
+
+
+def _write_temp(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    with contextlib.suppress(ValueError):  # kubeconfig *-data fields are base64; paths' contents are not
+        raw = base64.b64decode(raw, validate=True)
+    fd, path = tempfile.mkstemp(prefix="kubetune-", suffix=".pem")
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    return path
+
+
+def collection_path(api_version: str, plural: str, namespace: str) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{plural}"
+
+
+PLURALS = {
+    "ConfigMap": "configmaps",
+    "ServiceAccount": "serviceaccounts",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "Job": "jobs",
+    "PyTorchJob": "pytorchjobs",
+    "Model": "models",
+    "Fileset": "filesets",
+    "AutomodelJob": "automodeljobs",
+    "UnslothJob": "unslothjobs",
+}
+
+
+def object_path(obj: Mapping[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{collection_path(obj['apiVersion'], PLURALS[obj['kind']], meta['namespace'])}/{meta['name']}"
+
+
+class KubeClient:
+    def __init__(self, server: str, ssl_context: ssl.SSLContext | bool, token: str | None, token_file: str | None):
+        self.server = server.rstrip("/")
+        self._ssl = ssl_context
+        self._token = token
+        self._token_file = token_file
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_environment(cls) -> KubeClient:
+        settings = kopf.OperatorSettings()
+        info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+        if info is None:
+            raise RuntimeError("no Kubernetes credentials: set KUBECONFIG, or run in a pod with a service account")
+        context: ssl.SSLContext | bool
+        if info.insecure:
+            context = False
+        else:
+            context = ssl.create_default_context(
+                cafile=info.ca_path,
+                cadata=base64.b64decode(info.ca_data).decode() if info.ca_data else None,
+            )
+            cert = info.certificate_path or (_write_temp(info.certificate_data) if info.certificate_data else None)
+            key = info.private_key_path or (_write_temp(info.private_key_data) if info.private_key_data else None)
+            if cert and key:
+                context.load_cert_chain(cert, key)
+        server = info.server
+        in_cluster = os.path.exists(SA_TOKEN) and server == "https://kubernetes.default.svc"
+        if in_cluster and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            server = (
+                f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ.get('KUBERNETES_SERVICE_PORT', '443')}"
+            )
+        # Bound service-account tokens rotate: re-read the file instead of caching it.
+        return cls(server, context, None if in_cluster else info.token, SA_TOKEN if in_cluster else None)
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        token = self._token
+        if self._token_file:
+            with open(self._token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=32),
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
+        async with self._session.request(
+            method,
+            self.server + path,
+            json=body,
+            params=params,
+            headers=self._headers(content_type if body is not None else None),
+        ) as response:
+            data = await response.json(content_type=None) if response.content_length != 0 else {}
+            if response.status >= 400:
+                raise ApiError(response.status, data if isinstance(data, dict) else {"message": data}, method, path)
+            return data if isinstance(data, dict) else {}
+
+    async def get(self, path: str) -> dict[str, Any]:
+        return await self.request("GET", path)
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        path = collection_path(obj["apiVersion"], PLURALS[obj["kind"]], meta["namespace"])
+        return await self.request("POST", path, obj, "application/json", params={"fieldManager": c.FIELD_MANAGER})
+
+    async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.request(
+            "PATCH", path, patch, "application/merge-patch+json", params={"fieldManager": c.FIELD_MANAGER}
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

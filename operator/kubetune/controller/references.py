@@ -1,0 +1,162 @@
+"""Resolving a job's references (`name` or `workspace/name`) to Model and Fileset
+entities: pure functions over a lookup, shared by the operator (entities from its
+watch index) and `kubetune run` (entities from the manifests given)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune import constants as c
+from kubetune.api.automodel import AutomodelJobSpec
+from kubetune.api.unsloth import UnslothJobSpec
+
+JobSpec = AutomodelJobSpec | UnslothJobSpec
+
+
+@dataclass(frozen=True)
+class EntityRecord:
+    """What a job needs to know about an entity."""
+
+    kind: str
+    namespace: str
+    name: str
+    spec: Mapping[str, Any]
+    ready: bool
+    not_ready_reason: str = ""
+    not_ready_message: str = ""
+
+    @property
+    def shared_with(self) -> list[str]:
+        return list(self.spec.get("sharedWith") or [])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference field of a job."""
+
+    field: str  # full path, e.g. spec.training.teacher_model
+    kind: str  # Model or Fileset
+    value: str
+    role: str  # model, teacher_model, training_data, validation_data
+
+
+@dataclass(frozen=True)
+class ReferenceProblem:
+    field: str
+    reason: str
+    message: str
+    waiting: bool  # True when the job should start by itself once the world changes
+
+
+@dataclass
+class Resolution:
+    entities: dict[str, EntityRecord] = field(default_factory=dict)  # by role
+    problems: list[ReferenceProblem] = field(default_factory=list)
+
+
+def job_references(spec: JobSpec) -> list[Reference]:
+    if isinstance(spec, AutomodelJobSpec):
+        refs = [
+            Reference("spec.model", c.KIND_MODEL, spec.model, "model"),
+            Reference("spec.dataset.training", c.KIND_FILESET, spec.dataset.training, "training_data"),
+        ]
+        if spec.dataset.validation:
+            refs.append(
+                Reference("spec.dataset.validation", c.KIND_FILESET, spec.dataset.validation, "validation_data")
+            )
+        if spec.training.teacher_model:
+            refs.append(
+                Reference("spec.training.teacher_model", c.KIND_MODEL, spec.training.teacher_model, "teacher_model")
+            )
+        return refs
+    refs = [
+        Reference("spec.model.name", c.KIND_MODEL, spec.model.name, "model"),
+        Reference("spec.dataset.path", c.KIND_FILESET, spec.dataset.path, "training_data"),
+    ]
+    if spec.dataset.validation_path:
+        refs.append(
+            Reference("spec.dataset.validation_path", c.KIND_FILESET, spec.dataset.validation_path, "validation_data")
+        )
+    return refs
+
+
+def split_reference(value: str, job_namespace: str) -> tuple[str, str]:
+    """`name` → (job namespace, name); `workspace/name` → (workspace, name)."""
+    if "/" in value:
+        workspace, name = value.split("/", 1)
+        return workspace, name
+    return job_namespace, value
+
+
+Lookup = Callable[[str, str, str], EntityRecord | None]  # (kind, namespace, name)
+
+
+def resolve_references(spec: JobSpec, job_namespace: str, lookup: Lookup) -> Resolution:
+    result = Resolution()
+    for ref in job_references(spec):
+        namespace, name = split_reference(ref.value, job_namespace)
+        record = lookup(ref.kind, namespace, name)
+        where = f"{ref.kind} {namespace}/{name}"
+        if record is None:
+            result.problems.append(
+                ReferenceProblem(ref.field, "ReferenceNotFound", f"{ref.field}: {where} not found", waiting=True)
+            )
+            continue
+        if namespace != job_namespace and not ({job_namespace, "*"} & set(record.shared_with)):
+            result.problems.append(
+                ReferenceProblem(
+                    ref.field,
+                    "ReferenceForbidden",
+                    f"{ref.field}: {where} is not shared with namespace {job_namespace} "
+                    f"(its owner can add {job_namespace!r} to its spec.sharedWith)",
+                    waiting=True,
+                )
+            )
+            continue
+        if ref.kind == c.KIND_MODEL and record.spec.get("format", "full") != "full":
+            what = "a teacher" if ref.role == "teacher_model" else "a base model"
+            result.problems.append(
+                ReferenceProblem(
+                    ref.field,
+                    "TeacherNotFullWeight" if ref.role == "teacher_model" else "ModelNotFullWeight",
+                    f"{ref.field}: {where} is an adapter; {what} must be a full-weight Model",
+                    waiting=False,
+                )
+            )
+            continue
+        if not record.ready:
+            result.problems.append(
+                ReferenceProblem(
+                    ref.field,
+                    record.not_ready_reason or "EntityNotReady",
+                    f"{ref.field}: {where} is not ready: {record.not_ready_message or 'waiting for its files'}",
+                    waiting=True,
+                )
+            )
+            continue
+        result.entities[ref.role] = record
+    result.problems.extend(_teacher_student_mismatch(result.entities))
+    return result
+
+
+def _teacher_student_mismatch(entities: Mapping[str, EntityRecord]) -> list[ReferenceProblem]:
+    student, teacher = entities.get("model"), entities.get("teacher_model")
+    if student is None or teacher is None:
+        return []
+    problems = []
+    for key, reason in (("tokenizer", "TokenizerMismatch"), ("vocabSize", "VocabularyMismatch")):
+        s, t = student.spec.get(key), teacher.spec.get(key)
+        if s is not None and t is not None and s != t:
+            problems.append(
+                ReferenceProblem(
+                    "spec.training.teacher_model",
+                    reason,
+                    f"spec.training.teacher_model: teacher {teacher.namespace}/{teacher.name} has {key} {t!r} but "
+                    f"the student {student.namespace}/{student.name} has {s!r}; distillation needs the same "
+                    "tokenizer and vocabulary",
+                    waiting=False,
+                )
+            )
+    return problems

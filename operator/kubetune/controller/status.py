@@ -1,0 +1,177 @@
+"""Status as pure functions: the condition helper, and the mapping from the child
+workload (batch Job or PyTorchJob) and its pods to the job's phase and conditions."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+PENDING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
+    "Pending",
+    "Running",
+    "Restarting",
+    "Suspended",
+    "Succeeded",
+    "Failed",
+)
+TERMINAL = frozenset({SUCCEEDED, FAILED})
+
+# Condition types a job carries.
+COND_REFERENCES = "ReferencesResolved"
+COND_CREATED = "Created"
+COND_RUNNING = "Running"
+COND_SUSPENDED = "Suspended"
+COND_SUCCEEDED = "Succeeded"
+COND_FAILED = "Failed"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]] | None,
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> list[dict[str, Any]]:
+    """A new list with `type_` set; lastTransitionTime moves only when status changes."""
+    value = "True" if status else "False"
+    out = [copy.deepcopy(dict(cond)) for cond in conditions or []]
+    for cond in out:
+        if cond.get("type") == type_:
+            if cond.get("status") != value:
+                cond["lastTransitionTime"] = now
+            cond.update(status=value, reason=reason, message=message, observedGeneration=generation)
+            return out
+    out.append(
+        {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now,
+            "observedGeneration": generation,
+        }
+    )
+    return out
+
+
+def find_condition(conditions: Sequence[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
+    return next((cond for cond in conditions or [] if cond.get("type") == type_), None)
+
+
+@dataclass(frozen=True)
+class ChildState:
+    phase: str
+    reason: str
+    message: str
+    start_time: str | None = None
+    completion_time: str | None = None
+
+
+def _true(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    cond = find_condition(conditions, type_)
+    return cond if cond is not None and cond.get("status") == "True" else None
+
+
+def batch_job_state(job: Mapping[str, Any]) -> ChildState:
+    status = job.get("status") or {}
+    conditions = status.get("conditions") or []
+    start, done = status.get("startTime"), status.get("completionTime")
+    if cond := _true(conditions, "Complete"):
+        return ChildState(SUCCEEDED, "Completed", cond.get("message") or "the trainer finished", start, done)
+    if cond := (_true(conditions, "Failed") or _true(conditions, "FailureTarget")):
+        reason = cond.get("reason") or "Failed"
+        return ChildState(FAILED, reason, cond.get("message") or "the trainer failed", start, done or now_rfc3339())
+    if _true(conditions, "Suspended") or (job.get("spec") or {}).get("suspend"):
+        return ChildState(SUSPENDED, "Suspended", "the Job is suspended", start)
+    if (status.get("ready") or 0) > 0:
+        return ChildState(RUNNING, "Running", "the trainer pod is running", start)
+    if (status.get("failed") or 0) > 0 and (status.get("active") or 0) > 0:
+        return ChildState(RESTARTING, "Restarting", f"retry after {status['failed']} failed pod(s)", start)
+    return ChildState(PENDING, "Created", "waiting for the trainer pod to start", start)
+
+
+def pytorchjob_state(job: Mapping[str, Any]) -> ChildState:
+    status = job.get("status") or {}
+    conditions = status.get("conditions") or []
+    start, done = status.get("startTime"), status.get("completionTime")
+    for type_, phase in (
+        ("Succeeded", SUCCEEDED),
+        ("Failed", FAILED),
+        ("Suspended", SUSPENDED),
+        ("Restarting", RESTARTING),
+        ("Running", RUNNING),
+    ):
+        if cond := _true(conditions, type_):
+            completion = done or (now_rfc3339() if phase in TERMINAL else None)
+            return ChildState(phase, cond.get("reason") or type_, cond.get("message") or "", start, completion)
+    if (job.get("spec") or {}).get("runPolicy", {}).get("suspend"):
+        return ChildState(SUSPENDED, "Suspended", "the PyTorchJob is suspended", start)
+    return ChildState(PENDING, "Created", "waiting for the PyTorchJob's pods to start", start)
+
+
+_WAITING_REASONS = frozenset(
+    {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
+)
+
+
+def pod_blocker(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Why a pod of the job cannot start, in words a user can act on; None if it can."""
+    status = pod.get("status") or {}
+    scheduled = find_condition(status.get("conditions"), "PodScheduled")
+    if scheduled is not None and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        name = (pod.get("metadata") or {}).get("name", "")
+        return "Unschedulable", f"pod {name}: {scheduled.get('message') or 'no node fits'}"
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _WAITING_REASONS:
+            return waiting[
+                "reason"
+            ], f"container {container.get('name')}: {waiting.get('message') or waiting['reason']}"
+    return None
+
+
+def status_from_child(
+    current: Mapping[str, Any],
+    state: ChildState,
+    generation: int | None,
+    now: str,
+    blocker: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """The job's new status fields given its child's state (and a pod's blocker)."""
+    phase, reason, message = state.phase, state.reason, state.message
+    if phase == PENDING and blocker is not None:
+        reason, message = blocker
+    conditions = current.get("conditions")
+    conditions = set_condition(conditions, COND_RUNNING, phase == RUNNING, reason, message, generation, now)
+    conditions = set_condition(
+        conditions,
+        COND_SUSPENDED,
+        phase == SUSPENDED,
+        reason if phase == SUSPENDED else "NotSuspended",
+        message if phase == SUSPENDED else "",
+        generation,
+        now,
+    )
+    if phase == SUCCEEDED:
+        conditions = set_condition(conditions, COND_SUCCEEDED, True, reason, message, generation, now)
+    if phase == FAILED:
+        conditions = set_condition(conditions, COND_FAILED, True, reason, message, generation, now)
+    out: dict[str, Any] = {"phase": phase, "conditions": conditions}
+    if state.start_time and not current.get("startTime"):
+        out["startTime"] = state.start_time
+    if phase in TERMINAL and not current.get("completionTime"):
+        out["completionTime"] = state.completion_time or now
+    return out
+
+
+def changed(current: Mapping[str, Any], update: Mapping[str, Any]) -> bool:
+    return any(current.get(key) != value for key, value in update.items())

@@ -1,0 +1,184 @@
+"""Status mapping and reference resolution: pure functions, every branch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubetune.api.automodel import AutomodelJobSpec
+from kubetune.api.unsloth import UnslothJobSpec
+from kubetune.controller import status as st
+from kubetune.controller.reconciler import World
+from kubetune.controller.references import resolve_references
+
+
+def test_set_condition_moves_transition_time_only_on_status_change() -> None:
+    conds = st.set_condition(None, "Running", False, "Created", "m1", 1, "t1")
+    assert conds[0]["lastTransitionTime"] == "t1"
+    conds = st.set_condition(conds, "Running", False, "Unschedulable", "m2", 1, "t2")
+    assert conds[0]["lastTransitionTime"] == "t1" and conds[0]["reason"] == "Unschedulable"
+    conds = st.set_condition(conds, "Running", True, "Running", "m3", 2, "t3")
+    assert conds[0]["lastTransitionTime"] == "t3" and conds[0]["observedGeneration"] == 2
+    assert len(conds) == 1
+
+
+def _cond(type_: str, reason: str = "R", message: str = "M") -> dict[str, Any]:
+    return {"type": type_, "status": "True", "reason": reason, "message": message}
+
+
+@pytest.mark.parametrize(
+    "job,phase,reason",
+    [
+        ({"status": {}}, st.PENDING, "Created"),
+        ({"status": {"active": 1, "ready": 1}}, st.RUNNING, "Running"),
+        ({"status": {"active": 1, "failed": 1}}, st.RESTARTING, "Restarting"),
+        ({"spec": {"suspend": True}, "status": {}}, st.SUSPENDED, "Suspended"),
+        ({"status": {"conditions": [_cond("Complete")]}}, st.SUCCEEDED, "Completed"),
+        ({"status": {"conditions": [_cond("Failed", "BackoffLimitExceeded")]}}, st.FAILED, "BackoffLimitExceeded"),
+        ({"status": {"conditions": [_cond("Failed", "DeadlineExceeded")]}}, st.FAILED, "DeadlineExceeded"),
+        ({"status": {"conditions": [_cond("FailureTarget", "PodFailurePolicy")]}}, st.FAILED, "PodFailurePolicy"),
+    ],
+)
+def test_batch_job_state(job: dict[str, Any], phase: str, reason: str) -> None:
+    state = st.batch_job_state(job)
+    assert (state.phase, state.reason) == (phase, reason)
+
+
+@pytest.mark.parametrize(
+    "conditions,phase",
+    [
+        ([_cond("Created")], st.PENDING),
+        ([_cond("Created"), _cond("Running")], st.RUNNING),
+        ([_cond("Created"), _cond("Restarting")], st.RESTARTING),
+        ([_cond("Suspended")], st.SUSPENDED),
+        ([_cond("Running"), _cond("Succeeded", "PyTorchJobSucceeded")], st.SUCCEEDED),
+        ([_cond("Running"), _cond("Failed", "PyTorchJobFailed")], st.FAILED),
+    ],
+)
+def test_pytorchjob_state(conditions: list[dict[str, Any]], phase: str) -> None:
+    assert st.pytorchjob_state({"status": {"conditions": conditions}}).phase == phase
+
+
+def test_pod_blockers() -> None:
+    unschedulable = {
+        "metadata": {"name": "p"},
+        "status": {
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                }
+            ]
+        },
+    }
+    assert st.pod_blocker(unschedulable) == (
+        "Unschedulable",
+        "pod p: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+    )
+    pull = {
+        "metadata": {"name": "p"},
+        "status": {
+            "containerStatuses": [
+                {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}
+            ]
+        },
+    }
+    assert st.pod_blocker(pull) == ("ImagePullBackOff", "container trainer: no such image")
+    assert st.pod_blocker({"metadata": {"name": "p"}, "status": {"phase": "Running"}}) is None
+
+
+def test_status_from_child_pending_with_blocker_then_running_then_succeeded() -> None:
+    pending = st.status_from_child(
+        {}, st.ChildState(st.PENDING, "Created", "waiting"), 1, "t1", ("Unschedulable", "no GPU node")
+    )
+    assert pending["phase"] == st.PENDING
+    running_cond = st.find_condition(pending["conditions"], st.COND_RUNNING)
+    assert running_cond is not None and running_cond["reason"] == "Unschedulable"
+    running = st.status_from_child(pending, st.ChildState(st.RUNNING, "Running", "", "t2"), 1, "t2")
+    assert running["phase"] == st.RUNNING and running["startTime"] == "t2"
+    done = st.status_from_child(
+        {**pending, **running}, st.ChildState(st.SUCCEEDED, "Completed", "", "t2", "t3"), 1, "t3"
+    )
+    assert done["phase"] == st.SUCCEEDED and done["completionTime"] == "t3"
+    succeeded = st.find_condition(done["conditions"], st.COND_SUCCEEDED)
+    assert succeeded is not None and succeeded["status"] == "True"
+    assert not st.changed({**pending, **running, **done}, done)
+
+
+def _world(**entities: dict[str, Any]) -> World:
+    world = World()
+    for key, spec in entities.items():
+        ns, kind, name = key.split("__")
+        world.entities[(kind, ns, name.replace("_", "-"))] = spec
+    world.claims[("team-a", "models")] = "Bound"
+    world.claims[("shared", "models")] = "Bound"
+    return world
+
+
+MODEL = {
+    "storage": {"pvc": {"claimName": "models", "path": "m"}},
+    "format": "full",
+    "tokenizer": "tok-a",
+    "vocabSize": 10,
+}
+DATA = {"storage": {"pvc": {"claimName": "models", "path": "d"}}}
+
+
+def _automodel(**training: Any) -> AutomodelJobSpec:
+    return AutomodelJobSpec.model_validate({"model": "base", "dataset": {"training": "data"}, "training": training})
+
+
+def test_resolves_everything() -> None:
+    world = _world(**{"team-a__Model__base": MODEL, "team-a__Fileset__data": DATA})
+    res = resolve_references(_automodel(), "team-a", world.lookup)
+    assert res.problems == [] and set(res.entities) == {"model", "training_data"}
+
+
+def test_missing_reference_names_the_field() -> None:
+    res = resolve_references(_automodel(), "team-a", _world(**{"team-a__Model__base": MODEL}).lookup)
+    assert [(p.field, p.reason) for p in res.problems] == [("spec.dataset.training", "ReferenceNotFound")]
+
+
+def test_cross_namespace_needs_consent() -> None:
+    spec = AutomodelJobSpec.model_validate({"model": "shared/base", "dataset": {"training": "data"}})
+    world = _world(**{"shared__Model__base": MODEL, "team-a__Fileset__data": DATA})
+    res = resolve_references(spec, "team-a", world.lookup)
+    assert [(p.field, p.reason) for p in res.problems] == [("spec.model", "ReferenceForbidden")]
+    assert "sharedWith" in res.problems[0].message
+    world = _world(**{"shared__Model__base": {**MODEL, "sharedWith": ["team-a"]}, "team-a__Fileset__data": DATA})
+    assert resolve_references(spec, "team-a", world.lookup).problems == []
+
+
+def test_teacher_must_be_full_weight_and_match() -> None:
+    adapter = {**MODEL, "format": "adapter", "baseModel": "base"}
+    world = _world(**{"team-a__Model__base": MODEL, "team-a__Fileset__data": DATA, "team-a__Model__teacher": adapter})
+    res = resolve_references(_automodel(training_type="distillation", teacher_model="teacher"), "team-a", world.lookup)
+    assert [p.reason for p in res.problems] == ["TeacherNotFullWeight"]
+    other = {**MODEL, "tokenizer": "tok-b", "vocabSize": 11}
+    world = _world(**{"team-a__Model__base": MODEL, "team-a__Fileset__data": DATA, "team-a__Model__teacher": other})
+    res = resolve_references(_automodel(training_type="distillation", teacher_model="teacher"), "team-a", world.lookup)
+    assert [p.reason for p in res.problems] == ["TokenizerMismatch", "VocabularyMismatch"]
+    assert all(p.field == "spec.training.teacher_model" for p in res.problems)
+
+
+def test_entity_not_ready_until_its_claim_binds() -> None:
+    world = _world(
+        **{"team-a__Model__base": {**MODEL, "storage": {"pvc": {"claimName": "new"}}}, "team-a__Fileset__data": DATA}
+    )
+    spec = UnslothJobSpec.model_validate({"model": {"name": "base"}, "dataset": {"path": "data"}})
+    assert [p.reason for p in resolve_references(spec, "team-a", world.lookup).problems] == ["ClaimNotFound"]
+    world.claims[("team-a", "new")] = "Pending"
+    assert [p.reason for p in resolve_references(spec, "team-a", world.lookup).problems] == ["ClaimNotBound"]
+    world.claims[("team-a", "new")] = "Bound"
+    assert resolve_references(spec, "team-a", world.lookup).problems == []
+
+
+def test_local_only_entity_is_not_usable_in_a_cluster() -> None:
+    world = _world(
+        **{"team-a__Model__base": {"storage": {"localPath": "/m"}, "format": "full"}, "team-a__Fileset__data": DATA}
+    )
+    res = resolve_references(_automodel(), "team-a", world.lookup)
+    assert [p.reason for p in res.problems] == ["NoClusterStorage"]
