@@ -3,9 +3,11 @@
 Row shapes, first match wins:
 
 1. `dataset.prompt_template` is set: the template is rendered over the row's
-   columns (syntax below); the prompt is everything before the template's
-   LAST placeholder, the completion (trained on) is that placeholder and all
-   literal text after it.
+   columns (syntax below) into the prompt. The target (trained on) is the
+   row's `completion` column, else its `output` column, when the template
+   does not use that column itself. Otherwise the template holds the target
+   too: the prompt is everything before the template's LAST placeholder and
+   the target is that placeholder and the literal text after it.
 2. `messages`: a list of `{role, content}`, rendered with the tokenizer's chat
    template; only the assistant turns (content and the template's end-of-turn
    text) are trained on.
@@ -17,8 +19,10 @@ Row shapes, first match wins:
 Prompt template syntax (Python `str.format`): `{column}` inserts the row's
 value of `column`; `{column[key]}` / `{column.attr}` index into a nested value;
 format specs work (`{score:.2f}`); `{{` and `}}` are literal braces. Example:
-`"### Question:\\n{question}\\n### Answer:\\n{answer}"` trains on the answer
-only. A template with one placeholder (`"{text}"`) trains on all of it. A
+`"### Question:\\n{question}\\n### Answer:\\n"` over rows {question, completion}
+trains on the completion; `"### Question:\\n{question}\\n### Answer:\\n{answer}"`
+over rows {question, answer} trains on the answer. A template with one
+placeholder and no completion/output column (`"{text}"`) trains on all of it. A
 column named in the template but missing from a row is an error naming both.
 
 Plain text and prompt/completion strings get the tokenizer's BOS (via its
@@ -99,26 +103,37 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
+TARGET_COLUMNS = ("completion", "output")
+
+
 def _render_template(template: str, row: Row) -> tuple[str, str]:
-    """(prompt, completion) rendered from the template; the split is at the last placeholder."""
+    """(prompt, target) from the template and the row (see the module docstring)."""
     formatter = string.Formatter()
     parts: list[str] = []
     split_at = 0
+    used: set[str] = set()
     for literal, name, spec, conversion in formatter.parse(template):
         parts.append(literal)
         if name is None:
             continue
         split_at = sum(len(p) for p in parts)
         try:
-            value, _ = formatter.get_field(name, (), row.data)
+            value, first = formatter.get_field(name, (), row.data)
         except (KeyError, IndexError, AttributeError):
             raise DataError(
                 f"{row.where}: dataset.prompt_template uses {{{name}}} but the row has no such column "
                 f"(columns: {', '.join(sorted(row.data))})"
             ) from None
+        used.add(str(first))
         value = formatter.convert_field(value, conversion)
         parts.append(formatter.format_field(value, spec or ""))
     text = "".join(parts)
+    for column in TARGET_COLUMNS:
+        if column in row.data and column not in used:
+            target = row.data[column]
+            if not isinstance(target, str):
+                raise DataError(f"{row.where}: {column} must be a string")
+            return text, target
     return text[:split_at], text[split_at:]
 
 

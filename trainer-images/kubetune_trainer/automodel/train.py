@@ -1,0 +1,456 @@
+"""The Automodel training loop: SFT and logit distillation on torch + transformers + peft.
+
+One optimizer step per global batch. Each data-parallel rank runs
+`grad_accumulation` micro batches; the loss is summed over target tokens and
+divided by the global batch's target-token count (all ranks), so the result is
+the same per-token loss whatever the split, and data parallel (FSDP2 averages
+gradients over ranks) is corrected by a factor dp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubetune_trainer.automodel import checkpoint as ckpt
+from kubetune_trainer.automodel.batches import Batch, collate, global_batch_indices, rank_micro_batches
+from kubetune_trainer.automodel.distributed import Runtime, init_runtime
+from kubetune_trainer.automodel.losses import sft_or_distillation_loss
+from kubetune_trainer.automodel.model import (
+    Teacher,
+    apply_fsdp,
+    apply_lora,
+    apply_tensor_parallel,
+    check_teacher_vocab,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+)
+from kubetune_trainer.automodel.settings import AutomodelSettings, parse_settings
+from kubetune_trainer.common.config import TrainerConfig
+from kubetune_trainer.common.integrations import IntegrationLogger
+from kubetune_trainer.common.metrics import MetricsWriter
+from kubetune_trainer.common.progress import ProgressReporter
+from kubetune_trainer.common.signals import StopSignal
+from kubetune_trainer.common.termination import TrainerError
+from kubetune_trainer.data import FormatOptions, holdout_split, pack_examples, read_rows, tokenize_rows
+
+MAX_GRAD_NORM = 1.0
+# Test hook: behave as if SIGTERM arrived right after this optimizer step.
+STOP_AFTER_STEP_ENV = "KUBETUNE_STOP_AFTER_STEP"
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the pod failed, so its PyTorchJob/Job restarts it
+
+
+def log(runtime: Runtime | None, message: str) -> None:
+    if runtime is None or runtime.is_main:
+        print(f"kubetune-trainer: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Datasets:
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    pad_id: int
+
+
+def prepare_data(cfg: TrainerConfig, settings: AutomodelSettings, tokenizer: Any, runtime: Runtime | None) -> Datasets:
+    options = FormatOptions(max_seq_length=settings.max_seq_length, prompt_template=settings.prompt_template)
+    train_examples, report = tokenize_rows(read_rows(cfg.paths.training_data), tokenizer, options)
+    log(runtime, f"training data: {report.summary()}")
+    if cfg.paths.validation_data is not None:
+        val_examples, val_report = tokenize_rows(read_rows(cfg.paths.validation_data), tokenizer, options)
+        log(runtime, f"validation data: {val_report.summary()}")
+    else:
+        train_examples, val_examples = holdout_split(train_examples, seed=settings.seed)
+        log(runtime, f"no validation fileset: held out {len(val_examples)} examples (seed {settings.seed})")
+    train: list[dict[str, Any]] = [dict(e) for e in train_examples]
+    validation: list[dict[str, Any]] = [dict(e) for e in val_examples]
+    if settings.sequence_packing:
+        packed, packing_report = pack_examples(
+            train_examples, settings.max_seq_length, micro_batch_size=settings.micro_batch_size
+        )
+        log(runtime, f"sequence packing: {packing_report.summary()}")
+        train = [dict(p) for p in packed]
+    return Datasets(train=train, validation=validation, pad_id=int(tokenizer.pad_token_id))
+
+
+def linear_schedule(warmup: int, total: int) -> Any:
+    """Linear warmup from 0, then linear decay to 0 at the last step (HF's linear schedule)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+    return factor
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; biases and norm weights are not decayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def grad_norm_and_clip(params: list[nn.Parameter], runtime: Runtime, max_norm: float) -> float:
+    """Global L2 norm over all ranks' gradients (DTensor shards included), then clip."""
+    from torch.distributed.tensor import DTensor
+
+    squares = torch.zeros((), dtype=torch.float64)
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        norm = torch.linalg.vector_norm(grad.float())
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares += float(norm.item()) ** 2
+    if runtime.parallel.pp > 1:
+        # Each pipeline stage only sees its own parameters.
+        import torch.distributed as dist
+
+        total = torch.tensor([squares.item()], dtype=torch.float64)
+        dist.all_reduce(total, group=runtime.group("pp"))
+        squares = total[0]
+    norm_value = math.sqrt(float(squares))
+    coefficient = max_norm / (norm_value + 1e-6)
+    if coefficient < 1.0:
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(coefficient)
+    return norm_value
+
+
+class Engine:
+    """Forward/backward of one micro batch for models that run whole on each rank (single, FSDP2, TP)."""
+
+    def __init__(self, model: nn.Module, settings: AutomodelSettings, runtime: Runtime, teacher: Teacher | None) -> None:
+        self.model = model
+        self.settings = settings
+        self.runtime = runtime
+        self.teacher = teacher
+
+    def _autocast(self) -> Any:
+        if self.runtime.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        with self._autocast():
+            logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        teacher_logits = self.teacher.logits(batch.input_ids, batch.position_ids) if self.teacher else None
+        parts = sft_or_distillation_loss(
+            logits, batch.labels, teacher_logits, self.settings.distillation_ratio, self.settings.distillation_temperature
+        )
+        return parts.total, parts.ce_sum, parts.kd_sum
+
+    def train_micro_batches(self, batches: list[Batch], target_tokens: int) -> tuple[float, float, float]:
+        """Backward over the rank's micro batches; returns local (loss, ce, kd) sums."""
+        self.model.train()
+        loss_sum = ce_sum = kd_sum = 0.0
+        scale = self.runtime.parallel.dp / max(1, target_tokens)
+        for batch in batches:
+            total, ce, kd = self.losses(batch.to(self.runtime.device))
+            (total * scale).backward()
+            loss_sum += float(total.detach())
+            ce_sum += float(ce.detach())
+            kd_sum += float(kd.detach()) if kd is not None else 0.0
+        return loss_sum, ce_sum, kd_sum
+
+    @torch.no_grad()
+    def eval_batch(self, batch: Batch) -> tuple[float, float]:
+        self.model.eval()
+        _, ce, kd = self.losses(batch.to(self.runtime.device))
+        return float(ce), float(kd) if kd is not None else 0.0
+
+
+def build_model(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime) -> nn.Module:
+    lora = settings.lora
+    # LoRA on GPU: frozen base weights in bf16, adapters in fp32 (peft upcasts
+    # them). Full-weight: fp32 master weights, bf16 compute (autocast / FSDP2).
+    load_dtype = torch.bfloat16 if (runtime.device.type == "cuda" and lora is not None) else torch.float32
+    model = load_causal_lm(cfg.paths.model, load_dtype)
+    torch.manual_seed(settings.seed)
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model
+
+
+def run_validation(engine: Any, validation: list[dict[str, Any]], pad_id: int, runtime: Runtime, micro: int) -> dict[str, float]:
+    """Token-weighted CE (and KL to the teacher) over the whole validation set, split over dp ranks."""
+    dp, dp_rank = runtime.parallel.dp, runtime.dp_rank
+    # Every dp rank runs the same number of batches (pipeline schedules are collective).
+    per_rank = math.ceil(len(validation) / dp)
+    mine = validation[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    ce_total = kd_total = tokens = 0.0
+    for start in range(0, per_rank, micro):
+        items = mine[start : start + micro]
+        batch = collate(items if items else validation[:1], pad_id)
+        weight = 1.0 if items else 0.0
+        ce, kd = engine.eval_batch(batch)
+        if runtime.reports_loss:
+            ce_total += weight * ce
+            kd_total += weight * kd
+            tokens += weight * batch.target_tokens
+    ce_total, kd_total, tokens = runtime.all_reduce_sum([ce_total, kd_total, tokens])
+    return {"val_loss": ce_total / max(tokens, 1.0), "val_kl": kd_total / max(tokens, 1.0)}
+
+
+def export_outputs(
+    cfg: TrainerConfig, settings: AutomodelSettings, model: nn.Module, tokenizer: Any, runtime: Runtime
+) -> dict[str, Any]:
+    """Write adapter/ or model/ (Hugging Face format) + tokenizer, and result.json (rank 0)."""
+    output = cfg.paths.output
+    plain = not runtime.distributed
+    if not plain:
+        staging = output / "checkpoints" / "export"
+        if runtime.is_main and staging.exists():
+            shutil.rmtree(staging)
+        runtime.barrier()
+        ckpt.save_trainable_for_export(staging, model, runtime)
+    result: dict[str, Any] = {}
+    if runtime.is_main:
+        if plain:
+            export_model = model
+        else:
+            # Rebuild an unsharded CPU copy and fill it from the DCP export.
+            export_model = load_causal_lm(cfg.paths.model, torch.float32)
+            if settings.lora is not None:
+                export_model = apply_lora(export_model, settings.lora)
+            ckpt.load_trainable_into(staging, export_model)
+        export_model = export_model.to("cpu")
+        if settings.finetuning_type == "lora":
+            target = output / "adapter"
+            kind = "adapter"
+            export_model.save_pretrained(str(target), safe_serialization=True)
+        else:
+            target = output / "model"
+            kind = "full"
+            if settings.lora is not None:
+                export_model = export_model.merge_and_unload()
+            # Full weights are saved in the base model's dtype on GPU (bf16) and fp32 on CPU.
+            save_dtype = torch.bfloat16 if runtime.device.type == "cuda" else torch.float32
+            export_model.to(save_dtype).save_pretrained(str(target), safe_serialization=True)
+        tokenizer.save_pretrained(str(target))
+        result = {
+            "output_dir": str(target),
+            "kind": kind,
+            "finetuning_type": settings.finetuning_type,
+            "training_type": settings.training_type,
+            "base_model": str(cfg.paths.model),
+        }
+        if not plain:
+            shutil.rmtree(output / "checkpoints" / "export", ignore_errors=True)
+    runtime.barrier()
+    return result
+
+
+def train(cfg: TrainerConfig) -> int:
+    settings = parse_settings(cfg)
+    runtime = init_runtime(settings.parallel)
+    try:
+        return _train(cfg, settings, runtime)
+    finally:
+        runtime.shutdown()
+
+
+def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime) -> int:
+    started = time.monotonic()
+    stop = StopSignal.install()
+    stop_after = int(os.environ[STOP_AFTER_STEP_ENV]) if os.environ.get(STOP_AFTER_STEP_ENV) else None
+    output = cfg.paths.output
+    if runtime.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    log(runtime, f"seed {settings.seed}{'' if settings.seed_was_set else ' (derived from the job identity)'}; "
+        f"world {runtime.world_size} = pp {settings.parallel.pp} x dp {settings.parallel.dp} x "
+        f"cp {settings.parallel.cp} x tp {settings.parallel.tp}; device {runtime.device}")
+    if settings.parallel.cp > 1:
+        raise TrainerError("parallelism.context_parallel_size > 1 is not implemented in this trainer yet; set it to 1")
+
+    tokenizer = load_tokenizer(cfg.paths.model)
+    teacher: Teacher | None = None
+    if settings.training_type == "distillation":
+        if cfg.paths.teacher_model is None:
+            raise TrainerError("training.training_type is distillation but the config has no paths.teacher_model")
+        check_teacher_vocab(cfg.paths.model, cfg.paths.teacher_model, tokenizer)
+    data = prepare_data(cfg, settings, tokenizer, runtime)
+
+    steps_per_epoch = len(data.train) // settings.global_batch_size
+    if steps_per_epoch == 0:
+        raise TrainerError(
+            f"the training set has {len(data.train)} {'packed rows' if settings.sequence_packing else 'examples'}, "
+            f"fewer than batch.global_batch_size {settings.global_batch_size}; lower the batch size or add data"
+        )
+    total_steps = settings.epochs * steps_per_epoch
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+    if settings.val_check_interval is None:
+        val_every = steps_per_epoch
+    elif settings.val_check_interval < 1:
+        val_every = max(1, round(settings.val_check_interval * steps_per_epoch))
+    else:
+        val_every = int(settings.val_check_interval)
+    log(runtime, f"{len(data.train)} training rows, {len(data.validation)} validation examples; "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, grad accumulation {settings.grad_accumulation}, "
+        f"validation every {val_every} steps")
+
+    model = build_model(cfg, settings, runtime)
+    engine: Any
+    if settings.parallel.pp > 1:
+        from kubetune_trainer.automodel.pipeline import PipelineEngine, split_for_pipeline
+
+        model = split_for_pipeline(model, runtime)
+    if settings.parallel.tp > 1:
+        apply_tensor_parallel(model, runtime)
+    if settings.parallel.dp > 1:
+        apply_fsdp(model, runtime)
+    elif runtime.device.type == "cuda":
+        model.to(runtime.device)
+    if runtime.device.type == "cpu":
+        model.to(runtime.device)
+    if settings.training_type == "distillation":
+        assert cfg.paths.teacher_model is not None
+        teacher = Teacher(cfg.paths.teacher_model, settings.teacher_precision, runtime.device, settings.offload_teacher)
+        log(runtime, f"teacher {cfg.paths.teacher_model} frozen in {teacher.precision_used}"
+            f"{' (upcast on CPU)' if teacher.precision_used != settings.teacher_precision else ''}"
+            f"{', offloaded to CPU between steps' if teacher.offload else ''}")
+    if settings.parallel.pp > 1:
+        engine = PipelineEngine(model, settings, runtime, teacher)
+    else:
+        engine = Engine(model, settings, runtime, teacher)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        decay_groups(model, settings.weight_decay), lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(settings.warmup_steps, total_steps))
+
+    step = 0
+    checkpoints = output / "checkpoints"
+    resume_from = ckpt.latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, runtime)
+        if state.seed != settings.seed:
+            raise TrainerError(f"checkpoint {resume_from} was written with seed {state.seed}, this run has {settings.seed}")
+        scheduler.load_state_dict(state.scheduler)
+        step = state.step
+        log(runtime, f"resumed from {resume_from} at step {step}")
+
+    metrics = MetricsWriter(output / "metrics.jsonl", resume_step=step if resume_from else None, enabled=runtime.is_main)
+    progress = ProgressReporter.from_config(cfg, rank=runtime.rank)
+    trackers = IntegrationLogger.from_spec(cfg.spec, run_name=cfg.name, rank=runtime.rank)
+    success = False
+    try:
+        def validate(at_step: int) -> dict[str, float]:
+            values = run_validation(engine, data.validation, data.pad_id, runtime, settings.micro_batch_size)
+            record: dict[str, Any] = {"step": at_step, "epoch": at_step / steps_per_epoch, "val_loss": values["val_loss"]}
+            if teacher is not None:
+                record["val_kl"] = values["val_kl"]
+            metrics.write(record)
+            trackers.log_metrics(record, step=at_step)
+            progress.report(step=at_step, max_steps=total_steps, epoch=at_step / steps_per_epoch,
+                            validation_loss=values["val_loss"])
+            log(runtime, f"step {at_step}: validation loss {values['val_loss']:.4f}")
+            return values
+
+        def save(at_step: int) -> None:
+            state = ckpt.TrainerState(step=at_step, seed=settings.seed, scheduler=scheduler.state_dict(),
+                                      epoch=at_step / steps_per_epoch)
+            path = ckpt.save_checkpoint(checkpoints, model, optimizer, state, runtime)
+            log(runtime, f"checkpoint {path}")
+
+        if step == 0:
+            validate(0)
+        last_validated = step
+        micro = settings.micro_batch_size
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            indices = global_batch_indices(len(data.train), settings.seed, epoch, in_epoch, settings.global_batch_size)
+            global_items = [data.train[i] for i in indices]
+            global_targets = sum(collate([item], data.pad_id).target_tokens for item in global_items)
+            mine = rank_micro_batches(indices, settings.parallel.dp, runtime.dp_rank, micro)
+            batches = [collate([data.train[i] for i in group], data.pad_id) for group in mine]
+            tick = time.monotonic()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, ce_sum, kd_sum = engine.train_micro_batches(batches, global_targets)
+            grad_norm = grad_norm_and_clip(params, runtime, MAX_GRAD_NORM)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if not runtime.reports_loss:
+                loss_sum = ce_sum = kd_sum = 0.0
+            loss_sum, ce_sum, kd_sum = runtime.all_reduce_sum([loss_sum, ce_sum, kd_sum])
+            elapsed = max(time.monotonic() - tick, 1e-9)
+            real_tokens = sum(len(item["input_ids"]) for item in global_items)
+            record = {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "loss": loss_sum / global_targets,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_second": real_tokens / elapsed,
+                "max_steps": total_steps,
+            }
+            if teacher is not None:
+                record["ce_loss"] = ce_sum / global_targets
+                record["kd_loss"] = kd_sum / global_targets
+            if not math.isfinite(record["loss"]):
+                raise TrainerError(f"the training loss became {record['loss']} at step {step}; lower optimizer.learning_rate")
+            metrics.write(record)
+            trackers.log_metrics(record, step=step)
+            progress.report(step=step, max_steps=total_steps, epoch=step / steps_per_epoch, train_loss=record["loss"])
+            log(runtime, f"step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f}")
+            if step % val_every == 0 or step == total_steps:
+                validate(step)
+                last_validated = step
+                if step < total_steps:
+                    save(step)
+            if stop_after is not None and step >= stop_after:
+                stop.request()
+            if _stop_requested(stop, runtime) and step < total_steps:
+                save(step)
+                reason = f"stopped by signal at step {step}/{total_steps}; checkpoint saved, a restart resumes there"
+                log(runtime, reason)
+                from kubetune_trainer.common.termination import write_termination_log
+
+                if runtime.is_main:
+                    write_termination_log(reason)
+                return PREEMPTED_EXIT_CODE
+        del last_validated
+        result = export_outputs(cfg, settings, model, tokenizer, runtime)
+        if runtime.is_main:
+            result.update({"steps": step, "seconds": round(time.monotonic() - started, 2)})
+            (output / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+            if checkpoints.exists():
+                shutil.rmtree(checkpoints, ignore_errors=True)
+            log(runtime, f"done: {result['kind']} in {result['output_dir']} after {step} steps")
+        success = True
+        return 0
+    finally:
+        metrics.close()
+        progress.close()
+        trackers.close(success=success)
+
+
+def _stop_requested(stop: StopSignal, runtime: Runtime) -> bool:
+    """All ranks must agree to stop (SIGTERM may reach pods at different steps)."""
+    flag = 1.0 if stop.requested else 0.0
+    return runtime.all_reduce_sum([flag])[0] > 0
