@@ -94,6 +94,27 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from kubetune.localrun import RunError, describe, execute, plan_local_run
+
+    try:
+        plan = plan_local_run(
+            args.file,
+            job_name=args.job,
+            output=args.output,
+            python=args.python,
+            cpu_processes=args.cpu_processes,
+            check_environment=not args.dry_run,
+        )
+    except RunError as err:
+        print(f"kubetune run: {err}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(describe(plan), end="")
+        return 0
+    return execute(plan)
+
+
 def _env_default(name: str, fallback: str) -> str:
     return os.environ.get(name) or fallback
 
@@ -140,6 +161,31 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="serve GET /healthz on this port; 0 turns it off",
     )
     p.set_defaults(func=cmd_operator)
+
+    p = sub.add_parser("run", help="train a job manifest on this machine, as its pod would")
+    p.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="the job and its Model/Fileset entities (files, folders or -)",
+    )
+    p.add_argument("--job", help="which job, when the files hold several")
+    p.add_argument("--output", help="output directory (default: runs/<job name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the rendered config and the command; run nothing")
+    p.add_argument(
+        "--python",
+        help="interpreter with the trainer's dependencies "
+        "(default: $KUBETUNE_TRAINER_PYTHON / $KUBETUNE_UNSLOTH_PYTHON, else this one)",
+    )
+    p.add_argument(
+        "--cpu-processes",
+        type=int,
+        metavar="N",
+        help="train with N CPU processes under torchrun (gloo) instead of the job's GPUs",
+    )
+    p.set_defaults(func=cmd_run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import yaml
 from seed_defaults import AUTOMODEL_DEFAULTS, REQUIRED, UNSLOTH_DEFAULTS
-from test_api import RULE_CASES
 
 from kubetune.api.automodel import AUTOMODEL_RULES
-from kubetune.api.entities import FilesetSpec, ModelSpec
-from kubetune.api.unsloth import UNSLOTH_RULES, UnslothJobSpec
+from kubetune.api.entities import ModelSpec
+from kubetune.api.unsloth import UNSLOTH_RULES
+from support.specs import RULE_CASES, manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 LINE = re.compile(r"^(?P<file>[^:]+):(?P<doc>\d+) (?P<kind>\w+)/(?P<name>[-\w.<>]+): (?P<path>[^:]+): (?P<msg>.+)$")
@@ -36,17 +36,12 @@ def test_examples_validate() -> None:
     assert result.stdout == ""
 
 
-def _manifest(model: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    kind = {UnslothJobSpec: "UnslothJob", ModelSpec: "Model", FilesetSpec: "Fileset"}.get(model, "AutomodelJob")
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
-
-
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
 def test_each_rule_bad_case_names_its_field(name: str, tmp_path: Path) -> None:
     model, good, bad = RULE_CASES[name]
     rules = {r.name: r for r in (*AUTOMODEL_RULES, *UNSLOTH_RULES, *ModelSpec.RULES)}
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump_all([_manifest(model, "good", good), _manifest(model, "bad", bad)]))
+    path.write_text(yaml.safe_dump_all([manifest(model, "good", good), manifest(model, "bad", bad)]))
     result = kubetune("validate", "-f", str(path))
     assert result.returncode == 1
     lines = result.stdout.splitlines()

@@ -55,6 +55,16 @@ class JobInputs:
     entities: Mapping[str, EntityRecord]  # by role: model, teacher_model, training_data, validation_data
     settings: OperatorSettings = field(default_factory=OperatorSettings)
     labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+# Annotations that describe the job object itself, not its pods.
+_OWN_ANNOTATION_PREFIXES = ("kubectl.kubernetes.io/", "kopf.zalando.org/")
+
+
+def pod_annotations(job_annotations: Mapping[str, str]) -> dict[str, str]:
+    """A job's annotations go on to its pods (sidecar injection, monitoring, test hooks)."""
+    return {k: v for k, v in job_annotations.items() if not k.startswith(_OWN_ANNOTATION_PREFIXES)}
 
 
 @dataclass(frozen=True)
@@ -302,8 +312,11 @@ def build_pod_template(inputs: JobInputs, container_name: str, restart_policy: s
     }
     if uses_pytorchjob(inputs.spec):
         container["ports"] = [{"name": c.PYTORCHJOB_PORT_NAME, "containerPort": c.PYTORCHJOB_PORT}]
+    metadata: dict[str, Any] = {"labels": common_labels(inputs)}
+    if annotations := pod_annotations(inputs.annotations):
+        metadata["annotations"] = annotations
     return {
-        "metadata": {"labels": common_labels(inputs)},
+        "metadata": metadata,
         "spec": {
             "restartPolicy": restart_policy,
             "serviceAccountName": names.service_account,

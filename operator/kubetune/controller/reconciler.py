@@ -219,6 +219,7 @@ class Reconciler:
             resolution.entities,
             self.settings,
             dict(meta.get("labels") or {}),
+            dict(meta.get("annotations") or {}),
         )
         try:
             for obj in build_all(inputs):

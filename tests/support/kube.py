@@ -1,0 +1,144 @@
+"""Helpers for tests on the local control plane: install the kubetune CRDs, run the
+operator as a subprocess under its own least-privilege ServiceAccount, wait for a
+job's phase."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.controller.rbac import OPERATOR_RULES
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR_NAMESPACE = "kubetune-system"
+OPERATOR_SA = "kubetune-operator"
+
+
+def install_crds(cluster: Any) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    for crd in sorted((ROOT / "crds").glob("*.yaml")):
+        name = yaml.safe_load(crd.read_text())["metadata"]["name"]
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+
+
+def grant_operator(cluster: Any, namespace: str | None = None) -> Path:
+    """The chart's RBAC, from the same rules: ClusterRole, or a Role in `namespace`.
+    Returns a kubeconfig that authenticates as the operator's ServiceAccount."""
+    cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
+    cluster.kubectl("create", "serviceaccount", OPERATOR_SA, "-n", OPERATOR_NAMESPACE, check=False)
+    subject = [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": OPERATOR_NAMESPACE}]
+    if namespace is None:
+        objects = [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole",
+                "metadata": {"name": "kubetune-operator-test"},
+                "rules": OPERATOR_RULES,
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "kubetune-operator-test"},
+                "subjects": subject,
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "kubetune-operator-test",
+                },
+            },
+        ]
+    else:
+        objects = [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "kubetune-operator", "namespace": namespace},
+                "rules": OPERATOR_RULES,
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "kubetune-operator", "namespace": namespace},
+                "subjects": subject,
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubetune-operator"},
+            },
+        ]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
+    return Path(cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA))
+
+
+class OperatorProcess:
+    """`kubetune operator` as a user runs it, with its log in a file the failure names."""
+
+    def __init__(self, kubeconfig: Path, log: Path, args: list[str]) -> None:
+        self.kubeconfig, self.log_path, self.args = kubeconfig, log, args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "operator", "--health-port", "0", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            tail = self.log_path.read_text()[-3000:]
+            raise AssertionError(f"the operator exited with {self.proc.returncode}; log {self.log_path}:\n{tail}")
+
+
+def get(cluster: Any, kind: str, name: str, namespace: str) -> dict[str, Any]:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json")
+    return dict(json.loads(result.stdout))
+
+
+def wait_phase(
+    cluster: Any,
+    operator: OperatorProcess,
+    kind: str,
+    name: str,
+    namespace: str,
+    phases: set[str],
+    timeout: float = 120,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        operator.check_alive()
+        result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        if result.returncode == 0:
+            body = json.loads(result.stdout)
+            if (body.get("status") or {}).get("phase") in phases:
+                return body
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{kind}/{name} did not reach {sorted(phases)} in {timeout}s; status: "
+        f"{json.dumps(body.get('status'), indent=1)}; operator log: {operator.log_path}"
+    )
