@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that a config error is reported before torch/unsloth load.
     from kubetune_trainer.unsloth.train import run
 
-    run(load_config(options.config))
+    run(load_config(options.config), handle_signals=True)
     return 0
 
 

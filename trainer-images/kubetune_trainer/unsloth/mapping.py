@@ -240,6 +240,8 @@ def map_spec(config: Mapping[str, Any]) -> UnslothKwargs:
 
     warmup_ratio = schedule.get("warmup_ratio")
     warmup_steps = int(schedule.get("warmup_steps") or 0)
+    if warmup_ratio is not None and not 0.0 <= float(warmup_ratio) < 1.0:
+        raise UnslothConfigError(f"spec.schedule.warmup_ratio is {warmup_ratio!r}; it must be in [0, 1)")
     if warmup_ratio is not None and warmup_steps:
         raise UnslothConfigError("spec.schedule.warmup_steps and spec.schedule.warmup_ratio are exclusive; set one")
     max_steps = schedule.get("max_steps")
@@ -294,10 +296,8 @@ def map_spec(config: Mapping[str, Any]) -> UnslothKwargs:
         "gradient_checkpointing": False,
         "disable_tqdm": True,
     }
-    if warmup_ratio is not None:
-        sft["warmup_ratio"] = float(warmup_ratio)
-    else:
-        sft["warmup_steps"] = warmup_steps
+    # transformers 5 dropped warmup_ratio: a float in [0, 1) in warmup_steps is the ratio.
+    sft["warmup_steps"] = float(warmup_ratio) if warmup_ratio is not None else warmup_steps
     if save_steps is not None:
         sft["save_steps"] = int(save_steps)
     if eval_steps is not None:
@@ -343,10 +343,11 @@ def effective_settings(
     cpu = device.kind == "cpu"
     where = f"{device.kind} ({device.name})"
 
-    if requested.save_method == "merged_4bit" and not device.bnb_4bit:
+    if requested.save_method == "merged_4bit" and device.kind != "cuda":
+        # Even where bitsandbytes 4-bit runs on the CPU, unsloth_zoo's CPU save refuses merged_4bit.
         raise UnslothConfigError(
-            f"spec.output.save_method merged_4bit cannot be written on {where}: it needs bitsandbytes "
-            "4-bit on a CUDA GPU (Unsloth's CPU backend refuses it); use merged_16bit or lora"
+            f"spec.output.save_method merged_4bit cannot be written on {where}: Unsloth writes it only "
+            "on a CUDA GPU (its CPU backend saves lora and merged_16bit); use merged_16bit or lora"
         )
 
     # Loading.

@@ -246,8 +246,12 @@ def save_output(
     return out_dir
 
 
-def run(cfg: TrainerConfig) -> dict[str, Any]:
-    """Train as the config says and return what result.json holds."""
+def run(cfg: TrainerConfig, *, handle_signals: bool = False) -> dict[str, Any]:
+    """Train as the config says and return what result.json holds.
+
+    handle_signals: stop at the next step on SIGTERM/SIGINT with a checkpoint
+    (the entrypoint sets it; an in-process caller keeps its own handlers).
+    """
     if cfg.kind != "UnslothJob":
         raise ConfigError(f"the Unsloth trainer runs UnslothJob configs, got kind {cfg.kind!r}")
     document = config_document(cfg)
@@ -273,7 +277,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     resume = last_checkpoint(cfg.paths.checkpoints)
     metrics = MetricsWriter(output / "metrics.jsonl", resume_step=resume[1] if resume else None)
     progress = ProgressReporter.from_config(cfg)
-    stop = StopSignal.install() if _main_thread() else None
+    stop = StopSignal.install() if handle_signals else None
 
     fp = dict(effective.from_pretrained)
     model_dir = str(fp.pop("model_name"))
@@ -281,6 +285,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=model_dir, **fp)
     observed = observe_model(model, effective)
     quantized_4bit = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    quantized_8bit = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
     if effective.get_peft_model is not None:
         model = FastLanguageModel.get_peft_model(model, **effective.get_peft_model)
 
@@ -328,7 +333,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     progress.close()
     metrics.close()
     if stop is not None and stop.requested:
-        trainer.save_model(str(cfg.paths.checkpoints / f"checkpoint-{trainer.state.global_step}"))
+        # The callback asked the Trainer to save a full checkpoint at this step before stopping.
         raise TrainerError(
             f"stopped by signal {stop.received} at step {trainer.state.global_step}; "
             "a restarted pod resumes from output/checkpoints"
@@ -352,6 +357,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
             "bnb_8bit": device.bnb_8bit,
         },
         "quantized_4bit": quantized_4bit,
+        "quantized_8bit": quantized_8bit,
         "substitutions": [s.as_dict() for s in substitutions],
         "effective": effective.as_dict(),
         "global_step": int(trainer.state.global_step),
@@ -362,9 +368,3 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     (output / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     info(f"done: {result['kind']} written to {out_dir} after {result['global_step']} steps")
     return result
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

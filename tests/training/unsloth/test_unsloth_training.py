@@ -1,0 +1,279 @@
+"""Real Unsloth runs on the tiny Llama, on Unsloth's CPU backend (unsloth 2026.10.9).
+
+Each run is a few steps on 2 cores. The entrypoint runs are subprocesses, as in
+the pod; the others call `train.run` in-process to save the import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Before transformers / peft, as in the trainer: importing unsloth patches them.
+import unsloth  # noqa: F401
+from unsloth_helpers import REPO_ROOT, read_metrics, run_entrypoint, unsloth_spec
+
+from kubetune_trainer.common import load_config
+from kubetune_trainer.unsloth.mapping import DeviceCapabilities, effective_settings, map_spec
+
+pytestmark = pytest.mark.training
+
+CPU_BANNER = "no GPU found, training on CPU"
+
+
+def short_spec(**overrides: Any) -> dict[str, Any]:
+    """A few steps at a learning rate a tiny random model visibly learns with."""
+    base: dict[str, Any] = {
+        "model": {"max_seq_length": 64},
+        "dataset": {"apply_chat_template": True, "validation_path": "validation"},
+        "schedule": {"max_steps": 8, "eval_steps": 4, "save_steps": 4},
+        "batch": {"per_device_train_batch_size": 4},
+        "optimizer": {"learning_rate": 3e-3},
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return unsloth_spec(**base)
+
+
+def run_in_process(config: Path) -> dict[str, Any]:
+    from kubetune_trainer.unsloth.train import run
+
+    return run(load_config(config))
+
+
+def expected_substitutions(config: Path, device: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the pure function predicts for the device the run reported."""
+    document = json.loads(config.read_text())
+    _, subs = effective_settings(map_spec(document), DeviceCapabilities(**device))
+    return [s.as_dict() for s in subs]
+
+
+def generate(model: Any, tokenizer: Any) -> str:
+    import torch
+
+    inputs = tokenizer("what is two plus three?", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > inputs["input_ids"].shape[1], "generate() produced no token"
+    return str(tokenizer.decode(out[0][inputs["input_ids"].shape[1] :]))
+
+
+def test_lora_run_through_the_entrypoint(tmp_path: Path, write_config: Callable[..., Path],
+                                         tiny_llama_dir: Path) -> None:
+    config = write_config(short_spec())
+    done = run_entrypoint(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not (tmp_path / "termination-log").exists()
+    assert CPU_BANNER in done.stdout + done.stderr
+
+    output = tmp_path / "output"
+    result = json.loads((output / "result.json").read_text())
+    assert result["kind"] == "adapter" and result["output_dir"] == str(output / "adapter")
+    assert result["device"]["kind"] == "cpu"
+
+    # Every substitution was predicted by the pure function, logged as a warning, and recorded.
+    predicted = expected_substitutions(config, result["device"])
+    assert result["substitutions"] == predicted
+    fields = {s["field"] for s in predicted}
+    assert {"optimizer.optim", "training.use_gradient_checkpointing"} <= fields
+    for sub in predicted:
+        assert f"WARNING: {sub['field']}: requested {sub['requested']!r}" in done.stderr
+    # 4-bit QLoRA really runs on this CPU when bitsandbytes passes Unsloth's probe, and not otherwise.
+    assert result["quantized_4bit"] == result["device"]["bnb_4bit"]
+
+    metrics = read_metrics(output)
+    assert metrics[0]["event"] == "effective_settings" and metrics[0]["substitutions"] == predicted
+    train = [m for m in metrics if "loss" in m]
+    val = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in train] == list(range(1, 9))
+    assert all({"epoch", "lr", "loss"} <= m.keys() for m in train)
+    assert [m["step"] for m in val] == [4, 8]
+    assert val[-1]["val_loss"] < val[0]["val_loss"] < 6.0, val  # ln(vocab 384) = 5.95 at random init
+    assert sorted(p.name for p in (output / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+
+    # The adapter reloads with plain transformers + peft and generates.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = output / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 16 and adapter_config["lora_alpha"] == 16
+    assert sorted(adapter_config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b), "the adapter was not trained"
+    generate(model, tokenizer)
+
+
+def test_merged_16bit_reloads_and_matches_base_plus_adapter(tmp_path: Path, write_config: Callable[..., Path],
+                                                            tiny_llama_dir: Path, restore_environ: None,
+                                                            capfd: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = write_config(short_spec(output={"save_method": "merged_16bit"}, schedule={"eval_steps": None},
+                                     dataset={"validation_path": None}), validation=False)
+    result = run_in_process(config)
+    merged_dir = tmp_path / "output" / "model"
+    assert result["kind"] == "full" and result["output_dir"] == str(merged_dir)
+    if result["quantized_4bit"]:
+        assert "Unsloth's CPU backend cannot merge into 4-bit weights" in capfd.readouterr().err
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert merged.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    generate(merged, tokenizer)
+
+    # Same function as base + the final checkpoint's adapter, merged in fp32.
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "output" / "checkpoints" / "checkpoint-8"
+    ).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    ids = tokenizer("what is one plus one? the answer is 2.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got = merged(ids).logits.float()
+        want = reference(ids).logits
+        untrained = base(ids).logits
+    assert torch.allclose(got, want, atol=0.05), float((got - want).abs().max())
+    assert float((want - untrained).abs().max()) > 0.05, "the merge changed nothing"
+
+
+def test_unsloth_cpu_backend_cannot_merge_into_4bit_itself(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Why the trainer merges merged_16bit itself when the CPU run is 4-bit (see train.save_output)."""
+    from unsloth_zoo.cpu.runtime import cpu_bnb_4bit_supported
+
+    if not cpu_bnb_4bit_supported():
+        pytest.skip("bitsandbytes 4-bit does not run on this CPU, so no 4-bit model to merge into")
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_llama_dir), max_seq_length=64, load_in_4bit=True)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    with pytest.raises(NotImplementedError, match="4-bit model is not supported on CPU"):
+        model.save_pretrained_merged(str(tmp_path / "m"), tokenizer, save_method="merged_16bit")
+    with pytest.raises(NotImplementedError, match="not supported on CPU"):
+        model.save_pretrained_merged(str(tmp_path / "m"), tokenizer, save_method="merged_4bit")
+
+
+def test_full_weight_run_with_mlflow(tmp_path: Path, write_config: Callable[..., Path], tiny_llama_dir: Path,
+                                     restore_environ: None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tracking = tmp_path / "mlruns"
+    # A local file store stands in for the tracking server (no network here); MLflow 3 wants the opt-in.
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    spec = short_spec(model={"load_in_4bit": False}, training={"finetuning_type": "all_weights"},
+                      optimizer={"learning_rate": 1e-3},
+                      integrations={"mlflow": {"tracking_uri": tracking.as_uri(), "experiment_name": "unsloth-ci"}})
+    result = run_in_process(write_config(spec))
+    model_dir = tmp_path / "output" / "model"
+    assert result["kind"] == "full" and result["output_dir"] == str(model_dir)
+    assert result["effective"]["from_pretrained"]["full_finetuning"] is True
+    assert result["effective"]["get_peft_model"] is None
+
+    trained = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    changed = [n for n, p in trained.named_parameters()
+               if not torch.allclose(p.float(), base.state_dict()[n].float())]
+    assert len(changed) > len(list(base.parameters())) // 2, "full-weight training left most weights unchanged"
+    generate(trained, AutoTokenizer.from_pretrained(model_dir))
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.as_uri())
+    experiment = client.get_experiment_by_name("unsloth-ci")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and "loss" in runs[0].data.metrics
+
+
+def test_cpu_substitutions_are_applied_logged_and_recorded(tmp_path: Path, write_config: Callable[..., Path],
+                                                            restore_environ: None,
+                                                            capfd: pytest.CaptureFixture[str]) -> None:
+    """A job asking for every GPU-only setting at once: 8-bit loading, packing, fp16, paged 8-bit AdamW."""
+    spec = short_spec(
+        model={"load_in_4bit": False, "load_in_8bit": True, "dtype": "float16"},
+        dataset={"packing": True},
+        optimizer={"optim": "paged_adamw_8bit"},
+        hardware={"gpus": "0", "precision": "fp16"},
+        schedule={"max_steps": 3, "eval_steps": None, "save_steps": None},
+        integrations={"wandb": {"project": "kubetune-ci"}},
+    )
+    os.environ.update({"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    result = run_in_process(write_config(spec))
+    err = capfd.readouterr().err
+    got = {s["field"]: (s["requested"], s["effective"]) for s in result["substitutions"]}
+    device = result["device"]
+    precision = "bf16" if device["bf16"] else "fp16" if device["fp16"] else "fp32"
+    assert got == {
+        "model.load_in_8bit": (True, False),
+        "model.dtype": ("float16", "bfloat16" if device["bf16"] else "float32"),
+        **({"hardware.precision": ("fp16", precision)} if precision != "fp16" else {}),
+        "optimizer.optim": ("paged_adamw_8bit", "adamw_torch_fused"),
+        "dataset.packing": (True, False),
+        "hardware.gpus": ("0", None),
+        "training.use_gradient_checkpointing": ("unsloth", True),
+    }
+    for field in got:
+        assert f"WARNING: {field}: requested" in err
+    # What Unsloth built agrees with the prediction: nothing beyond it was changed on the way.
+    assert result["quantized_8bit"] is False and result["quantized_4bit"] is False
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    sft = result["effective"]["sft_config"]
+    assert (sft["optim"], sft["packing"], sft["fp16"]) == ("adamw_torch_fused", False, precision == "fp16")
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "the wandb integration wrote no run"
+
+
+def test_merged_4bit_on_cpu_fails_before_training(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    config = write_config(short_spec(output={"save_method": "merged_4bit"}))
+    done = run_entrypoint(config, tmp_path)
+    assert done.returncode == 1
+    reason = (tmp_path / "termination-log").read_text()
+    assert reason.count("\n") == 1 and "merged_4bit cannot be written on cpu" in reason
+    assert not (tmp_path / "output" / "checkpoints").exists(), "it trained before refusing"
+
+
+def test_sigterm_checkpoints_and_the_restarted_pod_resumes(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    config = write_config(short_spec(schedule={"max_steps": 30, "save_steps": 2, "eval_steps": None},
+                                     dataset={"validation_path": None}), validation=False)
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "trainer-images"), str(REPO_ROOT / "operator")])}
+    checkpoints = tmp_path / "output" / "checkpoints"
+    first = subprocess.Popen([sys.executable, "-m", "kubetune_trainer.unsloth", "--config", str(config)],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Wait for the first checkpoint (a state change, not a duration) before the "eviction".
+        while not (checkpoints / "checkpoint-2" / "trainer_state.json").exists():
+            assert first.poll() is None, first.stdout.read() if first.stdout else ""
+            time.sleep(0.2)
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 1, out[-3000:]
+    assert "stopped by signal" in (tmp_path / "termination-log").read_text()
+    stopped_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert 2 <= stopped_at < 30
+
+    done = run_entrypoint(config, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"resuming from {checkpoints / f'checkpoint-{stopped_at}'}" in done.stderr
+    result = json.loads((tmp_path / "output" / "result.json").read_text())
+    assert result["resumed_from_step"] == stopped_at and result["global_step"] == 30
+    steps = [m["step"] for m in read_metrics(tmp_path / "output") if "loss" in m]
+    assert steps == list(range(1, 31)), "metrics.jsonl must read like one uninterrupted run"

@@ -1,0 +1,81 @@
+"""Helpers of the Unsloth tier (run in the `unsloth` venv: hack/run-in-venv.sh unsloth).
+
+Specs are rendered through the API's own pydantic model (`kubetune.api.unsloth`),
+so the trainer is tested on the documents the operator puts in the ConfigMap,
+every default filled by the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.unsloth import UnslothJobSpec
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[2]
+
+
+def unsloth_spec(**overrides: Any) -> dict[str, Any]:
+    """A validated, fully defaulted UnslothJob spec; `overrides` are nested sections."""
+    document: dict[str, Any] = {"model": {"name": "tiny-llama"}, "dataset": {"path": "train"}}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(document.get(key), dict):
+            document[key] = {**document[key], **value}
+        else:
+            document[key] = copy.deepcopy(value)
+    return UnslothJobSpec.model_validate(document).model_dump(mode="json")
+
+
+def config_document(
+    spec: dict[str, Any],
+    *,
+    model: Path | str = "/kubetune/model",
+    training_data: Path | str = "/kubetune/data/training",
+    validation_data: Path | str | None = None,
+    output: Path | str = "/kubetune/output",
+    name: str = "unsloth-test",
+) -> dict[str, Any]:
+    """The trainer config document (docs/CONTRACT.md section 1)."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "UnslothJob",
+        "metadata": {"name": name, "namespace": "default", "uid": "00000000-0000-0000-0000-000000000000"},
+        "spec": spec,
+        "paths": {
+            "model": str(model),
+            "teacher_model": None,
+            "training_data": str(training_data),
+            "validation_data": str(validation_data) if validation_data is not None else None,
+            "output": str(output),
+        },
+        "progress": {"type": "none"},
+    }
+
+
+def run_entrypoint(config: Path, tmp_path: Path, *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The image's entrypoint, as the pod runs it (a fresh interpreter)."""
+    full_env = {
+        **os.environ,
+        "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "trainer-images"), str(REPO_ROOT / "operator")]),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer.unsloth", "--config", str(config)],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def read_metrics(output: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
