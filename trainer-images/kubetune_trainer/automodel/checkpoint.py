@@ -43,8 +43,9 @@ class TrainerState:
     epoch: float
 
 
-def _options() -> StateDictOptions:
-    return StateDictOptions(ignore_frozen_params=True)
+def _options(*, loading: bool = False) -> StateDictOptions:
+    # Frozen base weights (LoRA) are not saved: they come from the model directory.
+    return StateDictOptions(ignore_frozen_params=True, strict=not loading)
 
 
 def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime) -> dict[str, Any]:
@@ -90,8 +91,10 @@ def load_checkpoint(
 ) -> TrainerState:
     app_state = _app_state(model, optimizer, runtime)
     dcp.load(app_state, checkpoint_id=str(path), no_dist=not runtime.distributed)
-    set_model_state_dict(model, app_state["model"], options=_options())
-    set_optimizer_state_dict(model, optimizer, app_state[f"optim_pp{runtime.pp_rank}"], options=_options())
+    set_model_state_dict(model, app_state["model"], options=_options(loading=True))
+    set_optimizer_state_dict(
+        model, optimizer, app_state[f"optim_pp{runtime.pp_rank}"], options=_options(loading=True)
+    )
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
@@ -107,4 +110,4 @@ def load_trainable_into(path: Path, model: nn.Module) -> None:
     """Rank 0 only, no process group: fill a plain CPU model from `save_trainable_for_export`."""
     state = {"model": get_model_state_dict(model, options=_options())}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    set_model_state_dict(model, state["model"], options=_options())
+    set_model_state_dict(model, state["model"], options=_options(loading=True))

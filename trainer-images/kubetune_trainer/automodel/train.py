@@ -265,15 +265,16 @@ def export_outputs(
 def train(cfg: TrainerConfig) -> int:
     settings = parse_settings(cfg)
     runtime = init_runtime(settings.parallel)
+    stop = StopSignal.install()
     try:
-        return _train(cfg, settings, runtime)
+        return _train(cfg, settings, runtime, stop)
     finally:
+        stop.restore()
         runtime.shutdown()
 
 
-def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime) -> int:
+def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, stop: StopSignal) -> int:
     started = time.monotonic()
-    stop = StopSignal.install()
     stop_after = int(os.environ[STOP_AFTER_STEP_ENV]) if os.environ.get(STOP_AFTER_STEP_ENV) else None
     output = cfg.paths.output
     if runtime.is_main:

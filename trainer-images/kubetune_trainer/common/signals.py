@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 
 class StopSignal:
@@ -14,6 +15,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
@@ -37,5 +39,11 @@ class StopSignal:
     def install(cls, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> StopSignal:
         stop = cls()
         for signum in signals:
-            signal.signal(signum, stop._handle)
+            stop._previous[signum] = signal.signal(signum, stop._handle)
         return stop
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before install() (the loop may run in-process in tests)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

@@ -1,0 +1,92 @@
+"""Trainer config files for tests, written the way the operator renders them (docs/CONTRACT.md section 1).
+
+Importable by name (`from trainer_config import ...`) from both training tiers;
+tests/training/conftest.py puts this folder on sys.path.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Every default of the Automodel seed table, as the API layer fills them.
+AUTOMODEL_DEFAULT_SPEC: dict[str, Any] = {
+    "model": "tiny-llama",
+    "dataset": {"training": "train", "validation": None, "prompt_template": None},
+    "training": {
+        "training_type": "sft",
+        "finetuning_type": "lora",
+        "lora": {"rank": 16, "alpha": 32, "merge": False, "target_modules": None},
+        "max_seq_length": 2048,
+        "teacher_model": None,
+        "teacher_precision": "bf16",
+        "distillation_ratio": 0.5,
+        "distillation_temperature": 1.0,
+        "offload_teacher": False,
+    },
+    "schedule": {"epochs": 1, "max_steps": None, "val_check_interval": None, "seed": None},
+    "batch": {"global_batch_size": 8, "micro_batch_size": 1, "sequence_packing": False},
+    "optimizer": {"learning_rate": 5e-6, "weight_decay": 0.01, "warmup_steps": 0},
+    "parallelism": {
+        "num_nodes": 1,
+        "num_gpus_per_node": 1,
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "context_parallel_size": 1,
+        "expert_parallel_size": None,
+    },
+    "output": {},
+    "integrations": None,
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_trainer_config(
+    path: Path,
+    *,
+    spec: dict[str, Any],
+    model: Path,
+    training_data: Path,
+    output: Path,
+    kind: str = "AutomodelJob",
+    teacher_model: Path | None = None,
+    validation_data: Path | None = None,
+    progress: dict[str, Any] | None = None,
+    name: str = "test-job",
+) -> Path:
+    """Write a config.json the way the operator renders it (spec given in full)."""
+    document = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "default", "uid": "00000000-0000-0000-0000-000000000000"},
+        "spec": spec,
+        "paths": {
+            "model": str(model),
+            "teacher_model": str(teacher_model) if teacher_model else None,
+            "training_data": str(training_data),
+            "validation_data": str(validation_data) if validation_data else None,
+            "output": str(output),
+        },
+        "progress": progress or {"type": "none"},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2))
+    return path
+
+
+def automodel_spec(**overrides: Any) -> dict[str, Any]:
+    """The defaulted Automodel spec with `overrides` deep-merged (nested dicts)."""
+    return deep_merge(AUTOMODEL_DEFAULT_SPEC, overrides)
