@@ -552,6 +552,31 @@ def test_container_args_follow_the_values() -> None:
     assert container["ports"][0]["containerPort"] == 9090
 
 
+@pytest.mark.parametrize("scope", sorted(SCOPES))
+def test_rendered_command_parses_with_the_operator_cli(scope: str) -> None:
+    """The container runs `kubetune <args>`: the real argument parser must accept them and
+    read back the values the chart was given."""
+    from kubetune.cli import build_parser
+
+    docs = render(*SCOPES[scope])
+    (container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["kubetune"]
+    parsed = build_parser().parse_args(container["args"])
+    assert parsed.command == "operator"
+    if scope == "cluster":
+        assert parsed.all_namespaces is True
+    else:
+        expected = ["team-a", "team-b"] if scope == "namespace-two" else [NAMESPACE]
+        assert [n for item in parsed.namespace for n in item.split(",") if n] == expected
+        assert parsed.all_namespaces is False
+    version = (ROOT / "VERSION").read_text().strip()
+    assert parsed.automodel_image == f"ghcr.io/kubetune/trainer-automodel:{version}"
+    assert parsed.unsloth_image == f"ghcr.io/kubetune/trainer-unsloth:{version}"
+    assert parsed.image_pull_policy == "IfNotPresent"
+    assert parsed.output_claim == "kubetune-output"
+    assert parsed.health_port == container["ports"][0]["containerPort"] == 8080
+
+
 def test_default_images_are_the_ones_make_images_builds() -> None:
     listed = subprocess.run(["bash", "hack/images.sh", "--list"], cwd=ROOT, capture_output=True, text=True, check=True)
     docs = render()

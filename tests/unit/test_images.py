@@ -1,0 +1,302 @@
+"""The three images, tested without a Docker engine (there is none here): their Dockerfiles
+(pinned bases, a numeric non-root user, pinned pip installs, files that exist), exact pins in
+every requirements file, the operator's pins resolving on PyPI, and the entrypoints printing
+their help."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _build_plan() -> dict[str, tuple[Path, Path]]:
+    """name -> (Dockerfile, build context), exactly as `make images` (hack/images.sh) builds them."""
+    plan = subprocess.run(["bash", "hack/images.sh", "--plan"], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = {}
+    for line in plan.stdout.splitlines():
+        ref, dockerfile, context = line.split()
+        out[ref.rsplit("/", 1)[1].split(":")[0]] = (ROOT / dockerfile, (ROOT / context).resolve())
+    return out
+
+
+IMAGES = _build_plan()
+REQUIREMENTS = [
+    ROOT / "requirements" / "operator.txt",
+    ROOT / "requirements" / "dev.txt",
+    ROOT / "trainer-images" / "automodel" / "requirements.txt",
+    ROOT / "trainer-images" / "unsloth" / "requirements.txt",
+]
+PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[\w,.-]+\])?==(?P<version>[\w.+!-]+)(\s*;.+)?$")
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_dockerfile(path: Path) -> list[Stage]:
+    """Instructions per stage, continuation lines joined, comments dropped, FROM's ARGs expanded."""
+    logical: list[str] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        logical.append(pending + stripped)
+        pending = ""
+    assert not pending, f"{path}: file ends inside a continued line"
+
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        rest = rest.strip()
+        if keyword == "ARG" and not stages:
+            arg, _, default = rest.partition("=")
+            global_args[arg] = default.strip('"')
+        elif keyword == "FROM":
+            words = [w for w in rest.split() if not w.startswith("--platform")]
+            base = re.sub(
+                r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args.get(m.group(1) or m.group(2), m.group(0)), words[0]
+            )
+            stage_name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(base=base, name=stage_name))
+        else:
+            assert stages, f"{path}: {keyword} before the first FROM"
+            stages[-1].instructions.append((keyword, rest))
+    assert stages, f"{path}: no FROM"
+    return stages
+
+
+def _dockerfile(image: str) -> Path:
+    path = IMAGES[image][0]
+    assert path.is_file(), f"{path.relative_to(ROOT)} is missing; `make images` builds {image} from it"
+    return path
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_dockerfile_bases_are_pinned_by_tag(image: str) -> None:
+    path = _dockerfile(image)
+    stages = parse_dockerfile(path)
+    names: set[str] = set()
+    for stage in stages:
+        if stage.base in names:
+            continue
+        assert "$" not in stage.base, f"{path}: FROM {stage.base} has an ARG without a default"
+        repo, _, digest = stage.base.partition("@")
+        last = repo.rsplit("/", 1)[-1]
+        tag = last.partition(":")[2]
+        assert tag or digest, f"{path}: FROM {stage.base} is not pinned (add a version tag)"
+        assert tag != "latest", f"{path}: FROM {stage.base} uses the moving `latest` tag"
+        assert re.search(r"\d", tag or digest), f"{path}: FROM {stage.base}: tag {tag!r} names no version"
+        if stage.name:
+            names.add(stage.name)
+    assert ":latest" not in path.read_text(), f"{path}: mentions a `latest` tag"
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_dockerfile_runs_as_numeric_non_root_user(image: str) -> None:
+    path = _dockerfile(image)
+    final = parse_dockerfile(path)[-1]
+    users = [rest for keyword, rest in final.instructions if keyword == "USER"]
+    assert users, f"{path}: the final stage sets no USER (it would run as root)"
+    # Numeric, so the kubelet can enforce runAsNonRoot without reading /etc/passwd.
+    match = re.fullmatch(r"(\d+)(:\d+)?", users[-1])
+    assert match, f"{path}: USER {users[-1]} is not numeric (uid[:gid])"
+    assert int(match.group(1)) != 0, f"{path}: USER is root"
+
+
+def _pip_install_args(command: str) -> list[list[str]]:
+    """The arguments of each `pip install` in a RUN command (shell operators split commands)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in {"&&", "||", ";", "|", "&", ">", ">>", "<"}:
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    out = []
+    for words in commands:
+        for i, word in enumerate(words):
+            if (
+                word == "pip"
+                or word.endswith("/pip")
+                or (word.startswith("python") and words[i + 1 : i + 3] == ["-m", "pip"])
+            ):
+                rest = words[i + 1 :] if "pip" in word else words[i + 3 :]
+                if rest[:1] == ["install"]:
+                    out.append(rest[1:])
+                break
+    return out
+
+
+_OPTION_WITH_VALUE = {
+    "-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url", "-f", "--find-links",
+    "-t", "--target", "--root", "--prefix", "--platform", "--python-version", "--only-binary", "--no-binary",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_dockerfile_pip_installs_are_pinned(image: str) -> None:
+    path = _dockerfile(image)
+    for stage in parse_dockerfile(path):
+        for keyword, rest in stage.instructions:
+            if keyword != "RUN":
+                continue
+            for args in _pip_install_args(rest):
+                skip = False
+                for word in args:
+                    if skip:
+                        skip = False
+                        continue
+                    if word.startswith("-"):
+                        skip = word in _OPTION_WITH_VALUE
+                        continue
+                    if "/" in word or word.startswith(".") or word.endswith(".whl"):
+                        continue  # a local path: the project itself or a built wheel
+                    assert PIN.match(word), f"{path}: `pip install {word}` is not pinned with =="
+
+
+def test_operator_image_entrypoint_and_files() -> None:
+    path = _dockerfile("kubetune-operator")
+    final = parse_dockerfile(path)[-1]
+    instructions = dict(final.instructions)
+    assert json.loads(instructions["ENTRYPOINT"]) == ["kubetune"]
+    assert json.loads(instructions["CMD"]) == ["operator"]
+    assert "python:3.11" in final.base and "slim" in final.base
+    # Every COPY from the build context names a file that exists and is not ignored.
+    ignore = (path.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    for stage in parse_dockerfile(path):
+        for keyword, rest in stage.instructions:
+            if keyword != "COPY" or "--from=" in rest:
+                continue
+            *sources, _dest = rest.split()
+            for source in sources:
+                assert (ROOT / source).exists(), f"{path}: COPY {source}: no such file in the build context"
+                assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), (
+                    f"{path}: COPY {source} is excluded by operator/Dockerfile.dockerignore"
+                )
+    # The console script the ENTRYPOINT runs is the one pyproject.toml installs.
+    assert re.search(r'^kubetune = "kubetune\.cli:main"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert callable(importlib.import_module("kubetune.cli").main)
+
+
+@pytest.mark.parametrize("image", ["trainer-automodel", "trainer-unsloth"])
+def test_trainer_dockerfile_copies_files_that_exist(image: str) -> None:
+    path = _dockerfile(image)
+    context = IMAGES[image][1]
+    for stage in parse_dockerfile(path):
+        for keyword, rest in stage.instructions:
+            if keyword not in {"COPY", "ADD"} or "--from=" in rest:
+                continue
+            words = [w for w in rest.split() if not w.startswith("--")]
+            if words[0].startswith("["):
+                words = json.loads(rest[rest.index("[") :])
+            for source in words[:-1]:
+                assert list(context.glob(source)), f"{path}: COPY {source}: not in the build context {context}"
+
+
+@pytest.mark.parametrize("requirements", REQUIREMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_requirements_are_exact_pins(requirements: Path) -> None:
+    seen: set[str] = set()
+    for number, raw in enumerate(requirements.read_text().splitlines(), 1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        match = PIN.match(line)
+        assert match, f"{requirements.relative_to(ROOT)}:{number}: `{line}` is not an exact pin (name==version)"
+        name = re.sub(r"[-_.]+", "-", match.group("name")).lower()
+        assert name not in seen, f"{requirements.relative_to(ROOT)}:{number}: {name} is pinned twice"
+        seen.add(name)
+
+
+def _pip_dry_run(*args: str) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, f"pip could not resolve {' '.join(args)}:\n{result.stderr[-4000:]}"
+    report: dict[str, object] = json.loads(result.stdout)
+    return report
+
+
+def _pins(requirements: Path) -> dict[str, str]:
+    pins = {}
+    for raw in requirements.read_text().splitlines():
+        match = PIN.match(raw.split(" #", 1)[0].strip())
+        if match:
+            pins[re.sub(r"[-_.]+", "-", match.group("name")).lower()] = match.group("version")
+    return pins
+
+
+def test_operator_requirements_resolve_on_pypi() -> None:
+    """What the operator image installs, resolved with dependencies, for this Python (3.11, the
+    image's): every pin exists and they agree with each other."""
+    requirements = ROOT / "requirements" / "operator.txt"
+    report = _pip_dry_run("-r", str(requirements))
+    installs = report["install"]
+    assert isinstance(installs, list)
+    resolved = {re.sub(r"[-_.]+", "-", i["metadata"]["name"]).lower(): i["metadata"]["version"] for i in installs}
+    for name, version in _pins(requirements).items():
+        assert resolved.get(name) == version, f"{name}=={version} resolved as {resolved.get(name)}"
+    assert "torch" not in resolved, "the operator image must stay free of torch"
+
+
+@pytest.mark.parametrize(
+    "requirements",
+    [
+        ROOT / "trainer-images" / "automodel" / "requirements.txt",
+        ROOT / "trainer-images" / "unsloth" / "requirements.txt",
+    ],
+    ids=["automodel", "unsloth"],
+)
+def test_trainer_requirements_exist_on_pypi(requirements: Path) -> None:
+    """Each pin exists for this Python and platform (3.11 on Linux x86_64, as in the images),
+    checked one by one without resolving: the unsloth file is already a full resolved set."""
+    report = _pip_dry_run("--no-deps", "-r", str(requirements))
+    installs = report["install"]
+    assert isinstance(installs, list)
+    assert len(installs) == len(_pins(requirements))
+
+
+def kubetune(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
+    return subprocess.run([sys.executable, "-m", "kubetune", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_operator_entrypoint_prints_help() -> None:
+    """The image runs `kubetune operator`; its help names every flag the chart passes."""
+    result = kubetune("operator", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: kubetune operator" in result.stdout
+    for flag in (
+        "--namespace", "--all-namespaces", "--automodel-image", "--unsloth-image",
+        "--image-pull-policy", "--output-claim", "--health-port",
+    ):  # fmt: skip
+        assert flag in result.stdout, f"`kubetune operator --help` does not mention {flag}"
+    version = kubetune("--version")
+    assert version.stdout.strip() == f"kubetune {(ROOT / 'VERSION').read_text().strip()}"
