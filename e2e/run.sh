@@ -86,7 +86,10 @@ k apply --server-side --force-conflicts \
 k -n kubeflow rollout status deployment/training-operator --timeout=5m
 
 # --- no GPUs: advertise some ----------------------------------------------------------
-if [[ "$mode" == cpu ]]; then
+if [[ "$mode" == cpu && "$cluster" == current ]]; then
+  # Never write fake GPUs into a cluster this script did not create.
+  say "E2E_CLUSTER=current: not advertising fake GPUs; the jobs need nodes with nvidia.com/gpu"
+elif [[ "$mode" == cpu ]]; then
   # Every job asks for nvidia.com/gpu. With no device plugin, an extended resource written into
   # the node status is enough for the scheduler and the kubelet to run the pod; the container
   # gets no GPU and the trainers fall back to the CPU. No operator switch needed.
@@ -104,8 +107,14 @@ for namespace in "$release_ns" "$ns"; do
   # Pod Security "restricted" is enforced: the operator, the seed job and every trainer pod must meet it.
   k label --overwrite namespace "$namespace" pod-security.kubernetes.io/enforce=restricted
 done
+# The image references hack/images.sh built (KUBETUNE_REGISTRY included), as repository + tag.
+image_values=()
+for pair in "operator.image|${images[0]}" "trainer.automodel.image|${images[1]}" "trainer.unsloth.image|${images[2]}"; do
+  key=${pair%%|*} ref=${pair#*|}
+  image_values+=(--set "${key}.repository=${ref%:*}" --set "${key}.tag=${ref##*:}")
+done
 h upgrade --install kubetune helm/kubetune --namespace "$release_ns" \
-  --set rbac.scope=namespace --set "watchNamespaces={$ns}" \
+  --set rbac.scope=namespace --set "watchNamespaces={$ns}" "${image_values[@]}" \
   --set operator.image.pullPolicy=IfNotPresent --set trainer.imagePullPolicy=IfNotPresent \
   --wait --timeout 5m
 

@@ -27,8 +27,9 @@ RELEASE = "kubetune"
 NAMESPACE = "kubetune-system"
 BUILD_HELM = "bash hack/cluster/build.sh helm"
 RULES_FILE = CHART / "files" / "operator-rules.yaml"
-# Golden-file update switch: rewrites RULES_FILE from OPERATOR_RULES instead of failing.
-UPDATE_ENV = "KUBETUNE_UPDATE_CHART_RULES"
+# Golden-file switch: with it set to 1, the two generated parts of the chart (RULES_FILE and the
+# values table of README.md) are rewritten instead of failing when stale.
+UPDATE_ENV = "KUBETUNE_UPDATE_CHART"
 
 
 def _versions_env() -> dict[str, str]:
@@ -264,6 +265,68 @@ def test_every_value_is_documented() -> None:
         if not is_block and not documented:
             undocumented.append(".".join(k for _, k, _ in stack))
     assert not undocumented, f"values.yaml keys without a `# --` comment: {undocumented}"
+
+
+README = CHART / "README.md"
+TABLE_START, TABLE_END = (
+    "<!-- values table: generated from values.yaml by tests/unit/test_helm.py -->",
+    "<!-- end of values table -->",
+)
+
+
+def values_table() -> str:
+    """Markdown rows for every key that carries a `# --` comment: its path, default and text."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    values = yaml.safe_load("\n".join(lines))
+    rows = ["| Key | Default | Description |", "|---|---|---|"]
+    stack: list[tuple[int, str]] = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w-]*):", line)
+        if not match:
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        comment: list[str] = []
+        above = number - 1
+        while above >= 0 and lines[above].strip().startswith("#"):
+            comment.insert(0, lines[above].strip().lstrip("#").strip())
+            if lines[above].strip().startswith("# --"):
+                break
+            above -= 1
+        if not comment or not comment[0].startswith("--"):
+            continue
+        path = [k for _, k in stack]
+        default: Any = values
+        for k in path:
+            default = default[k]
+        text = " ".join(comment)[2:].strip().replace("|", "\\|")
+        shown = json.dumps(default, separators=(", ", ": "))
+        rows.append(f"| `{'.'.join(path)}` | `{shown}` | {text} |")
+    return "\n".join(rows) + "\n"
+
+
+def test_readme_shows_the_real_schema_error() -> None:
+    error = render_error("--set", "operator.imagee=x")
+    shown = README.read_text().split("$ helm template kubetune helm/kubetune --set operator.imagee=x\n", 1)[1]
+    shown = shown.split("```", 1)[0]
+    assert shown.strip() == error.strip(), f"README.md shows a different error than helm prints:\n{error}"
+
+
+def test_readme_values_table_is_current() -> None:
+    text = README.read_text()
+    assert TABLE_START in text and TABLE_END in text, f"{README} lacks the values table markers"
+    head, rest = text.split(TABLE_START + "\n", 1)
+    current, tail = rest.split(TABLE_END, 1)
+    expected = values_table()
+    if current != expected and os.environ.get(UPDATE_ENV) == "1":
+        README.write_text(head + TABLE_START + "\n" + expected + TABLE_END + tail)
+        current = expected
+    assert current == expected, (
+        f"the values table of {README.relative_to(ROOT)} is stale: run `{UPDATE_ENV}=1 bash hack/run-in-venv.sh dev "
+        "python -m pytest tests/unit/test_helm.py -k values_table` and commit the file"
+    )
 
 
 # --- RBAC ------------------------------------------------------------------------------
