@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -300,3 +301,84 @@ def test_operator_entrypoint_prints_help() -> None:
         assert flag in result.stdout, f"`kubetune operator --help` does not mention {flag}"
     version = kubetune("--version")
     assert version.stdout.strip() == f"kubetune {(ROOT / 'VERSION').read_text().strip()}"
+
+
+TRAINER_VENVS = {
+    "trainer-automodel": ("test", "kubetune_trainer.automodel"),
+    "trainer-unsloth": ("unsloth", "kubetune_trainer.unsloth"),
+}
+
+
+@pytest.mark.parametrize("image", sorted(TRAINER_VENVS))
+def test_trainer_image_runs_the_operators_command(image: str) -> None:
+    """The operator runs `python -m kubetune_trainer.<backend> --config ...` in the trainer image
+    (its own command, not the image's ENTRYPOINT): the package must be importable from any
+    working directory, and the module must start (its help, in the image's pinned environment)."""
+    venv, module = TRAINER_VENVS[image]
+    path = _dockerfile(image)
+    final = parse_dockerfile(path)[-1]
+    env_text = " ".join(rest for keyword, rest in final.instructions if keyword == "ENV")
+    pythonpath = re.search(r"PYTHONPATH=(\S+)", env_text)
+    copies = [rest.split() for keyword, rest in final.instructions if keyword == "COPY" and "kubetune_trainer" in rest]
+    installed = any(
+        "pip" in rest and "install" in rest and "kubetune_trainer" in rest for k, rest in final.instructions
+    )
+    assert pythonpath or installed, f"{path}: sets no PYTHONPATH and installs no kubetune_trainer"
+    if pythonpath and not installed:
+        roots = pythonpath.group(1).split(":")
+        assert any(words[-1].rstrip("/") in {f"{r.rstrip('/')}/kubetune_trainer" for r in roots} for words in copies), (
+            f"{path}: kubetune_trainer is not copied into a PYTHONPATH directory ({roots})"
+        )
+    entrypoint = dict(final.instructions).get("ENTRYPOINT")
+    if entrypoint:
+        assert json.loads(entrypoint)[:3] == ["python", "-m", module], f"{path}: ENTRYPOINT is not python -m {module}"
+    result = subprocess.run(
+        ["bash", "hack/run-in-venv.sh", venv, "python", "-m", module, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--config" in result.stdout
+
+
+_CACHE_ENV = re.compile(r"\b([A-Z_]*(?:HOME|CACHE|CACHE_DIR|COMPILE_LOCATION|TMPDIR)[A-Z_]*)=(/\S*)")
+
+
+@pytest.mark.parametrize("image", sorted(TRAINER_VENVS))
+def test_trainer_image_writes_only_where_the_pod_is_writable(image: str) -> None:
+    """The operator runs trainers with a read-only root filesystem (Pod Security "restricted" plus
+    readOnlyRootFilesystem). Cache and home directories the image points at must therefore lie
+    under a volume the operator mounts writable, or be overridden by the pod's env."""
+    from kubetune.api.resources import AUTOMODEL, UNSLOTH
+    from kubetune.controller.builders import JobInputs, build_pod_template
+
+    resource = AUTOMODEL if image == "trainer-automodel" else UNSLOTH
+    example = "automodel-lora.yaml" if image == "trainer-automodel" else "unsloth-qlora.yaml"
+    job = yaml.safe_load((ROOT / "examples" / example).read_text())
+    inputs = JobInputs(
+        resource=resource,
+        name=job["metadata"]["name"],
+        namespace="default",
+        uid="uid",
+        spec=resource.spec_model.model_validate(job["spec"]),
+        entities={},
+    )
+    pod = build_pod_template(inputs, "trainer", "Never")["spec"]
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    writable = [m["mountPath"].rstrip("/") for m in container["volumeMounts"] if not m.get("readOnly")]
+    pod_env = {e["name"] for e in container["env"]}
+
+    path = _dockerfile(image)
+    final = parse_dockerfile(path)[-1]
+    env_text = " ".join(rest for keyword, rest in final.instructions if keyword == "ENV")
+    bad = [
+        f"{name}={value}"
+        for name, value in _CACHE_ENV.findall(env_text)
+        if name not in pod_env and not any(value == w or value.startswith(w + "/") for w in writable)
+    ]
+    assert not bad, (
+        f"{path}: {bad} point into the read-only root filesystem of the trainer pod; the pod's writable "
+        f"mounts are {writable} (point them under /tmp, or have the operator mount an emptyDir there)"
+    )
