@@ -350,18 +350,22 @@ def test_trainer_image_writes_only_where_the_pod_is_writable(image: str) -> None
     """The operator runs trainers with a read-only root filesystem (Pod Security "restricted" plus
     readOnlyRootFilesystem). Cache and home directories the image points at must therefore lie
     under a volume the operator mounts writable, or be overridden by the pod's env."""
+    from kubetune.api.automodel import AutomodelJobSpec
     from kubetune.api.resources import AUTOMODEL, UNSLOTH
+    from kubetune.api.unsloth import UnslothJobSpec
     from kubetune.controller.builders import JobInputs, build_pod_template
 
-    resource = AUTOMODEL if image == "trainer-automodel" else UNSLOTH
-    example = "automodel-lora.yaml" if image == "trainer-automodel" else "unsloth-qlora.yaml"
+    automodel = image == "trainer-automodel"
+    resource = AUTOMODEL if automodel else UNSLOTH
+    spec_model = AutomodelJobSpec if automodel else UnslothJobSpec
+    example = "automodel-lora.yaml" if automodel else "unsloth-qlora.yaml"
     job = yaml.safe_load((ROOT / "examples" / example).read_text())
     inputs = JobInputs(
         resource=resource,
         name=job["metadata"]["name"],
         namespace="default",
         uid="uid",
-        spec=resource.spec_model.model_validate(job["spec"]),
+        spec=spec_model.model_validate(job["spec"]),
         entities={},
     )
     pod = build_pod_template(inputs, "trainer", "Never")["spec"]
