@@ -14,8 +14,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tiny_llama import task_rows, write_jsonl  # noqa: E402
-from unsloth_helpers import config_document  # noqa: E402
+from tiny_llama import task_rows, write_jsonl
+from unsloth_helpers import config_document
+
 
 @pytest.fixture(scope="session")
 def task_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -55,5 +56,3 @@ def restore_environ() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-

@@ -47,7 +47,8 @@ def short_spec(**overrides: Any) -> dict[str, Any]:
 def run_in_process(config: Path) -> dict[str, Any]:
     from kubetune_trainer.unsloth.train import run
 
-    return run(load_config(config))
+    result: dict[str, Any] = run(load_config(config))
+    return result
 
 
 def expected_substitutions(config: Path, device: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,8 +68,9 @@ def generate(model: Any, tokenizer: Any) -> str:
     return str(tokenizer.decode(out[0][inputs["input_ids"].shape[1] :]))
 
 
-def test_lora_run_through_the_entrypoint(tmp_path: Path, write_config: Callable[..., Path],
-                                         tiny_llama_dir: Path) -> None:
+def test_lora_run_through_the_entrypoint(
+    tmp_path: Path, write_config: Callable[..., Path], tiny_llama_dir: Path
+) -> None:
     config = write_config(short_spec())
     done = run_entrypoint(config, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -109,7 +111,8 @@ def test_lora_run_through_the_entrypoint(tmp_path: Path, write_config: Callable[
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert adapter_config["r"] == 16 and adapter_config["lora_alpha"] == 16
     assert sorted(adapter_config["target_modules"]) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
@@ -117,15 +120,23 @@ def test_lora_run_through_the_entrypoint(tmp_path: Path, write_config: Callable[
     generate(model, tokenizer)
 
 
-def test_merged_16bit_reloads_and_matches_base_plus_adapter(tmp_path: Path, write_config: Callable[..., Path],
-                                                            tiny_llama_dir: Path, restore_environ: None,
-                                                            capfd: pytest.CaptureFixture[str]) -> None:
+def test_merged_16bit_reloads_and_matches_base_plus_adapter(
+    tmp_path: Path,
+    write_config: Callable[..., Path],
+    tiny_llama_dir: Path,
+    restore_environ: None,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = write_config(short_spec(output={"save_method": "merged_16bit"}, schedule={"eval_steps": None},
-                                     dataset={"validation_path": None}), validation=False)
+    config = write_config(
+        short_spec(
+            output={"save_method": "merged_16bit"}, schedule={"eval_steps": None}, dataset={"validation_path": None}
+        ),
+        validation=False,
+    )
     result = run_in_process(config)
     merged_dir = tmp_path / "output" / "model"
     assert result["kind"] == "full" and result["output_dir"] == str(merged_dir)
@@ -157,7 +168,7 @@ def test_unsloth_cpu_backend_cannot_merge_into_4bit_itself(tiny_llama_dir: Path,
 
     if not cpu_bnb_4bit_supported():
         pytest.skip("bitsandbytes 4-bit does not run on this CPU, so no 4-bit model to merge into")
-    from unsloth import FastLanguageModel
+    from unsloth import FastLanguageModel  # type: ignore[attr-defined,unused-ignore]
 
     model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_llama_dir), max_seq_length=64, load_in_4bit=True)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
@@ -168,17 +179,21 @@ def test_unsloth_cpu_backend_cannot_merge_into_4bit_itself(tiny_llama_dir: Path,
         model.save_pretrained_merged(str(tmp_path / "m"), tokenizer, save_method="merged_4bit")
 
 
-def test_full_weight_run_with_mlflow(tmp_path: Path, write_config: Callable[..., Path], tiny_llama_dir: Path,
-                                     restore_environ: None) -> None:
+def test_full_weight_run_with_mlflow(
+    tmp_path: Path, write_config: Callable[..., Path], tiny_llama_dir: Path, restore_environ: None
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tracking = tmp_path / "mlruns"
     # A local file store stands in for the tracking server (no network here); MLflow 3 wants the opt-in.
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    spec = short_spec(model={"load_in_4bit": False}, training={"finetuning_type": "all_weights"},
-                      optimizer={"learning_rate": 1e-3},
-                      integrations={"mlflow": {"tracking_uri": tracking.as_uri(), "experiment_name": "unsloth-ci"}})
+    spec = short_spec(
+        model={"load_in_4bit": False},
+        training={"finetuning_type": "all_weights"},
+        optimizer={"learning_rate": 1e-3},
+        integrations={"mlflow": {"tracking_uri": tracking.as_uri(), "experiment_name": "unsloth-ci"}},
+    )
     result = run_in_process(write_config(spec))
     model_dir = tmp_path / "output" / "model"
     assert result["kind"] == "full" and result["output_dir"] == str(model_dir)
@@ -187,8 +202,7 @@ def test_full_weight_run_with_mlflow(tmp_path: Path, write_config: Callable[...,
 
     trained = AutoModelForCausalLM.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    changed = [n for n, p in trained.named_parameters()
-               if not torch.allclose(p.float(), base.state_dict()[n].float())]
+    changed = [n for n, p in trained.named_parameters() if not torch.allclose(p.float(), base.state_dict()[n].float())]
     assert len(changed) > len(list(base.parameters())) // 2, "full-weight training left most weights unchanged"
     generate(trained, AutoTokenizer.from_pretrained(model_dir))
 
@@ -201,9 +215,9 @@ def test_full_weight_run_with_mlflow(tmp_path: Path, write_config: Callable[...,
     assert len(runs) == 1 and "loss" in runs[0].data.metrics
 
 
-def test_cpu_substitutions_are_applied_logged_and_recorded(tmp_path: Path, write_config: Callable[..., Path],
-                                                            restore_environ: None,
-                                                            capfd: pytest.CaptureFixture[str]) -> None:
+def test_cpu_substitutions_are_applied_logged_and_recorded(
+    tmp_path: Path, write_config: Callable[..., Path], restore_environ: None, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A job asking for every GPU-only setting at once: 8-bit loading, packing, fp16, paged 8-bit AdamW."""
     spec = short_spec(
         model={"load_in_4bit": False, "load_in_8bit": True, "dtype": "float16"},
@@ -248,13 +262,24 @@ def test_merged_4bit_on_cpu_fails_before_training(tmp_path: Path, write_config: 
 
 
 def test_sigterm_checkpoints_and_the_restarted_pod_resumes(tmp_path: Path, write_config: Callable[..., Path]) -> None:
-    config = write_config(short_spec(schedule={"max_steps": 30, "save_steps": 2, "eval_steps": None},
-                                     dataset={"validation_path": None}), validation=False)
-    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "trainer-images"), str(REPO_ROOT / "operator")])}
+    config = write_config(
+        short_spec(schedule={"max_steps": 16, "save_steps": 2, "eval_steps": None}, dataset={"validation_path": None}),
+        validation=False,
+    )
+    env = {
+        **os.environ,
+        "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "trainer-images"), str(REPO_ROOT / "operator")]),
+    }
     checkpoints = tmp_path / "output" / "checkpoints"
-    first = subprocess.Popen([sys.executable, "-m", "kubetune_trainer.unsloth", "--config", str(config)],
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer.unsloth", "--config", str(config)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         # Wait for the first checkpoint (a state change, not a duration) before the "eviction".
         while not (checkpoints / "checkpoint-2" / "trainer_state.json").exists():
@@ -268,12 +293,12 @@ def test_sigterm_checkpoints_and_the_restarted_pod_resumes(tmp_path: Path, write
     assert first.returncode == 1, out[-3000:]
     assert "stopped by signal" in (tmp_path / "termination-log").read_text()
     stopped_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
-    assert 2 <= stopped_at < 30
+    assert 2 <= stopped_at < 16
 
     done = run_entrypoint(config, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"resuming from {checkpoints / f'checkpoint-{stopped_at}'}" in done.stderr
     result = json.loads((tmp_path / "output" / "result.json").read_text())
-    assert result["resumed_from_step"] == stopped_at and result["global_step"] == 30
+    assert result["resumed_from_step"] == stopped_at and result["global_step"] == 16
     steps = [m["step"] for m in read_metrics(tmp_path / "output") if "loss" in m]
-    assert steps == list(range(1, 31)), "metrics.jsonl must read like one uninterrupted run"
+    assert steps == list(range(1, 17)), "metrics.jsonl must read like one uninterrupted run"

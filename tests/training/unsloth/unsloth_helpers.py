@@ -58,7 +58,9 @@ def config_document(
     }
 
 
-def run_entrypoint(config: Path, tmp_path: Path, *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_entrypoint(
+    config: Path, tmp_path: Path, *, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The image's entrypoint, as the pod runs it (a fresh interpreter)."""
     full_env = {
         **os.environ,

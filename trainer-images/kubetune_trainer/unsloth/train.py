@@ -144,7 +144,7 @@ def _metrics_callback(metrics: MetricsWriter, progress: ProgressReporter, stop: 
         """trl's log events -> metrics.jsonl + job progress; SIGTERM -> checkpoint and stop."""
 
         def __init__(self) -> None:
-            self._last_tokens: float | None = None
+            self.last_tokens: float | None = None  # trl's cumulative num_tokens
             self._last_time: float | None = None
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
@@ -163,12 +163,12 @@ def _metrics_callback(metrics: MetricsWriter, progress: ProgressReporter, stop: 
                     record["grad_norm"] = float(logs["grad_norm"])
                 tokens = logs.get("num_tokens")
                 now = time.monotonic()
-                if tokens is not None and self._last_tokens is not None and self._last_time is not None:
+                if tokens is not None and self.last_tokens is not None and self._last_time is not None:
                     elapsed = now - self._last_time
                     if elapsed > 0:
-                        record["tokens_per_second"] = (float(tokens) - self._last_tokens) / elapsed
+                        record["tokens_per_second"] = (float(tokens) - self.last_tokens) / elapsed
                 if tokens is not None:
-                    self._last_tokens, self._last_time = float(tokens), now
+                    self.last_tokens, self._last_time = float(tokens), now
                 metrics.write(record)
                 progress.report(step=step, max_steps=int(state.max_steps), epoch=epoch, train_loss=record["loss"])
             if "eval_loss" in logs:
@@ -319,13 +319,14 @@ def run(cfg: TrainerConfig, *, handle_signals: bool = False) -> dict[str, Any]:
         }
     )
 
+    callback = _metrics_callback(metrics, progress, stop)
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         args=args,
-        callbacks=[_metrics_callback(metrics, progress, stop)],
+        callbacks=[callback],
     )
     if resume:
         info(f"resuming from {resume[0]} (step {resume[1]})")
@@ -362,9 +363,21 @@ def run(cfg: TrainerConfig, *, handle_signals: bool = False) -> dict[str, Any]:
         "effective": effective.as_dict(),
         "global_step": int(trainer.state.global_step),
         "train_loss": float(train_result.training_loss),
+        # Throughput and memory of this attempt, for the GPU check's comparison with plain trl.
+        "train_runtime_s": float(train_result.metrics.get("train_runtime", 0.0)),
+        "train_tokens": callback.last_tokens,
+        "peak_gpu_memory_gib": _peak_gpu_memory_gib(),
         "resumed_from_step": resume[1] if resume else None,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     (output / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     info(f"done: {result['kind']} written to {out_dir} after {result['global_step']} steps")
     return result
+
+
+def _peak_gpu_memory_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(float(torch.cuda.max_memory_allocated()) / 2**30, 3)
