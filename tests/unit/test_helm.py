@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,17 @@ def test_helm_lint_strict(args: tuple[str, ...]) -> None:
     result = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 chart(s) failed" in result.stdout
+
+
+def test_chart_packages_with_its_crds_and_rules(tmp_path: Path) -> None:
+    result = helm("package", str(CHART), "--destination", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    version = (ROOT / "VERSION").read_text().strip()
+    with tarfile.open(tmp_path / f"kubetune-{version}.tgz") as archive:
+        names = set(archive.getnames())
+    expected = {f"kubetune/crds/{p.name}" for p in (ROOT / "crds").glob("*.yaml")}
+    expected |= {"kubetune/files/operator-rules.yaml", "kubetune/values.schema.json", "kubetune/templates/NOTES.txt"}
+    assert expected <= names, sorted(expected - names)
 
 
 def test_helm_lint_rejects_a_mistyped_key() -> None:
