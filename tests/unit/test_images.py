@@ -386,3 +386,12 @@ def test_trainer_image_writes_only_where_the_pod_is_writable(image: str) -> None
         f"{path}: {bad} point into the read-only root filesystem of the trainer pod; the pod's writable "
         f"mounts are {writable} (point them under /tmp, or have the operator mount an emptyDir there)"
     )
+
+
+def test_operator_default_images_are_the_built_ones() -> None:
+    """`kubetune operator` without image flags uses the images `make images` builds (same tag)."""
+    from kubetune.controller.builders import OperatorSettings
+
+    listed = subprocess.run(["bash", "hack/images.sh", "--list"], cwd=ROOT, capture_output=True, text=True, check=True)
+    _, automodel, unsloth = listed.stdout.split()
+    assert (OperatorSettings().automodel_image, OperatorSettings().unsloth_image) == (automodel, unsloth)
