@@ -47,6 +47,17 @@ def torchrun_command(argv: list[str], parallel: ParallelSettings) -> list[str] |
     command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}"]
     if "PET_NNODES" not in os.environ:
         command.append("--standalone")
+    else:
+        # The training-operator sets MASTER_ADDR/MASTER_PORT (the master pod's
+        # service) and PET_NODE_RANK; torchrun itself only reads PET_* names.
+        for flag, names in (
+            ("--node-rank", ("PET_NODE_RANK",)),
+            ("--master-addr", ("PET_MASTER_ADDR", "MASTER_ADDR")),
+            ("--master-port", ("PET_MASTER_PORT", "MASTER_PORT")),
+        ):
+            value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+            if value is not None:
+                command.append(f"{flag}={value}")
     return [*command, "-m", "kubetune_trainer.automodel", *argv]
 
 

@@ -44,7 +44,7 @@ from kubetune_trainer.common.metrics import MetricsWriter
 from kubetune_trainer.common.progress import ProgressReporter
 from kubetune_trainer.common.signals import StopSignal
 from kubetune_trainer.common.termination import TrainerError
-from kubetune_trainer.data import FormatOptions, holdout_split, pack_examples, read_rows, tokenize_rows
+from kubetune_trainer.data import IGNORE_INDEX, FormatOptions, holdout_split, pack_examples, read_rows, tokenize_rows
 
 MAX_GRAD_NORM = 1.0
 # Test hook: behave as if SIGTERM arrived right after this optimizer step.
@@ -146,6 +146,8 @@ class Engine:
         self.settings = settings
         self.runtime = runtime
         self.teacher = teacher
+        self.pad_to: int | None = None
+        self.n_micro = 1
 
     def _autocast(self) -> Any:
         if self.runtime.device.type == "cuda":
@@ -175,10 +177,14 @@ class Engine:
         return loss_sum, ce_sum, kd_sum
 
     @torch.no_grad()
-    def eval_batch(self, batch: Batch) -> tuple[float, float]:
+    def eval_batches(self, batches: list[Batch]) -> tuple[float, float]:
         self.model.eval()
-        _, ce, kd = self.losses(batch.to(self.runtime.device))
-        return float(ce), float(kd) if kd is not None else 0.0
+        ce_total = kd_total = 0.0
+        for batch in batches:
+            _, ce, kd = self.losses(batch.to(self.runtime.device))
+            ce_total += float(ce)
+            kd_total += float(kd) if kd is not None else 0.0
+        return ce_total, kd_total
 
 
 def build_model(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime) -> nn.Module:
@@ -194,21 +200,28 @@ def build_model(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtim
 
 
 def run_validation(engine: Any, validation: list[dict[str, Any]], pad_id: int, runtime: Runtime, micro: int) -> dict[str, float]:
-    """Token-weighted CE (and KL to the teacher) over the whole validation set, split over dp ranks."""
+    """Token-weighted CE (and KL to the teacher) over the whole validation set, split over dp ranks.
+
+    Every rank runs the same number of micro batches in groups of the engine's
+    micro-batch count (pipeline schedules are collective and fixed-size);
+    filler rows carry no target token.
+    """
     dp, dp_rank = runtime.parallel.dp, runtime.dp_rank
-    # Every dp rank runs the same number of batches (pipeline schedules are collective).
-    per_rank = math.ceil(len(validation) / dp)
+    group = engine.n_micro * micro
+    per_rank = math.ceil(len(validation) / dp / group) * group
     mine = validation[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    filler = {"input_ids": [pad_id, pad_id], "labels": [IGNORE_INDEX, IGNORE_INDEX]}
+    mine = mine + [filler] * (per_rank - len(mine))
+    batches = [collate(mine[i : i + micro], pad_id, pad_to=engine.pad_to) for i in range(0, per_rank, micro)]
     ce_total = kd_total = tokens = 0.0
-    for start in range(0, per_rank, micro):
-        items = mine[start : start + micro]
-        batch = collate(items if items else validation[:1], pad_id)
-        weight = 1.0 if items else 0.0
-        ce, kd = engine.eval_batch(batch)
+    for start in range(0, len(batches), engine.n_micro):
+        chunk = batches[start : start + engine.n_micro]
+        result = engine.eval_batches(chunk)
+        ce, kd = result if isinstance(result, tuple) else (result, 0.0)
         if runtime.reports_loss:
-            ce_total += weight * ce
-            kd_total += weight * kd
-            tokens += weight * batch.target_tokens
+            ce_total += ce
+            kd_total += kd
+            tokens += sum(b.target_tokens for b in chunk)
     ce_total, kd_total, tokens = runtime.all_reduce_sum([ce_total, kd_total, tokens])
     return {"val_loss": ce_total / max(tokens, 1.0), "val_kl": kd_total / max(tokens, 1.0)}
 
@@ -387,7 +400,7 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
             global_items = [data.train[i] for i in indices]
             global_targets = sum(collate([item], data.pad_id).target_tokens for item in global_items)
             mine = rank_micro_batches(indices, settings.parallel.dp, runtime.dp_rank, micro)
-            batches = [collate([data.train[i] for i in group], data.pad_id) for group in mine]
+            batches = [collate([data.train[i] for i in group], data.pad_id, pad_to=engine.pad_to) for group in mine]
             tick = time.monotonic()
             optimizer.zero_grad(set_to_none=True)
             loss_sum, ce_sum, kd_sum = engine.train_micro_batches(batches, global_targets)

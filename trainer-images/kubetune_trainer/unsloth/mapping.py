@@ -24,6 +24,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from kubetune_trainer.common.config import ConfigError
+
 DeviceKind = Literal["cuda", "cpu"]
 
 # Unsloth's own default projection set; the seed's default for training.lora.target_modules.
@@ -42,8 +44,11 @@ DEFAULT_SAVE_STRATEGY = "epoch"
 SAVE_TOTAL_LIMIT = 2
 
 
-class UnslothConfigError(ValueError):
-    """The config cannot be run as written; the message names the field and the fix."""
+class UnslothConfigError(ConfigError):
+    """The config cannot be run as written; the message names the field and the fix.
+
+    A ConfigError, so the entrypoint reports it as a one-line reason without a traceback.
+    """
 
 
 @dataclasses.dataclass(frozen=True)

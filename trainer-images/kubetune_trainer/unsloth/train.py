@@ -172,6 +172,8 @@ def _metrics_callback(metrics: MetricsWriter, progress: ProgressReporter, stop: 
                 metrics.write(record)
                 progress.report(step=step, max_steps=int(state.max_steps), epoch=epoch, train_loss=record["loss"])
             if "eval_loss" in logs:
+                # Evaluation time is not training throughput: restart the tokens/s window.
+                self._last_time = None
                 metrics.write({"step": step, "epoch": epoch, "val_loss": float(logs["eval_loss"])})
                 progress.report(
                     step=step, max_steps=int(state.max_steps), epoch=epoch, validation_loss=float(logs["eval_loss"])
