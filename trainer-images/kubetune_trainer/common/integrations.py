@@ -73,8 +73,8 @@ class IntegrationLogger:
         if not tracking_uri:
             raise TrainerError("spec.integrations.mlflow.tracking_uri is required")
         mlflow.set_tracking_uri(tracking_uri)
-        if cfg.get("experiment_name"):
-            mlflow.set_experiment(cfg["experiment_name"])
+        # The API documents the job's name as the default experiment.
+        mlflow.set_experiment(cfg.get("experiment_name") or run_name)
         self._mlflow = mlflow
         self._mlflow_run = mlflow.start_run(run_name=run_name)
         # MLflow caps a param value at 6000 chars; stringify so lists/None are accepted.

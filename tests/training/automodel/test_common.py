@@ -1,0 +1,157 @@
+"""Config loading, metrics, progress patches (against a real local HTTP server), the termination log and MLflow."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec
+
+from kubetune_trainer.common import ConfigError, MetricsWriter, ProgressReporter, load_config
+
+pytestmark = pytest.mark.training
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(path)
+    path.write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(path)
+    path.write_text(json.dumps({"kind": "AutomodelJob", "spec": {}, "paths": {"model": "/m", "output": "/o"}}))
+    with pytest.raises(ConfigError, match="paths.training_data is required"):
+        load_config(path)
+    path.write_text(json.dumps({"kind": "Other", "spec": {}, "paths": {}}))
+    with pytest.raises(ConfigError, match="kind must be one of AutomodelJob, UnslothJob"):
+        load_config(path)
+
+
+def test_config_round_trip(config_writer: Callable[..., Path], tmp_path: Path) -> None:
+    path = config_writer(spec=tiny_spec(), model=tmp_path / "m", training_data=tmp_path / "d", output=tmp_path / "o")
+    cfg = load_config(path)
+    assert cfg.kind == "AutomodelJob" and cfg.paths.model == tmp_path / "m" and cfg.paths.validation_data is None
+    assert cfg.get("training.lora.rank") == 8 and cfg.get("training.teacher_model", "x") == "x"
+    assert cfg.progress.type == "none"
+
+
+def test_metrics_writer_drops_records_after_the_resume_step(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(path) as writer:
+        for step in range(1, 6):
+            writer.write({"step": step, "loss": float(step)})
+        writer.write({"step": 6, "loss": float("nan")})
+    with MetricsWriter(path, resume_step=3) as writer:
+        writer.write({"step": 4, "loss": 40.0})
+    assert MetricsWriter.read(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
+                                        {"step": 3, "loss": 3.0}, {"step": 4, "loss": 40.0}]
+
+
+class _StatusServer(HTTPServer):
+    patches: list[tuple[str, dict[str, str], dict[str, Any]]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _StatusServer
+
+    def do_PATCH(self) -> None:  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.patches.append((self.path, dict(self.headers), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def status_server() -> Iterator[_StatusServer]:
+    server = _StatusServer(("127.0.0.1", 0), _Handler)
+    server.patches = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+def test_progress_patches_the_status_subresource(status_server: _StatusServer, tmp_path: Path,
+                                                 config_writer: Callable[..., Path]) -> None:
+    progress = {"type": "kubernetes", "group": "kubetune.io", "version": "v1alpha1", "plural": "automodeljobs",
+                "namespace": "team-a", "name": "job-1"}
+    cfg = load_config(config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path,
+                                    progress=progress))
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("secret-token\n")
+    now = [0.0]
+    host, port = status_server.server_address[:2]
+    reporter = ProgressReporter.from_config(cfg, rank=0, service_account_dir=sa, api_server=f"http://{host}:{port}")
+    reporter._clock = lambda: now[0]  # a controlled clock instead of sleeping through the 10 s interval
+    reporter.report(step=1, max_steps=10, epoch=0.1, train_loss=2.0)
+    reporter.report(step=2, max_steps=10, epoch=0.2, train_loss=1.5)  # within 10 s: held back
+    now[0] = 11.0
+    reporter.report(step=3, max_steps=10, epoch=0.3, train_loss=1.2, validation_loss=1.4)
+    reporter.report(step=4, max_steps=10, epoch=0.4, train_loss=1.1)
+    reporter.close()  # the final point is always sent
+    paths = {p for p, _, _ in status_server.patches}
+    assert paths == {"/apis/kubetune.io/v1alpha1/namespaces/team-a/automodeljobs/job-1/status"}
+    assert [b["status"]["progress"]["step"] for _, _, b in status_server.patches] == [1, 3, 4]
+    _, headers, last = status_server.patches[-1]
+    assert headers["Authorization"] == "Bearer secret-token"
+    assert headers["Content-Type"] == "application/merge-patch+json"
+    final = last["status"]["progress"]
+    assert final["maxSteps"] == 10 and final["trainLoss"] == 1.1 and final["validationLoss"] == 1.4
+    assert final["history"][-2:] == [{"step": 3, "trainLoss": 1.2, "validationLoss": 1.4}, {"step": 4, "trainLoss": 1.1}]
+    assert final["updatedAt"].endswith("Z")
+    assert ProgressReporter.from_config(cfg, rank=1, api_server="http://x").enabled is False
+
+
+def test_a_failing_progress_endpoint_never_fails_training(tmp_path: Path, config_writer: Callable[..., Path]) -> None:
+    progress = {"type": "kubernetes", "group": "g", "version": "v", "plural": "p", "namespace": "n", "name": "x"}
+    cfg = load_config(config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path,
+                                    progress=progress))
+    reporter = ProgressReporter.from_config(cfg, rank=0, service_account_dir=tmp_path, api_server="http://127.0.0.1:9")
+    reporter.report(step=1, train_loss=1.0)
+    reporter.close()
+    assert reporter.patches_failed >= 1 and reporter.patches_sent == 0
+
+
+def test_failure_writes_a_one_line_reason_and_exits_nonzero(make_job: Callable[..., Job], tmp_path: Path) -> None:
+    job = make_job(tiny_spec(batch={"global_batch_size": 1000}), name="too-big")
+    log = tmp_path / "termination-log"
+    result = run_entrypoint(job, extra_env={"KUBETUNE_TERMINATION_LOG": str(log)})
+    assert result.returncode == 1
+    reason = log.read_text()
+    assert reason.count("\n") == 1
+    assert "fewer than batch.global_batch_size 1000" in reason
+
+
+def test_mlflow_file_store_receives_params_and_metrics(
+    make_job: Callable[..., Job], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    # MLflow 3 keeps the file store only behind this opt-in (a database backend is its default).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    store = tmp_path / "mlruns"
+    job = make_job(tiny_spec(schedule={"max_steps": 2},
+                             integrations={"mlflow": {"tracking_uri": store.as_uri(), "experiment_name": "kubetune-test",
+                                                      "token_secret": None}, "wandb": None}), name="mlflow-job")
+    assert run_in_process(job) == 0
+    client = mlflow.MlflowClient(tracking_uri=store.as_uri())
+    experiment = client.get_experiment_by_name("kubetune-test")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "test-job"  # metadata.name
+    assert run.data.params["training.lora.rank"] == "8"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2]
+    assert "val_loss" in run.data.metrics
