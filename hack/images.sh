@@ -2,7 +2,7 @@
 # Build the three kubetune images, all tagged with the version in ./VERSION (the chart's
 # version and appVersion too):
 #   ghcr.io/kubetune/kubetune-operator:<VERSION>   operator/Dockerfile, context: repository root
-#   ghcr.io/kubetune/trainer-automodel:<VERSION>   trainer-images/automodel/Dockerfile, context: trainer-images/
+#   ghcr.io/kubetune/trainer-automodel:<VERSION>   trainer-images/automodel/Dockerfile, context: repository root
 #   ghcr.io/kubetune/trainer-unsloth:<VERSION>     trainer-images/unsloth/Dockerfile, context: repository root
 #
 # Usage: hack/images.sh [--list|--plan] [--push] [NAME...]
@@ -26,7 +26,7 @@ docker=${DOCKER:-docker}
 # name|dockerfile|context
 images=(
   "kubetune-operator|operator/Dockerfile|."
-  "trainer-automodel|trainer-images/automodel/Dockerfile|trainer-images"
+  "trainer-automodel|trainer-images/automodel/Dockerfile|."
   "trainer-unsloth|trainer-images/unsloth/Dockerfile|."
 )
 
