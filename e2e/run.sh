@@ -138,6 +138,8 @@ say "seeding the claims (model: $seed_model) with e2e/seed/seed.py"
 k -n "$ns" delete job kubetune-e2e-seed --ignore-not-found --wait
 k -n "$ns" create configmap kubetune-e2e-seed --from-file=seed.py=e2e/seed/seed.py --dry-run=client -o yaml | k apply -f -
 seed_args='"--model", "'"$seed_model"'"'
+offline=1
+[[ "$seed_model" == hub ]] && offline=0
 for name in "${job_names[@]}"; do seed_args+=', "--job", "'"$name"'"'; done
 # Runs as the trainers' user (1000), so the trainers can write what the seed created.
 k -n "$ns" apply -f - <<EOF
@@ -163,6 +165,9 @@ spec:
           command: ["python", "/seed/seed.py", ${seed_args}]
           env:
             - {name: HOME, value: /tmp}
+            # The trainer image is offline by design; the hub seed must download.
+            - {name: HF_HUB_OFFLINE, value: "${offline}"}
+            - {name: TRANSFORMERS_OFFLINE, value: "${offline}"}
           securityContext:
             allowPrivilegeEscalation: false
             capabilities: {drop: [ALL]}

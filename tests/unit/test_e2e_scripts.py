@@ -74,6 +74,8 @@ def test_seed_job_in_run_sh_meets_pod_security_restricted() -> None:
     text = (E2E / "run.sh").read_text()
     manifest = text.split("<<EOF\n", 1)[1].split("\nEOF\n", 1)[0]
     manifest = manifest.replace("${automodel_image}", "image:tag").replace("${seed_args}", '"--model", "tiny"')
+    manifest = manifest.replace("${offline}", "1")
+    assert "${" not in manifest, "run.sh's seed Job uses a variable this test does not substitute"
     job = yaml.safe_load(manifest)
     assert restricted_violations(job["spec"]["template"]["spec"]) == []
 
