@@ -11,6 +11,7 @@
 #   E2E_MODE          cpu (default) | examples
 #   E2E_CLUSTER       kind (default: create/reuse kind cluster $KIND_CLUSTER_NAME) | current
 #   KIND_CLUSTER_NAME kubetune-e2e
+#   KIND_NODE_IMAGE   kind node image (default: kind's own; the chart needs Kubernetes 1.30+)
 #   E2E_NAMESPACE     namespace of the jobs (default kubetune-e2e)
 #   E2E_EXAMPLES      example files for E2E_MODE=examples (default: automodel-lora.yaml unsloth-qlora.yaml)
 #   E2E_SKIP_BUILD    1: do not run hack/images.sh (the images already exist locally / in the registry)
@@ -57,7 +58,9 @@ if [[ "$cluster" == kind ]]; then
     say "reusing kind cluster $kind_name"
   else
     say "creating kind cluster $kind_name"
-    kind create cluster --name "$kind_name" --config e2e/kind-config.yaml --wait 180s
+    node_image=()
+    [[ -n "${KIND_NODE_IMAGE:-}" ]] && node_image=(--image "$KIND_NODE_IMAGE")
+    kind create cluster --name "$kind_name" --config e2e/kind-config.yaml "${node_image[@]}" --wait 180s
   fi
 else
   ctx=$(kubectl config current-context)
