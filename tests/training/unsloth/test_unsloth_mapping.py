@@ -87,8 +87,9 @@ DEFAULTS = unsloth_spec()
 SPECS = {"defaults": (DEFAULTS, False), "all_fields": (ALL_FIELDS, True), "all_weights": (ALL_WEIGHTS, False)}
 
 
-def mapped(spec: dict[str, Any], *, validation: bool = False) -> UnslothKwargs:
-    return map_spec(config_document(spec, validation_data="/kubetune/data/validation" if validation else None))
+def mapped(spec: dict[str, Any], *, validation: bool = False, hand_edited: bool = False) -> UnslothKwargs:
+    validation_data = "/kubetune/data/validation" if validation else None
+    return map_spec(config_document(spec, validation_data=validation_data, hand_edited=hand_edited))
 
 
 def check_golden(name: str, actual: Any) -> None:
@@ -401,12 +402,12 @@ def test_rules_the_api_also_enforces_are_rechecked() -> None:
     spec = unsloth_spec()
     spec["model"]["load_in_8bit"] = True  # a hand-edited config that skipped the API
     with pytest.raises(UnslothConfigError, match="both true"):
-        mapped(spec)
+        mapped(spec, hand_edited=True)
     spec = unsloth_spec(training={"finetuning_type": "all_weights"}, model={"load_in_4bit": False})
     spec["output"]["save_method"] = "merged_16bit"
     with pytest.raises(UnslothConfigError, match="all_weights use save_method lora"):
-        mapped(spec)
+        mapped(spec, hand_edited=True)
     spec = unsloth_spec()
     spec["hardware"]["gpus"] = "0,a"
     with pytest.raises(UnslothConfigError, match=r"spec\.hardware\.gpus"):
-        mapped(spec)
+        mapped(spec, hand_edited=True)

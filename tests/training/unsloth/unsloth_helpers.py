@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.resources import UNSLOTH
 from kubetune.api.unsloth import UnslothJobSpec
+from kubetune.constants import MODEL_MOUNT, OUTPUT_MOUNT, TRAINING_DATA_MOUNT
+from kubetune.render import NO_PROGRESS, TrainerPaths, render_trainer_config
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[2]
@@ -35,27 +38,42 @@ def unsloth_spec(**overrides: Any) -> dict[str, Any]:
 def config_document(
     spec: dict[str, Any],
     *,
-    model: Path | str = "/kubetune/model",
-    training_data: Path | str = "/kubetune/data/training",
+    model: Path | str = MODEL_MOUNT,
+    training_data: Path | str = TRAINING_DATA_MOUNT,
     validation_data: Path | str | None = None,
-    output: Path | str = "/kubetune/output",
+    output: Path | str = OUTPUT_MOUNT,
     name: str = "unsloth-test",
+    hand_edited: bool = False,
 ) -> dict[str, Any]:
-    """The trainer config document (docs/CONTRACT.md section 1)."""
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "UnslothJob",
-        "metadata": {"name": name, "namespace": "default", "uid": "00000000-0000-0000-0000-000000000000"},
-        "spec": spec,
-        "paths": {
-            "model": str(model),
-            "teacher_model": None,
-            "training_data": str(training_data),
-            "validation_data": str(validation_data) if validation_data is not None else None,
-            "output": str(output),
-        },
-        "progress": {"type": "none"},
-    }
+    """The trainer config document, rendered by the operator's own function (docs/CONTRACT.md section 1).
+
+    hand_edited: keep `spec` as given (a config that skipped the API's validation), for the
+    trainer's own re-checks.
+    """
+    paths = TrainerPaths(
+        model=str(model),
+        training_data=str(training_data),
+        output=str(output),
+        validation_data=str(validation_data) if validation_data is not None else None,
+    )
+    if hand_edited:
+        return {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "UnslothJob",
+            "metadata": {"name": name, "namespace": "default", "uid": "hand-edited"},
+            "spec": spec,
+            "paths": {**paths.__dict__},
+            "progress": NO_PROGRESS,
+        }
+    return render_trainer_config(
+        UNSLOTH,
+        name=name,
+        namespace="default",
+        uid="00000000-0000-0000-0000-000000000000",
+        spec=UnslothJobSpec.model_validate(spec),
+        paths=paths,
+        progress=NO_PROGRESS,
+    )
 
 
 def run_entrypoint(
