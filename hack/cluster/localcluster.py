@@ -231,6 +231,108 @@ class Pki:
         return crt, key
 
 
+# Fixed by training-operator v1.9 (pkg/cert) and controller-runtime's default: in a
+# cluster the kubelet mounts the webhook Secret there.
+WEBHOOK_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+WEBHOOK_SERVICE_DNS = "training-operator.kubeflow.svc"
+
+
+def webhook_pki(cache: Path) -> dict[str, bytes]:
+    """CA + serving certificate for the training-operator webhook, made once per
+    machine: the webhook reads them from one fixed path, so every local cluster on
+    the machine must hand it the same files. The cert rotator accepts them only if
+    the CA is named training-operator-ca, the server cert names the Service DNS
+    name, and both outlive its 90-day lookahead; 127.0.0.1 lets the API server call
+    the out-of-cluster webhook by URL."""
+    directory = cache / "cluster-webhook-pki"
+    names = {"ca.crt": "ca.crt", "ca.key": "ca.key", "tls.crt": "server.crt", "tls.key": "server.key"}
+    if not directory.is_dir():
+        openssl = Pki(directory).ensure_openssl()
+        tmp = cache / f".cluster-webhook-pki-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ext = tmp / "server.ext"
+        ext.write_text(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage=serverAuth\nsubjectAltName=DNS:{WEBHOOK_SERVICE_DNS},IP:127.0.0.1\n"
+        )
+        # PKCS#1 RSA keys: the rotator parses the CA key only in that form.
+        _run([openssl, "genrsa", "-traditional", "-out", str(tmp / "ca.key"), "2048"])
+        _run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                str(tmp / "ca.key"),
+                "-out",
+                str(tmp / "ca.crt"),
+                "-days",
+                "3650",
+                "-subj",
+                "/O=training-operator/CN=training-operator-ca",
+                "-addext",
+                "subjectAltName=DNS:training-operator-ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,digitalSignature,keyEncipherment",
+            ]
+        )
+        _run([openssl, "genrsa", "-traditional", "-out", str(tmp / "server.key"), "2048"])
+        _run(
+            [
+                openssl,
+                "req",
+                "-new",
+                "-key",
+                str(tmp / "server.key"),
+                "-out",
+                str(tmp / "server.csr"),
+                "-subj",
+                f"/CN={WEBHOOK_SERVICE_DNS}",
+            ]
+        )
+        _run(
+            [
+                openssl,
+                "x509",
+                "-req",
+                "-in",
+                str(tmp / "server.csr"),
+                "-CA",
+                str(tmp / "ca.crt"),
+                "-CAkey",
+                str(tmp / "ca.key"),
+                "-CAcreateserial",
+                "-out",
+                str(tmp / "server.crt"),
+                "-days",
+                "3650",
+                "-extfile",
+                str(ext),
+            ]
+        )
+        try:
+            tmp.rename(directory)
+        except OSError:
+            # Another cluster made it first; use theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {key: (directory / name).read_bytes() for key, name in names.items()}
+
+
+def install_webhook_certs(pki: dict[str, bytes]) -> None:
+    WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ("tls.crt", "tls.key"):
+        target = WEBHOOK_CERT_DIR / name
+        if target.exists() and target.read_bytes() == pki[name]:
+            continue
+        tmp = WEBHOOK_CERT_DIR / f".{name}.{os.getpid()}"
+        tmp.write_bytes(pki[name])
+        tmp.replace(target)
+
+
 def write_kubeconfig(
     path: Path, server: str, ca: Path, user: str, *, cert: tuple[Path, Path] | None = None, token: str | None = None
 ) -> Path:
@@ -479,6 +581,9 @@ class LocalCluster:
             self.down()
         binaries = self._binaries()
         started = time.monotonic()
+        # A fresh start must not inherit the etcd data, certificates or logs of an
+        # earlier cluster in the same directory.
+        shutil.rmtree(self.base_dir, ignore_errors=True)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         for sub in (self.logs_dir, self.pids_dir):
             sub.mkdir(parents=True, exist_ok=True)
@@ -677,8 +782,14 @@ class LocalCluster:
         self.kubectl(
             "apply", "--server-side", "--field-manager=kubetune-localcluster", "-f", str(self._pytorchjob_crd())
         )
-        self.kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd/pytorchjobs.kubeflow.org")
+        self.wait_for(
+            "CRD pytorchjobs.kubeflow.org to be Established",
+            lambda: self._crd_established("pytorchjobs.kubeflow.org"),
+            timeout,
+            logs=("kube-apiserver",),
+        )
 
+        self._install_training_operator_webhook()
         to_kc = write_kubeconfig(
             d / "kubeconfigs" / "training-operator",
             self.server,
@@ -697,7 +808,7 @@ class LocalCluster:
                 f"--health-probe-bind-address=127.0.0.1:{self.ports['to-probe']}",
                 f"--webhook-server-port={self.ports['to-webhook']}",
             ],
-            env={"KUBECONFIG": str(to_kc), "MY_POD_NAMESPACE": "kubeflow"},
+            env={"KUBECONFIG": str(to_kc), "MY_POD_NAMESPACE": "kubeflow", "TMPDIR": "/tmp"},
         )
 
         self.wait_for("kwok to mark every node Ready", self._nodes_ready, timeout, logs=("kwok",))
@@ -746,6 +857,52 @@ class LocalCluster:
             self.tester_kubeconfig, server, self.pki.ca_crt, TEST_USER, cert=self.pki.issue("tester", TEST_USER)
         )
 
+    def _install_training_operator_webhook(self) -> None:
+        """Register the training-operator's PyTorchJob validating webhook as its
+        manifests do, but by URL on 127.0.0.1 since it runs out of cluster. Its cert
+        rotator refuses to report ready until it has injected the CA into this
+        configuration, and it reads the serving cert from the Secret-mount path."""
+        pki = webhook_pki(self.cache)
+        install_webhook_certs(pki)
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "training-operator-webhook-cert", "namespace": "kubeflow"},
+            "type": "Opaque",
+            "data": {k: base64.b64encode(v).decode() for k, v in pki.items()},
+        }
+        url = f"https://127.0.0.1:{self.ports['to-webhook']}/validate-kubeflow-org-v1-pytorchjob"
+        webhook = {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": "validator.training-operator.kubeflow.org"},
+            "webhooks": [
+                {
+                    "name": "validator.pytorchjob.training-operator.kubeflow.org",
+                    "admissionReviewVersions": ["v1"],
+                    "clientConfig": {"url": url, "caBundle": base64.b64encode(pki["ca.crt"]).decode()},
+                    "failurePolicy": "Fail",
+                    "sideEffects": "None",
+                    "rules": [
+                        {
+                            "apiGroups": ["kubeflow.org"],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE", "UPDATE"],
+                            "resources": ["pytorchjobs"],
+                        }
+                    ],
+                }
+            ],
+        }
+        self.kubectl(
+            "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [secret, webhook]})
+        )
+
+    def _crd_established(self, name: str) -> bool:
+        crd = self.get_json("crd", name)
+        conditions = crd.get("status", {}).get("conditions") or []  # type: ignore[attr-defined]
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
     def _nodes_ready(self) -> bool:
         nodes = self.get_json("nodes")
         ready = set()
@@ -771,16 +928,17 @@ class LocalCluster:
                         if ticks is not None and _is_our_binary(pid, self.cache):
                             procs[pidfile.stem] = Proc(pidfile.stem, pid, ticks, self.log_path(pidfile.stem))
         order = [n for n in reversed(COMPONENTS) if n in procs] + [n for n in procs if n not in COMPONENTS]
+        # One at a time, clients first and etcd last: an API server whose etcd is
+        # already gone hangs in its graceful shutdown.
         for name in order:
             proc = procs[name]
-            if proc.alive():
-                stopped.append(name)
-                _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for name in order:
-            proc = procs[name]
+            if not proc.alive():
+                continue
+            stopped.append(name)
+            _signal_group(proc, signal.SIGTERM)
+            deadline = time.monotonic() + 10
             while proc.alive() and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.05)
             if proc.alive():
                 _signal_group(proc, signal.SIGKILL)
             if proc.popen is not None:
