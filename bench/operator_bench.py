@@ -1,0 +1,441 @@
+"""Operator benchmarks on the local control plane, each with its baseline in the same run.
+
+1. reconcile latency: N AutomodelJobs (1 GPU) created at once; job ADDED → child Job
+   ADDED, from one watch. Baselines: N batch/v1 Jobs → their pod (kube-controller-manager's
+   Job controller), N PyTorchJobs → their pod (training-operator).
+2. throughput: M AutomodelJobs at once → all children; jobs/s, the operator's peak RSS
+   and CPU seconds per job.
+3. status latency: child Job Complete → our job Succeeded (same watch).
+4. API cost: requests per job over its whole life, from the API server's
+   apiserver_request_total deltas for the resources only the operator writes.
+
+Times come from one watcher's clock (time.perf_counter on receipt), so both ends of
+a latency see the same delays. Usage: python bench/operator_bench.py --out FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "tests"), str(ROOT / "operator")]
+
+from localcluster import LocalCluster  # noqa: E402
+
+from support.kube import OperatorProcess, grant_operator, install_crds  # noqa: E402
+
+EXAMPLES = ROOT / "examples"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+@dataclass
+class Seen:
+    """First time the watcher saw each object, and each condition, by (kind, name)."""
+
+    added: dict[tuple[str, str], float] = field(default_factory=dict)
+    done: dict[tuple[str, str], float] = field(default_factory=dict)
+    owner_of: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+class Watcher:
+    def __init__(self, server: str, ssl_ctx: ssl.SSLContext, namespace: str) -> None:
+        self.server, self.ssl_ctx, self.namespace = server, ssl_ctx, namespace
+        self.seen = Seen()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl_ctx, limit=64))
+        ns = self.namespace
+        for kind, path in (
+            ("AutomodelJob", f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/automodeljobs"),
+            ("Job", f"/apis/batch/v1/namespaces/{ns}/jobs"),
+            ("PyTorchJob", f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"),
+            ("Pod", f"/api/v1/namespaces/{ns}/pods"),
+        ):
+            self.tasks.append(asyncio.create_task(self._watch(kind, path)))
+        await asyncio.sleep(1.0)
+
+    async def _watch(self, kind: str, path: str) -> None:
+        assert self.session is not None
+        while True:
+            try:
+                async with self.session.get(
+                    self.server + path,
+                    params={"watch": "1", "timeoutSeconds": "3600"},
+                    timeout=aiohttp.ClientTimeout(total=None),
+                ) as resp:
+                    async for raw in resp.content:
+                        now = time.perf_counter()
+                        event = json.loads(raw)
+                        self._record(kind, event["type"], event["object"], now)
+            except (TimeoutError, aiohttp.ClientError):
+                await asyncio.sleep(0.2)
+
+    def _record(self, kind: str, type_: str, obj: dict[str, Any], now: float) -> None:
+        meta = obj["metadata"]
+        key = (kind, meta["name"])
+        if type_ == "ADDED" and key not in self.seen.added:
+            self.seen.added[key] = now
+            labels = meta.get("labels") or {}
+            owner = (
+                labels.get("kubetune.io/job-name")
+                or labels.get("job-name")
+                or labels.get("training.kubeflow.org/job-name")
+            )
+            if kind == "Pod" and owner:
+                self.seen.owner_of[key] = owner
+        status = obj.get("status") or {}
+        finished = status.get("phase") == "Succeeded" or any(
+            c.get("type") in ("Complete", "Succeeded") and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        if finished and key not in self.seen.done:
+            self.seen.done[key] = now
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.session:
+            await self.session.close()
+
+
+async def create_all(session: aiohttp.ClientSession, server: str, path: str, bodies: list[dict[str, Any]]) -> None:
+    sem = asyncio.Semaphore(32)
+
+    async def one(body: dict[str, Any]) -> None:
+        async with sem, session.post(server + path, json=body) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(f"create {body['metadata']['name']}: {resp.status} {await resp.text()}")
+
+    await asyncio.gather(*(one(b) for b in bodies))
+
+
+def gpu_pod_template(name: str, container: str = "trainer", restart: str = "Never") -> dict[str, Any]:
+    return {
+        "metadata": {"labels": {"bench": name}},
+        "spec": {
+            "restartPolicy": restart,
+            "containers": [
+                {
+                    "name": container,
+                    "image": "bench/none:1",
+                    "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}},
+                }
+            ],
+        },
+    }
+
+
+def amj(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AutomodelJob",
+        "metadata": {"name": name},
+        "spec": {"model": "smollm2-135m", "dataset": {"training": "chat-train"}},
+    }
+
+
+def batch_job(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"backoffLimit": 2, "template": gpu_pod_template(name)},
+    }
+
+
+def pytorchjob(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {"replicas": 1, "restartPolicy": "Never", "template": gpu_pod_template(name, "pytorch")}
+            }
+        },
+    }
+
+
+async def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def latencies(seen: Seen, parent_kind: str, names: list[str], child_of: Any) -> list[float]:
+    out = []
+    for name in names:
+        start = seen.added.get((parent_kind, name))
+        child = child_of(name)
+        if start is not None and child is not None:
+            out.append(child - start)
+    return out
+
+
+def first_pod(seen: Seen, owner: str) -> float | None:
+    times = [t for (kind, pod), t in seen.added.items() if kind == "Pod" and seen.owner_of.get((kind, pod)) == owner]
+    return min(times) if times else None
+
+
+class ProcSampler:
+    """Peak RSS and CPU seconds of one process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_rss = pid, 0
+        self.task: asyncio.Task[None] | None = None
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    async def _loop(self) -> None:
+        while True:
+            self.peak_rss = max(self.peak_rss, self.rss())
+            await asyncio.sleep(0.1)
+
+    def start(self) -> None:
+        self.peak_rss = self.rss()
+        self.task = asyncio.create_task(self._loop())
+
+    def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+
+METRIC = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
+OPERATOR_ONLY = {  # (resource, subresource, verb): in the bench namespace only the operator does these
+    ("configmaps", "", "POST"),
+    ("serviceaccounts", "", "POST"),
+    ("roles", "", "POST"),
+    ("rolebindings", "", "POST"),
+    ("jobs", "", "POST"),
+    ("models", "", "POST"),
+    ("automodeljobs", "status", "PATCH"),
+    ("automodeljobs", "", "PATCH"),
+    ("models", "status", "PATCH"),
+}
+
+
+async def request_counts(session: aiohttp.ClientSession, server: str) -> Counter[tuple[str, str, str]]:
+    async with session.get(server + "/metrics") as resp:
+        text = await resp.text()
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for line in text.splitlines():
+        m = METRIC.match(line)
+        if not m:
+            continue
+        labels = dict(kv.split("=", 1) for kv in re.findall(r'\w+="[^"]*"', m["labels"]))
+        labels = {k: v.strip('"') for k, v in labels.items()}
+        counts[(labels.get("resource", ""), labels.get("subresource", ""), labels.get("verb", ""))] += int(
+            float(m["value"])
+        )
+    return counts
+
+
+def summary(name: str, values: list[float], unit: str = "s") -> list[dict[str, Any]]:
+    return [
+        {"name": f"{name} p50", "value": round(statistics.median(values), 4), "unit": unit, "n": len(values)},
+        {"name": f"{name} p95", "value": round(percentile(values, 0.95), 4), "unit": unit, "n": len(values)},
+        {"name": f"{name} p99", "value": round(percentile(values, 0.99), 4), "unit": unit, "n": len(values)},
+    ]
+
+
+def with_baseline(rows: list[dict[str, Any]], base: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    out = []
+    for row, b in zip(rows, base, strict=True):
+        out.append(
+            {
+                **row,
+                "baseline": label,
+                "baseline_value": b["value"],
+                "ratio": round(row["value"] / b["value"], 3) if b["value"] else None,
+            }
+        )
+    return out
+
+
+async def run(n_latency: int, n_throughput: int, workdir: Path) -> dict[str, Any]:
+    cluster = LocalCluster(workdir / "cluster")
+    cluster.up()
+    rows: list[dict[str, Any]] = []
+    operator: OperatorProcess | None = None
+    try:
+        install_crds(cluster)
+        kubeconfig = grant_operator(cluster)
+        operator = OperatorProcess(kubeconfig, workdir / "operator.log", ["--all-namespaces"]).start()
+        ctx = cluster._ssl_context(client=True)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=64))
+        server = cluster.server
+
+        async def namespace(name: str) -> Watcher:
+            cluster.create_namespace(name)
+            cluster.kubectl(
+                "apply", "-n", name, "-f", str(EXAMPLES / "storage.yaml"), "-f", str(EXAMPLES / "entities.yaml")
+            )
+            watcher = Watcher(server, ctx, name)
+            await watcher.start()
+            return watcher
+
+        # 1. reconcile latency, with both baselines in the same run.
+        names = [f"l{i:04d}" for i in range(n_latency)]
+        w_amj = await namespace("bench-amj")
+        await asyncio.sleep(3)  # the operator has seen the entities and claims
+        before = await request_counts(session, server)
+        await create_all(
+            session, server, "/apis/kubetune.io/v1alpha1/namespaces/bench-amj/automodeljobs", [amj(n) for n in names]
+        )
+        await wait_until(
+            lambda: all(("Job", f"{n}-automodel") in w_amj.seen.added for n in names), 600, "every AutomodelJob's child"
+        )
+        ours = latencies(w_amj.seen, "AutomodelJob", names, lambda n: w_amj.seen.added.get(("Job", f"{n}-automodel")))
+        # 3. status latency, as the children complete (kwok: 1 s after Running, 16 GPUs in all).
+        await wait_until(
+            lambda: all(("AutomodelJob", n) in w_amj.seen.done for n in names), 900, "every AutomodelJob Succeeded"
+        )
+        after = await request_counts(session, server)
+        status = [
+            w_amj.seen.done[("AutomodelJob", n)] - w_amj.seen.done[("Job", f"{n}-automodel")]
+            for n in names
+            if ("Job", f"{n}-automodel") in w_amj.seen.done
+        ]
+
+        w_job = await namespace("bench-job")
+        await create_all(session, server, "/apis/batch/v1/namespaces/bench-job/jobs", [batch_job(n) for n in names])
+        await wait_until(lambda: all(first_pod(w_job.seen, n) for n in names), 600, "every Job's pod")
+        jobs = latencies(w_job.seen, "Job", names, lambda n: first_pod(w_job.seen, n))
+
+        w_pj = await namespace("bench-pj")
+        await create_all(
+            session, server, "/apis/kubeflow.org/v1/namespaces/bench-pj/pytorchjobs", [pytorchjob(n) for n in names]
+        )
+        await wait_until(lambda: all(first_pod(w_pj.seen, n) for n in names), 900, "every PyTorchJob's pod")
+        pjs = latencies(w_pj.seen, "PyTorchJob", names, lambda n: first_pod(w_pj.seen, n))
+
+        job_rows = summary(f"baseline: Job → pod, {n_latency} at once (kube-controller-manager)", jobs)
+        rows += job_rows
+        rows += summary(f"baseline: PyTorchJob → pod, {n_latency} at once (training-operator)", pjs)
+        rows += with_baseline(
+            summary(f"AutomodelJob → child Job, {n_latency} at once", ours),
+            job_rows,
+            "Job → pod (kube-controller-manager)",
+        )
+        rows += summary("status latency: child Complete → AutomodelJob Succeeded", status)
+        delta = {k: after[k] - before[k] for k in OPERATOR_ONLY if after[k] - before[k]}
+        per_job = sum(delta.values()) / n_latency
+        events = json.loads(cluster.kubectl("get", "events", "-n", "bench-amj", "-o", "json").stdout)["items"]
+        ours_events = [e for e in events if (e.get("source") or {}).get("component") == "kopf"]
+        event_writes = sum(1 for _ in ours_events) / n_latency
+        rows.append(
+            {
+                "name": "API writes per AutomodelJob (whole life, excluding events)",
+                "value": round(per_job, 2),
+                "unit": "requests",
+                "breakdown": {
+                    f"{v} {r}{'/' + s if s else ''}": round(c / n_latency, 2) for (r, s, v), c in sorted(delta.items())
+                },
+            }
+        )
+        rows.append({"name": "Events posted per AutomodelJob", "value": round(event_writes, 2), "unit": "events"})
+        for w in (w_amj, w_job, w_pj):
+            await w.stop()
+
+        # 2. throughput at scale, with the operator's memory and CPU.
+        w_big = await namespace("bench-scale")
+        await asyncio.sleep(3)
+        assert operator.proc is not None
+        sampler = ProcSampler(operator.proc.pid)
+        sampler.start()
+        cpu0 = sampler.cpu_seconds()
+        big = [f"s{i:04d}" for i in range(n_throughput)]
+        t0 = time.perf_counter()
+        await create_all(
+            session, server, "/apis/kubetune.io/v1alpha1/namespaces/bench-scale/automodeljobs", [amj(n) for n in big]
+        )
+        await wait_until(
+            lambda: all(("Job", f"{n}-automodel") in w_big.seen.added for n in big), 1800, "every child at scale"
+        )
+        t1 = max(w_big.seen.added[("Job", f"{n}-automodel")] for n in big)
+        cpu = sampler.cpu_seconds() - cpu0
+        sampler.stop()
+        rows.append(
+            {
+                "name": f"throughput: {n_throughput} AutomodelJobs at once → all children",
+                "unit": "jobs/s",
+                "value": round(n_throughput / (t1 - t0), 2),
+                "target": ">= 50",
+            }
+        )
+        rows.append(
+            {
+                "name": "operator peak RSS during the throughput run",
+                "unit": "MB",
+                "value": round(sampler.peak_rss / 1e6, 1),
+                "target": "<= 250",
+            }
+        )
+        rows.append(
+            {
+                "name": "operator CPU per job (throughput run)",
+                "unit": "ms",
+                "value": round(1000 * cpu / n_throughput, 2),
+            }
+        )
+        left = [n for n in big if ("Job", f"{n}-automodel") not in w_big.seen.added]
+        rows.append({"name": "jobs left without a child", "unit": "jobs", "value": len(left)})
+        await w_big.stop()
+        await session.close()
+    finally:
+        if operator is not None:
+            operator.stop()
+        cluster.down(remove_state=False)
+    return {"rows": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency-jobs", type=int, default=200)
+    parser.add_argument("--throughput-jobs", type=int, default=1000)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    result = asyncio.run(run(args.latency_jobs, args.throughput_jobs, workdir))
+    result["logs"] = str(workdir)
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
