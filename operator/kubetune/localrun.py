@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -298,6 +299,8 @@ def execute(plan: LocalPlan, stream: TextIO = sys.stdout) -> int:
     progress = ProgressLine(stream)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(plan.command, env={**os.environ, **plan.env}, stdout=log, stderr=subprocess.STDOUT)
+        # Stopping `kubetune run` stops the trainer too (which checkpoints on SIGTERM), never orphans it.
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
         try:
             while proc.poll() is None:
                 rows, offset = _read_new_metrics(metrics, offset)
@@ -305,9 +308,11 @@ def execute(plan: LocalPlan, stream: TextIO = sys.stdout) -> int:
                     progress.update(row)
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            proc.terminate()  # the trainer checkpoints on SIGTERM
+            proc.terminate()
             proc.wait()
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     rows, offset = _read_new_metrics(metrics, offset)
     for row in rows:
         progress.update(row)
