@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tiny_llama import task_rows, write_jsonl
 from trainer_config import REPO_ROOT, automodel_spec, deep_merge, write_trainer_config
+
 
 @dataclass
 class Job:

@@ -25,7 +25,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(path)
     path.write_text(json.dumps({"kind": "AutomodelJob", "spec": {}, "paths": {"model": "/m", "output": "/o"}}))
-    with pytest.raises(ConfigError, match="paths.training_data is required"):
+    with pytest.raises(ConfigError, match=r"paths\.training_data is required"):
         load_config(path)
     path.write_text(json.dumps({"kind": "Other", "spec": {}, "paths": {}}))
     with pytest.raises(ConfigError, match="kind must be one of AutomodelJob, UnslothJob"):
@@ -48,8 +48,12 @@ def test_metrics_writer_drops_records_after_the_resume_step(tmp_path: Path) -> N
         writer.write({"step": 6, "loss": float("nan")})
     with MetricsWriter(path, resume_step=3) as writer:
         writer.write({"step": 4, "loss": 40.0})
-    assert MetricsWriter.read(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
-                                        {"step": 3, "loss": 3.0}, {"step": 4, "loss": 40.0}]
+    assert MetricsWriter.read(path) == [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 3, "loss": 3.0},
+        {"step": 4, "loss": 40.0},
+    ]
 
 
 class _StatusServer(HTTPServer):
@@ -59,7 +63,7 @@ class _StatusServer(HTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _StatusServer
 
-    def do_PATCH(self) -> None:  # noqa: N802 - http.server's naming
+    def do_PATCH(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.patches.append((self.path, dict(self.headers), body))
         self.send_response(200)
@@ -81,12 +85,20 @@ def status_server() -> Iterator[_StatusServer]:
     server.shutdown()
 
 
-def test_progress_patches_the_status_subresource(status_server: _StatusServer, tmp_path: Path,
-                                                 config_writer: Callable[..., Path]) -> None:
-    progress = {"type": "kubernetes", "group": "kubetune.io", "version": "v1alpha1", "plural": "automodeljobs",
-                "namespace": "team-a", "name": "job-1"}
-    cfg = load_config(config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path,
-                                    progress=progress))
+def test_progress_patches_the_status_subresource(
+    status_server: _StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
+) -> None:
+    progress = {
+        "type": "kubernetes",
+        "group": "kubetune.io",
+        "version": "v1alpha1",
+        "plural": "automodeljobs",
+        "namespace": "team-a",
+        "name": "job-1",
+    }
+    cfg = load_config(
+        config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path, progress=progress)
+    )
     sa = tmp_path / "sa"
     sa.mkdir()
     (sa / "token").write_text("secret-token\n")
@@ -108,15 +120,19 @@ def test_progress_patches_the_status_subresource(status_server: _StatusServer, t
     assert headers["Content-Type"] == "application/merge-patch+json"
     final = last["status"]["progress"]
     assert final["maxSteps"] == 10 and final["trainLoss"] == 1.1 and final["validationLoss"] == 1.4
-    assert final["history"][-2:] == [{"step": 3, "trainLoss": 1.2, "validationLoss": 1.4}, {"step": 4, "trainLoss": 1.1}]
+    assert final["history"][-2:] == [
+        {"step": 3, "trainLoss": 1.2, "validationLoss": 1.4},
+        {"step": 4, "trainLoss": 1.1},
+    ]
     assert final["updatedAt"].endswith("Z")
     assert ProgressReporter.from_config(cfg, rank=1, api_server="http://x").enabled is False
 
 
 def test_a_failing_progress_endpoint_never_fails_training(tmp_path: Path, config_writer: Callable[..., Path]) -> None:
     progress = {"type": "kubernetes", "group": "g", "version": "v", "plural": "p", "namespace": "n", "name": "x"}
-    cfg = load_config(config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path,
-                                    progress=progress))
+    cfg = load_config(
+        config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path, progress=progress)
+    )
     reporter = ProgressReporter.from_config(cfg, rank=0, service_account_dir=tmp_path, api_server="http://127.0.0.1:9")
     reporter.report(step=1, train_loss=1.0)
     reporter.close()
@@ -142,9 +158,16 @@ def test_mlflow_file_store_receives_params_and_metrics(
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
     store = tmp_path / "mlruns"
-    job = make_job(tiny_spec(schedule={"max_steps": 2},
-                             integrations={"mlflow": {"tracking_uri": store.as_uri(), "experiment_name": "kubetune-test",
-                                                      "token_secret": None}, "wandb": None}), name="mlflow-job")
+    job = make_job(
+        tiny_spec(
+            schedule={"max_steps": 2},
+            integrations={
+                "mlflow": {"tracking_uri": store.as_uri(), "experiment_name": "kubetune-test", "token_secret": None},
+                "wandb": None,
+            },
+        ),
+        name="mlflow-job",
+    )
     assert run_in_process(job) == 0
     client = mlflow.MlflowClient(tracking_uri=store.as_uri())
     experiment = client.get_experiment_by_name("kubetune-test")

@@ -29,25 +29,34 @@ def tokenizer(tiny_llama_dir: Path) -> Any:
 
 
 def trained_text(tokenizer: Any, example: dict[str, list[int]]) -> str:
-    return str(tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX]))
+    return str(
+        tokenizer.decode(
+            [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX]
+        )
+    )
 
 
 def test_prompt_completion_trains_on_the_completion_only(tokenizer: Any) -> None:
-    (example,), report = tokenize_rows([{"prompt": "what is one plus two? ", "completion": "the answer is 3."}],
-                                       tokenizer, FormatOptions(max_seq_length=64))
+    (example,), report = tokenize_rows(
+        [{"prompt": "what is one plus two? ", "completion": "the answer is 3."}],
+        tokenizer,
+        FormatOptions(max_seq_length=64),
+    )
     assert trained_text(tokenizer, example) == " the answer is 3.<|end|>"
     assert example["input_ids"][0] == tokenizer.bos_token_id and example["labels"][0] == IGNORE_INDEX
     assert report.shapes == {"prompt_completion": 1}
 
 
 def test_messages_use_the_chat_template_and_train_on_assistant_turns(tokenizer: Any) -> None:
-    row = {"messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "what is two plus two?"},
-        {"role": "assistant", "content": "the answer is 4."},
-        {"role": "user", "content": "and one plus one?"},
-        {"role": "assistant", "content": "the answer is 2."},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what is two plus two?"},
+            {"role": "assistant", "content": "the answer is 4."},
+            {"role": "user", "content": "and one plus one?"},
+            {"role": "assistant", "content": "the answer is 2."},
+        ]
+    }
     (example,), _ = tokenize_rows([row], tokenizer, FormatOptions(max_seq_length=128))
     full = tokenizer.decode(example["input_ids"])
     assert full == tokenizer.apply_chat_template(row["messages"], tokenize=False)
@@ -56,7 +65,9 @@ def test_messages_use_the_chat_template_and_train_on_assistant_turns(tokenizer: 
 
 def test_prompt_template_with_completion_column(tokenizer: Any) -> None:
     rows = [{"question": "what is two plus one?", "completion": "3"}]
-    (example,), report = tokenize_rows(rows, tokenizer, FormatOptions(max_seq_length=64, prompt_template="Q: {question}\nA: "))
+    (example,), report = tokenize_rows(
+        rows, tokenizer, FormatOptions(max_seq_length=64, prompt_template="Q: {question}\nA: ")
+    )
     assert tokenizer.decode(example["input_ids"]) == "<s>Q: what is two plus one?\nA: 3<|end|>"
     # Byte-level BPE glues the prompt's trailing space to the first target token, which is trained.
     assert trained_text(tokenizer, example) == " 3<|end|>"
@@ -64,15 +75,18 @@ def test_prompt_template_with_completion_column(tokenizer: Any) -> None:
 
 
 def test_prompt_template_holding_the_target_trains_on_the_last_placeholder(tokenizer: Any) -> None:
-    (example,), _ = tokenize_rows(task_rows(1, kind="columns"), tokenizer,
-                                  FormatOptions(max_seq_length=64, prompt_template="Q: {question}\nA: {answer}"))
+    (example,), _ = tokenize_rows(
+        task_rows(1, kind="columns"),
+        tokenizer,
+        FormatOptions(max_seq_length=64, prompt_template="Q: {question}\nA: {answer}"),
+    )
     assert trained_text(tokenizer, example).startswith(" the answer is")
 
 
 def test_prompt_template_errors_name_the_column_and_row(tokenizer: Any) -> None:
     with pytest.raises(DataError, match=r"row 1: dataset.prompt_template uses \{missing\}"):
         tokenize_rows([{"question": "q"}], tokenizer, FormatOptions(max_seq_length=64, prompt_template="{missing}"))
-    with pytest.raises(DataError, match="no {column} placeholder"):
+    with pytest.raises(DataError, match=r"no \{column\} placeholder"):
         FormatOptions(max_seq_length=64, prompt_template="no placeholders")
     with pytest.raises(DataError, match="not a valid template"):
         FormatOptions(max_seq_length=64, prompt_template="{unclosed")
@@ -81,13 +95,18 @@ def test_prompt_template_errors_name_the_column_and_row(tokenizer: Any) -> None:
 def test_plain_text_trains_on_everything_and_unknown_rows_are_refused(tokenizer: Any) -> None:
     (example,), _ = tokenize_rows([{"text": "hello world"}], tokenizer, FormatOptions(max_seq_length=64))
     assert trained_text(tokenizer, example) == "hello world<|end|>"
-    with pytest.raises(DataError, match=r"row 1: the row has none of the columns messages, prompt\+completion, or text"):
+    with pytest.raises(
+        DataError, match=r"row 1: the row has none of the columns messages, prompt\+completion, or text"
+    ):
         tokenize_rows([{"foo": "bar"}], tokenizer, FormatOptions(max_seq_length=64))
 
 
 def test_truncation_and_rows_left_without_targets(tokenizer: Any) -> None:
     long_prompt = "one two three four five six seven eight nine " * 4
-    rows = [{"prompt": long_prompt, "completion": "the answer."}, {"text": "one two three four five six seven eight nine zero"}]
+    rows = [
+        {"prompt": long_prompt, "completion": "the answer."},
+        {"text": "one two three four five six seven eight nine zero"},
+    ]
     examples, report = tokenize_rows(rows, tokenizer, FormatOptions(max_seq_length=8))
     assert all(len(e["input_ids"]) <= 8 for e in examples)
     assert report.truncated == 2 and report.dropped_no_target == 1 and report.examples == 1

@@ -1,4 +1,5 @@
-"""Logit distillation: ratio 0 is plain SFT, KD moves the student toward the teacher, a foreign vocabulary is refused."""
+"""Logit distillation: ratio 0 is plain SFT, KD moves the student toward the teacher,
+a foreign vocabulary is refused."""
 
 from __future__ import annotations
 
@@ -33,12 +34,16 @@ def test_ratio_zero_equals_sft(make_job: Callable[..., Job], tiny_teacher_dir: P
     assert run_in_process(sft) == 0
     assert run_in_process(distilled) == 0
     # (1 - 0) * CE + 0 * KL is CE exactly: identical float operations for the student.
-    torch.testing.assert_close(torch.tensor(distilled.train_losses()), torch.tensor(sft.train_losses()), rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(distilled.train_losses()), torch.tensor(sft.train_losses()), rtol=0, atol=1e-7
+    )
     kd = [m["kd_loss"] for m in distilled.metrics() if "kd_loss" in m]
     assert len(kd) == 4 and all(k > 0 for k in kd)
 
 
-def test_distillation_moves_the_student_toward_the_teacher(make_job: Callable[..., Job], tiny_teacher_dir: Path) -> None:
+def test_distillation_moves_the_student_toward_the_teacher(
+    make_job: Callable[..., Job], tiny_teacher_dir: Path
+) -> None:
     job = make_job(
         distillation_spec(1.0, schedule={"max_steps": 8}, optimizer={"learning_rate": 1e-2}),
         name="kd1",
@@ -55,5 +60,7 @@ def test_distillation_moves_the_student_toward_the_teacher(make_job: Callable[..
 def test_teacher_with_another_vocabulary_is_refused(make_job: Callable[..., Job], tmp_path: Path) -> None:
     foreign = build_tiny_llama(tmp_path / "foreign-teacher", vocab_size=320)
     job = make_job(distillation_spec(0.5), teacher_model=foreign)
-    with pytest.raises(TrainerError, match=r"teacher's vocabulary \(320 tokens.*differs from the student's \(384 tokens"):
+    with pytest.raises(
+        TrainerError, match=r"teacher's vocabulary \(320 tokens.*differs from the student's \(384 tokens"
+    ):
         run_in_process(job)

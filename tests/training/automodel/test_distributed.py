@@ -80,7 +80,9 @@ def test_two_processes_match_one(
     assert (job.output / kind / "config.json").exists() or (job.output / kind / "adapter_config.json").exists()
 
 
-def test_two_nodes_via_pytorchjob_environment(make_job: Callable[..., Job], reference_losses: dict[str, list[float]]) -> None:
+def test_two_nodes_via_pytorchjob_environment(
+    make_job: Callable[..., Job], reference_losses: dict[str, list[float]]
+) -> None:
     """2 "nodes" x 1 process on localhost, started the way the training-operator starts pods."""
     expected = _reference(make_job, reference_losses, "lora")
     job = make_job(spec({"num_nodes": 2, "num_gpus_per_node": 1}), name="two-nodes")
@@ -100,7 +102,9 @@ def test_two_nodes_via_pytorchjob_environment(make_job: Callable[..., Job], refe
                 "RANK": str(node_rank),
             }
         )
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        processes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-4000:]

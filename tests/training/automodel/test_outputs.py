@@ -43,7 +43,9 @@ def test_lora_adapter_reloads_with_peft_and_generates(make_job: Callable[..., Jo
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     metrics = job.metrics()
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
-    assert all({"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_second"} <= m.keys() for m in metrics if "loss" in m)
+    assert all(
+        {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_second"} <= m.keys() for m in metrics if "loss" in m
+    )
     assert [m["step"] for m in metrics if "val_loss" in m] == [0, 4]
 
 
@@ -54,7 +56,9 @@ def test_target_modules_restrict_the_adapter(make_job: Callable[..., Job]) -> No
     assert set(config["target_modules"]) == {"q_proj", "v_proj"}
 
 
-def test_merged_lora_equals_base_plus_adapter(make_job: Callable[..., Job], tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_merged_lora_equals_base_plus_adapter(
+    make_job: Callable[..., Job], tiny_llama_dir: Path, tmp_path: Path
+) -> None:
     spec = tiny_spec(training={"finetuning_type": "lora_merged", "lora": {"merge": True}}, schedule={"max_steps": 3})
     merged_job = make_job(spec, name="merged")
     assert run_in_process(merged_job) == 0

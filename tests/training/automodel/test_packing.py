@@ -42,7 +42,10 @@ def test_packed_row_logits_equal_unpacked(tiny_llama_dir: Path) -> None:
         n0 = len(examples[0]["input_ids"])
         assert not torch.allclose(leaky[n0 : n0 + 5], packed_logits[n0 : n0 + 5], atol=1e-3)
         unpacked = collate([dict(e) for e in examples], tokenizer.pad_token_id)
-        ce_unpacked = cross_entropy_sum(model(input_ids=unpacked.input_ids, position_ids=unpacked.position_ids, use_cache=False).logits, unpacked.labels)
+        ce_unpacked = cross_entropy_sum(
+            model(input_ids=unpacked.input_ids, position_ids=unpacked.position_ids, use_cache=False).logits,
+            unpacked.labels,
+        )
         ce_packed = cross_entropy_sum(packed_logits[None], batch.labels)
         assert unpacked.target_tokens == batch.target_tokens
         torch.testing.assert_close(ce_packed, ce_unpacked, rtol=PACKING_TOLERANCE, atol=0.0)

@@ -105,7 +105,10 @@ def test_per_step_loss_matches_hf_trainer_with_peft(
         remove_unused_columns=False,
     )
     trainer = OrderedTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=_pad_collator(tokenizer.pad_token_id),
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=_pad_collator(tokenizer.pad_token_id),
         callbacks=[recorder],
     )
     trainer.train()

@@ -28,7 +28,10 @@ RESUME_TOLERANCE = 1e-6
 def test_stop_at_step_k_and_resume_continues_the_curve(
     make_job: Callable[..., Job], monkeypatch: pytest.MonkeyPatch, finetuning_type: str
 ) -> None:
-    overrides = {"training": {"finetuning_type": finetuning_type}, "schedule": {"max_steps": 6, "val_check_interval": 2}}
+    overrides = {
+        "training": {"finetuning_type": finetuning_type},
+        "schedule": {"max_steps": 6, "val_check_interval": 2},
+    }
     if finetuning_type == "all_weights":
         overrides["training"]["lora"] = None  # type: ignore[index]
     reference = make_job(tiny_spec(**overrides), name="reference")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -29,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from kubetune_trainer.automodel.distributed import Runtime
 
@@ -72,7 +73,7 @@ def save_checkpoint(
     if runtime.is_main and path.exists():
         shutil.rmtree(path)
     runtime.barrier()
-    dcp.save(_app_state(model, optimizer, runtime), checkpoint_id=str(path), no_dist=not runtime.distributed)
+    dcp_save(_app_state(model, optimizer, runtime), checkpoint_id=str(path), no_dist=not runtime.distributed)
     runtime.barrier()
     if runtime.is_main:
         (path / "trainer_state.json").write_text(json.dumps(state.__dict__))
@@ -86,15 +87,11 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime
-) -> TrainerState:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime) -> TrainerState:
     app_state = _app_state(model, optimizer, runtime)
-    dcp.load(app_state, checkpoint_id=str(path), no_dist=not runtime.distributed)
+    dcp_load(app_state, checkpoint_id=str(path), no_dist=not runtime.distributed)
     set_model_state_dict(model, app_state["model"], options=_options(loading=True))
-    set_optimizer_state_dict(
-        model, optimizer, app_state[f"optim_pp{runtime.pp_rank}"], options=_options(loading=True)
-    )
+    set_optimizer_state_dict(model, optimizer, app_state[f"optim_pp{runtime.pp_rank}"], options=_options(loading=True))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
@@ -102,12 +99,12 @@ def save_trainable_for_export(path: Path, model: nn.Module, runtime: Runtime) ->
     """All ranks: write the trained parameters (full model for all_weights) as a DCP checkpoint."""
     state = {"model": get_model_state_dict(model, options=_options())}
     runtime.barrier()
-    dcp.save(state, checkpoint_id=str(path), no_dist=not runtime.distributed)
+    dcp_save(state, checkpoint_id=str(path), no_dist=not runtime.distributed)
     runtime.barrier()
 
 
 def load_trainable_into(path: Path, model: nn.Module) -> None:
     """Rank 0 only, no process group: fill a plain CPU model from `save_trainable_for_export`."""
     state = {"model": get_model_state_dict(model, options=_options())}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    dcp_load(state, checkpoint_id=str(path), no_dist=True)
     set_model_state_dict(model, state["model"], options=_options(loading=True))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kubetune_trainer.automodel.distributed import Runtime
-from kubetune_trainer.automodel.settings import AutomodelSettings, LoraSettings
+from kubetune_trainer.automodel.settings import LoraSettings
 from kubetune_trainer.common.termination import TrainerError
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -71,7 +71,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(settings))  # type: ignore[arg-type]
+        peft_model: nn.Module = get_peft_model(model, lora_config(settings))
+        return peft_model
     except ValueError as exc:
         raise TrainerError(f"spec.training.lora.target_modules: {exc}") from None
 
@@ -135,7 +136,8 @@ class Teacher:
             self.model.to(self.device)
         try:
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            return out.logits.float()
+            logits: torch.Tensor = out.logits.float()
+            return logits
         finally:
             if self.offload:
                 self.model.to("cpu")
@@ -169,12 +171,12 @@ def llama_tp_plan(model: nn.Module) -> dict[str, Any]:
         else:
             proj = leaf
             role = "base"
-        if proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            if role in ("base", "lora_B"):
-                plan[name] = ColwiseParallel()
-        elif proj in ("o_proj", "down_proj"):
-            if role in ("base", "lora_A"):
-                plan[name] = RowwiseParallel()
+        colwise = proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+        rowwise = proj in ("o_proj", "down_proj")
+        if colwise and role in ("base", "lora_B"):
+            plan[name] = ColwiseParallel()
+        elif rowwise and role in ("base", "lora_A"):
+            plan[name] = RowwiseParallel()
     return plan
 
 
@@ -216,7 +218,11 @@ def apply_fsdp(model: nn.Module, runtime: Runtime) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = runtime.mesh["dp"]
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if runtime.device.type == "cuda" else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if runtime.device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

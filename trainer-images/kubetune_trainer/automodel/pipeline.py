@@ -74,7 +74,7 @@ def split_for_pipeline(model: nn.Module, runtime: Runtime) -> nn.Module:
             hidden = lm.lm_head(decoder.norm(hidden))
         return hidden
 
-    model.forward = types.MethodType(stage_forward, model)  # type: ignore[method-assign]
+    model.forward = types.MethodType(stage_forward, model)
     return model
 
 
@@ -100,13 +100,13 @@ class PipelineEngine:
         self.scale = 1.0
         self.pad_to: int | None = settings.max_seq_length
         self.n_micro = settings.grad_accumulation
-        stage = PipelineStage(
-            model, runtime.pp_rank, settings.parallel.pp, runtime.device, group=runtime.group("pp")
-        )
+        stage = PipelineStage(model, runtime.pp_rank, settings.parallel.pp, runtime.device, group=runtime.group("pp"))
         # Our loss is already normalised by the global token count: no extra 1/n_microbatches.
         self.schedule = ScheduleGPipe(stage, n_microbatches=self.n_micro, loss_fn=self._loss, scale_grads=False)
 
-    def _inputs(self, args: list[tuple[torch.Tensor]], targets: list[torch.Tensor], losses: list[torch.Tensor]) -> dict[str, Any]:
+    def _inputs(
+        self, args: list[tuple[torch.Tensor]], targets: list[torch.Tensor], losses: list[torch.Tensor]
+    ) -> dict[str, Any]:
         # Only the first stage takes inputs and only the last one targets and losses.
         last = self.runtime.is_last_stage
         return {

@@ -148,7 +148,9 @@ def parse_settings(cfg: TrainerConfig) -> AutomodelSettings:
     seed = int(seed_value) if seed_was_set else int(hashlib.sha256(identity.encode()).hexdigest(), 16) % 2**31
     interval = cfg.get("schedule.val_check_interval")
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
-        raise ConfigError(f"spec.schedule.val_check_interval must be > 0 (a fraction of an epoch or steps), got {interval!r}")
+        raise ConfigError(
+            f"spec.schedule.val_check_interval must be > 0 (a fraction of an epoch or steps), got {interval!r}"
+        )
     max_steps = cfg.get("schedule.max_steps")
     if max_steps is not None:
         max_steps = _int(cfg, "schedule.max_steps", 1)

@@ -17,7 +17,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +34,6 @@ from kubetune_trainer.automodel.model import (
     check_teacher_vocab,
     load_causal_lm,
     load_tokenizer,
-    lora_config,
 )
 from kubetune_trainer.automodel.settings import AutomodelSettings, parse_settings
 from kubetune_trainer.common.config import TrainerConfig
@@ -98,7 +96,8 @@ def linear_schedule(warmup: int, total: int) -> Any:
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only; biases and norm weights are not decayed."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -141,7 +140,9 @@ def grad_norm_and_clip(params: list[nn.Parameter], runtime: Runtime, max_norm: f
 class Engine:
     """Forward/backward of one micro batch for models that run whole on each rank (single, FSDP2, TP)."""
 
-    def __init__(self, model: nn.Module, settings: AutomodelSettings, runtime: Runtime, teacher: Teacher | None) -> None:
+    def __init__(
+        self, model: nn.Module, settings: AutomodelSettings, runtime: Runtime, teacher: Teacher | None
+    ) -> None:
         self.model = model
         self.settings = settings
         self.runtime = runtime
@@ -159,7 +160,11 @@ class Engine:
             logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
         teacher_logits = self.teacher.logits(batch.input_ids, batch.position_ids) if self.teacher else None
         parts = sft_or_distillation_loss(
-            logits, batch.labels, teacher_logits, self.settings.distillation_ratio, self.settings.distillation_temperature
+            logits,
+            batch.labels,
+            teacher_logits,
+            self.settings.distillation_ratio,
+            self.settings.distillation_temperature,
         )
         return parts.total, parts.ce_sum, parts.kd_sum
 
@@ -170,7 +175,7 @@ class Engine:
         scale = self.runtime.parallel.dp / max(1, target_tokens)
         for batch in batches:
             total, ce, kd = self.losses(batch.to(self.runtime.device))
-            (total * scale).backward()
+            (total * scale).backward()  # type: ignore[no-untyped-call]
             loss_sum += float(total.detach())
             ce_sum += float(ce.detach())
             kd_sum += float(kd.detach()) if kd is not None else 0.0
@@ -199,7 +204,9 @@ def build_model(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtim
     return model
 
 
-def run_validation(engine: Any, validation: list[dict[str, Any]], pad_id: int, runtime: Runtime, micro: int) -> dict[str, float]:
+def run_validation(
+    engine: Any, validation: list[dict[str, Any]], pad_id: int, runtime: Runtime, micro: int
+) -> dict[str, float]:
     """Token-weighted CE (and KL to the teacher) over the whole validation set, split over dp ranks.
 
     Every rank runs the same number of micro batches in groups of the engine's
@@ -240,6 +247,7 @@ def export_outputs(
         ckpt.save_trainable_for_export(staging, model, runtime)
     result: dict[str, Any] = {}
     if runtime.is_main:
+        export_model: Any
         if plain:
             export_model = model
         else:
@@ -292,9 +300,12 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
     output = cfg.paths.output
     if runtime.is_main:
         output.mkdir(parents=True, exist_ok=True)
-    log(runtime, f"seed {settings.seed}{'' if settings.seed_was_set else ' (derived from the job identity)'}; "
+    log(
+        runtime,
+        f"seed {settings.seed}{'' if settings.seed_was_set else ' (derived from the job identity)'}; "
         f"world {runtime.world_size} = pp {settings.parallel.pp} x dp {settings.parallel.dp} x "
-        f"cp {settings.parallel.cp} x tp {settings.parallel.tp}; device {runtime.device}")
+        f"cp {settings.parallel.cp} x tp {settings.parallel.tp}; device {runtime.device}",
+    )
     if settings.parallel.cp > 1:
         raise TrainerError("parallelism.context_parallel_size > 1 is not implemented in this trainer yet; set it to 1")
 
@@ -321,9 +332,12 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
         val_every = max(1, round(settings.val_check_interval * steps_per_epoch))
     else:
         val_every = int(settings.val_check_interval)
-    log(runtime, f"{len(data.train)} training rows, {len(data.validation)} validation examples; "
+    log(
+        runtime,
+        f"{len(data.train)} training rows, {len(data.validation)} validation examples; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, grad accumulation {settings.grad_accumulation}, "
-        f"validation every {val_every} steps")
+        f"validation every {val_every} steps",
+    )
 
     model = build_model(cfg, settings, runtime)
     engine: Any
@@ -342,9 +356,12 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
     if settings.training_type == "distillation":
         assert cfg.paths.teacher_model is not None
         teacher = Teacher(cfg.paths.teacher_model, settings.teacher_precision, runtime.device, settings.offload_teacher)
-        log(runtime, f"teacher {cfg.paths.teacher_model} frozen in {teacher.precision_used}"
+        log(
+            runtime,
+            f"teacher {cfg.paths.teacher_model} frozen in {teacher.precision_used}"
             f"{' (upcast on CPU)' if teacher.precision_used != settings.teacher_precision else ''}"
-            f"{', offloaded to CPU between steps' if teacher.offload else ''}")
+            f"{', offloaded to CPU between steps' if teacher.offload else ''}",
+        )
     if settings.parallel.pp > 1:
         engine = PipelineEngine(model, settings, runtime, teacher)
     else:
@@ -362,31 +379,42 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, runtime)
         if state.seed != settings.seed:
-            raise TrainerError(f"checkpoint {resume_from} was written with seed {state.seed}, this run has {settings.seed}")
+            raise TrainerError(
+                f"checkpoint {resume_from} was written with seed {state.seed}, this run has {settings.seed}"
+            )
         scheduler.load_state_dict(state.scheduler)
         step = state.step
         log(runtime, f"resumed from {resume_from} at step {step}")
 
-    metrics = MetricsWriter(output / "metrics.jsonl", resume_step=step if resume_from else None, enabled=runtime.is_main)
+    metrics = MetricsWriter(
+        output / "metrics.jsonl", resume_step=step if resume_from else None, enabled=runtime.is_main
+    )
     progress = ProgressReporter.from_config(cfg, rank=runtime.rank)
     trackers = IntegrationLogger.from_spec(cfg.spec, run_name=cfg.name, rank=runtime.rank)
     success = False
     try:
+
         def validate(at_step: int) -> dict[str, float]:
             values = run_validation(engine, data.validation, data.pad_id, runtime, settings.micro_batch_size)
-            record: dict[str, Any] = {"step": at_step, "epoch": at_step / steps_per_epoch, "val_loss": values["val_loss"]}
+            record: dict[str, Any] = {
+                "step": at_step,
+                "epoch": at_step / steps_per_epoch,
+                "val_loss": values["val_loss"],
+            }
             if teacher is not None:
                 record["val_kl"] = values["val_kl"]
             metrics.write(record)
             trackers.log_metrics(record, step=at_step)
-            progress.report(step=at_step, max_steps=total_steps, epoch=at_step / steps_per_epoch,
-                            validation_loss=values["val_loss"])
+            progress.report(
+                step=at_step, max_steps=total_steps, epoch=at_step / steps_per_epoch, validation_loss=values["val_loss"]
+            )
             log(runtime, f"step {at_step}: validation loss {values['val_loss']:.4f}")
             return values
 
         def save(at_step: int) -> None:
-            state = ckpt.TrainerState(step=at_step, seed=settings.seed, scheduler=scheduler.state_dict(),
-                                      epoch=at_step / steps_per_epoch)
+            state = ckpt.TrainerState(
+                step=at_step, seed=settings.seed, scheduler=scheduler.state_dict(), epoch=at_step / steps_per_epoch
+            )
             path = ckpt.save_checkpoint(checkpoints, model, optimizer, state, runtime)
             log(runtime, f"checkpoint {path}")
 
@@ -414,7 +442,7 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
             loss_sum, ce_sum, kd_sum = runtime.all_reduce_sum([loss_sum, ce_sum, kd_sum])
             elapsed = max(time.monotonic() - tick, 1e-9)
             real_tokens = sum(len(item["input_ids"]) for item in global_items)
-            record = {
+            record: dict[str, Any] = {
                 "step": step,
                 "epoch": step / steps_per_epoch,
                 "loss": loss_sum / global_targets,
@@ -427,7 +455,9 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
                 record["ce_loss"] = ce_sum / global_targets
                 record["kd_loss"] = kd_sum / global_targets
             if not math.isfinite(record["loss"]):
-                raise TrainerError(f"the training loss became {record['loss']} at step {step}; lower optimizer.learning_rate")
+                raise TrainerError(
+                    f"the training loss became {record['loss']} at step {step}; lower optimizer.learning_rate"
+                )
             metrics.write(record)
             trackers.log_metrics(record, step=step)
             progress.report(step=step, max_steps=total_steps, epoch=step / steps_per_epoch, train_loss=record["loss"])
