@@ -25,8 +25,20 @@ for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
   k8s_ldflags+=" -X ${pkg}.gitVersion=${KUBERNETES_VERSION} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${k8s_minor}"
   k8s_ldflags+=" -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
 done
-helm_k8s_minor="$(go mod download -json "helm.sh/helm/v3@${HELM_VERSION}" >/dev/null 2>&1; \
-  sed -n 's/^\tk8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' "$(go env GOMODCACHE)/cache/download/helm.sh/helm/v3/@v/${HELM_VERSION}.mod" | head -1)"
+# helm reports the Kubernetes version it was built against (client-go's minor) as
+# the default for `helm template`/`lint`; upstream's Makefile reads it from go.mod.
+helm_ldflags() {
+  local gomod minor
+  gomod="$(go mod download -json "helm.sh/helm/v3@${HELM_VERSION}" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+  minor="$(sed -n 's/^\tk8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' "${gomod}" | head -1)"
+  local f="-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}"
+  local pkg
+  for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    f+=" -X ${pkg}.k8sVersionMajor=1 -X ${pkg}.k8sVersionMinor=${minor}"
+  done
+  echo "${f}"
+}
 
 # component|version|module|main package|tags|ldflags|staging-major-zero
 components=(
@@ -36,7 +48,7 @@ components=(
   "kube-scheduler|${KUBERNETES_VERSION}|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-scheduler|selinux,notest,grpcnotrace|${k8s_ldflags}|staging"
   "kwok|${KWOK_VERSION}|sigs.k8s.io/kwok|sigs.k8s.io/kwok/cmd/kwok||-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION}|"
   "training-operator|${TRAINING_OPERATOR_VERSION}|github.com/kubeflow/training-operator|github.com/kubeflow/training-operator/cmd/training-operator.v1||-s -w|"
-  "helm|${HELM_VERSION}|helm.sh/helm/v3|helm.sh/helm/v3/cmd/helm||-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${helm_k8s_minor} -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${helm_k8s_minor}|"
+  "helm|${HELM_VERSION}|helm.sh/helm/v3|helm.sh/helm/v3/cmd/helm||@helm@|"
 )
 
 wanted=("$@")
@@ -54,6 +66,7 @@ build_one() {
     echo "build.sh: ${name} ${version}: cached at ${out}"
     return 0
   fi
+  [[ "${ldflags}" == "@helm@" ]] && ldflags="$(helm_ldflags)"
   local wrap="${wrapdir}/${module//\//_}-${version}"
   local start=$SECONDS
   echo "build.sh: ${name} ${version}: building ${pkg} (wrapper module ${wrap})"
