@@ -3,7 +3,9 @@
 `cluster` (session): a running LocalCluster. By default a fresh one is started in a
 temporary directory and stopped when the session ends, also on failure. Set
 KUBETUNE_TEST_CLUSTER_DIR to the directory of a cluster that is already running
-(e.g. `.cluster` after `make cluster-up`) to reuse it; it is then left running.
+(e.g. `.cluster` after `make cluster-up`) to reuse it; it is then left running. If
+nothing runs there, a cluster is started in that directory and stopped at the end.
+Either way the fixture fails, naming the component's log, when a component dies.
 
 `namespace` (function): a fresh namespace, ready for pods, deleted afterwards.
 """
