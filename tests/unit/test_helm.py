@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -732,3 +733,58 @@ def test_notes_name_the_watched_namespaces() -> None:
     assert "in every namespace" in render_notes()
     notes = render_notes("--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a,team-b}")
     assert "in: team-a, team-b." in notes
+
+
+# --- on a real API server --------------------------------------------------------------
+
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_chart_installs_on_a_real_api_server(tmp_path: Path) -> None:
+    """`helm install --wait` on the local control plane (hack/cluster: real kube-apiserver with
+    Pod Security admission, kwok nodes): the CRDs are accepted, the operator pod is admitted in a
+    namespace that enforces "restricted", and both RBAC scopes are served with the operator's rules.
+    About 30 s: a control plane of its own starts and stops here."""
+    sys.path.insert(0, str(ROOT / "hack" / "cluster"))
+    from localcluster import LocalCluster  # type: ignore[import-not-found]
+
+    cluster = LocalCluster(tmp_path / "cluster")
+    cluster.up()
+    try:
+        kube = ("--kubeconfig", str(cluster.kubeconfig))
+        for namespace in (NAMESPACE, "team-a"):
+            cluster.create_namespace(namespace, labels=RESTRICTED)
+        install = helm(
+            "upgrade", "--install", RELEASE, str(CHART), "--namespace", NAMESPACE, *kube,
+            "--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a}", "--wait", "--timeout", "120s",
+        )  # fmt: skip
+        assert install.returncode == 0, install.stderr
+        served = {c["metadata"]["name"] for c in cluster.get_json("crd")["items"]}
+        assert {yaml.safe_load(p.read_text())["metadata"]["name"] for p in (ROOT / "crds").glob("*.yaml")} <= served
+        role = cluster.get_json("role", "kubetune", "-n", "team-a")
+        assert role["rules"] == OPERATOR_RULES
+        deployment = cluster.get_json("deployment", "kubetune", "-n", NAMESPACE)
+        assert deployment["status"]["availableReplicas"] == 1
+
+        upgrade = helm(
+            "upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE, *kube,
+            "--reset-values", "--set", "rbac.scope=cluster", "--wait", "--timeout", "120s",
+        )  # fmt: skip
+        assert upgrade.returncode == 0, upgrade.stderr
+        assert cluster.get_json("clusterrole", "kubetune")["rules"] == OPERATOR_RULES
+        assert cluster.kubectl("get", "role", "kubetune", "-n", "team-a", check=False).returncode != 0
+
+        # The admission side of the restricted checker: the API server refuses a weakened pod.
+        weak = render("--set", "operator.securityContext.allowPrivilegeEscalation=true")
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "weak", "namespace": NAMESPACE},
+            "spec": only(weak, "Deployment")["spec"]["template"]["spec"],
+        }
+        refused = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
+        assert refused.returncode != 0 and "violates PodSecurity" in refused.stderr, refused.stderr
+    finally:
+        cluster.down()
