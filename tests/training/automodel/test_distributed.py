@@ -12,7 +12,7 @@ import pytest
 import torch
 from automodel_helpers import Job, free_port, run_entrypoint, run_in_process, tiny_spec, trainer_env
 
-pytestmark = [pytest.mark.training, pytest.mark.slow]
+pytestmark = pytest.mark.training
 
 # The same global batch split over ranks changes only the order of float32
 # sums (all-reduce, reduce-scatter, sharded matmuls): measured differences are
