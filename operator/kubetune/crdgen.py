@@ -82,8 +82,13 @@ def _structural(node: JSON, defs: JSON, model: type[BaseModel] | None) -> JSON:
                 child["description"] = info.description
             if info.default_factory is not None and "default" not in child:
                 produced = info.default_factory()
-                # A section defaults to {} so that the API server fills its own defaults.
-                child["default"] = {} if isinstance(produced, BaseModel) else produced
+                # A section's default is the complete object: the API server checks a default
+                # against the CEL rules as it stands, without filling the nested defaults first.
+                child["default"] = (
+                    produced.model_dump(mode="json", exclude_none=True, by_alias=True)
+                    if isinstance(produced, BaseModel)
+                    else produced
+                )
             props[prop] = child
         out["properties"] = props
         if node.get("required"):

@@ -47,7 +47,7 @@ def job(kind: str, name: str, spec: dict[str, Any], annotations: dict[str, str] 
     meta: dict[str, Any] = {"name": name}
     if annotations:
         meta["annotations"] = annotations
-    return json.dumps({"apiVersion": "kubetune.io/v1alpha1", "kind": kind, "metadata": meta, "spec": spec})
+    return yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": kind, "metadata": meta, "spec": spec})
 
 
 LORA = {"model": "smollm2-135m", "dataset": {"training": "chat-train"}}

@@ -87,6 +87,12 @@ for _res in (MODEL, FILESET):
 kopf.on.event("", "v1", "persistentvolumeclaims", registry=registry, id="claims-event")(on_claim_event)
 
 
+@kopf.on.login(registry=registry, id="login")
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # A registry of our own does not get kopf's default login handlers: use the same two.
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup(registry=registry, id="settings")
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our own events carry the news; kopf's per-handler INFO events would double the API traffic.
