@@ -1,25 +1,45 @@
 #!/usr/bin/env bash
 # The README's test command (`make test`): installs what the tests need (cached
-# outside the clone) and runs every tier. `hack/test.sh STAGE...` runs some stages.
+# outside the clone, see hack/venv.sh and hack/cluster/build.sh) and runs every tier:
+#   lint      ruff + mypy
+#   unit      schema, rules, CRDs, CLI, builders, chart (helm lint/template), images
+#   cluster   CRDs, CEL and the operator on a real control plane (etcd, kube-apiserver,
+#             controller-manager, scheduler, kwok, training-operator) on loopback
+#   training  real training on CPU: the Automodel loop (single process and torchrun),
+#             the Unsloth trainer, and `kubetune run` for both
+# `hack/test.sh STAGE...` runs some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(lint unit)
+[ ${#stages[@]} -gt 0 ] || stages=(lint unit cluster training)
 
-run() { echo; echo "=== $* ==="; }
+run() { echo; echo "=== $* ($(date -u +%H:%M:%S)) ==="; }
 
 for stage in "${stages[@]}"; do
   case "$stage" in
     lint)
       run "lint: ruff and mypy"
-      bash hack/run-in-venv.sh dev ruff check operator tests hack bench
+      bash hack/run-in-venv.sh dev ruff check operator tests hack bench trainer-images e2e examples
       bash hack/run-in-venv.sh dev ruff format --check operator
       bash hack/run-in-venv.sh dev mypy
       ;;
     unit)
-      run "unit tests: schema, rules, CRDs, CLI"
+      run "unit tests: schema, rules, CRDs, CLI, builders, chart, images"
+      bash hack/cluster/build.sh helm
       bash hack/run-in-venv.sh dev python -m pytest tests/unit -q
       ;;
-    *) echo "hack/test.sh: unknown stage '$stage'" >&2; exit 2 ;;
+    cluster)
+      run "cluster tests: a real control plane on loopback"
+      bash hack/cluster/build.sh
+      bash hack/run-in-venv.sh dev python -m pytest tests/cluster -q
+      ;;
+    training)
+      run "training tests: the Automodel trainer and kubetune run, on CPU"
+      bash hack/run-in-venv.sh unsloth true  # kubetune run's Unsloth test needs this environment
+      bash hack/run-in-venv.sh test python -m pytest tests/training/automodel tests/training/localrun -q
+      run "training tests: the Unsloth trainer, on CPU"
+      bash hack/run-in-venv.sh unsloth python -m pytest tests/training/unsloth -q
+      ;;
+    *) echo "hack/test.sh: unknown stage '$stage' (lint, unit, cluster, training)" >&2; exit 2 ;;
   esac
 done
