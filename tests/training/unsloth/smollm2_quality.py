@@ -155,7 +155,7 @@ def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> floa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
     options = parser.parse_args()
 

@@ -411,3 +411,18 @@ def test_rules_the_api_also_enforces_are_rechecked() -> None:
     spec["hardware"]["gpus"] = "0,a"
     with pytest.raises(UnslothConfigError, match=r"spec\.hardware\.gpus"):
         mapped(spec, hand_edited=True)
+
+
+def test_a_pod_s_cuda_visible_devices_wins_over_host_indices(
+    monkeypatch: pytest.MonkeyPatch, restore_environ: None
+) -> None:
+    """The operator sets CUDA_VISIBLE_DEVICES=0,1 for hardware.gpus "2,3" (the pod sees its GPUs from 0)."""
+    from kubetune_trainer.unsloth.train import prepare_environment
+
+    requested = mapped(unsloth_spec(hardware={"gpus": "2,3"}))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    prepare_environment(requested)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    prepare_environment(requested)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"

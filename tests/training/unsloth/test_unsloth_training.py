@@ -228,6 +228,7 @@ def test_cpu_substitutions_are_applied_logged_and_recorded(
         integrations={"wandb": {"project": "kubetune-ci"}},
     )
     os.environ.update({"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)  # nothing set it: the spec's selection applies
     result = run_in_process(write_config(spec))
     err = capfd.readouterr().err
     got = {s["field"]: (s["requested"], s["effective"]) for s in result["substitutions"]}
@@ -302,3 +303,18 @@ def test_sigterm_checkpoints_and_the_restarted_pod_resumes(tmp_path: Path, write
     assert result["resumed_from_step"] == stopped_at and result["global_step"] == 16
     steps = [m["step"] for m in read_metrics(tmp_path / "output") if "loss" in m]
     assert steps == list(range(1, 17)), "metrics.jsonl must read like one uninterrupted run"
+
+
+def test_rows_the_spec_cannot_read_fail_with_file_row_and_fix(
+    tmp_path: Path, write_config: Callable[..., Path], restore_environ: None
+) -> None:
+    from kubetune_trainer.data import DataError
+
+    # The messages rows of the training set without dataset.apply_chat_template.
+    config = write_config(
+        short_spec(dataset={"apply_chat_template": False, "validation_path": None}, schedule={"eval_steps": None}),
+        validation=False,
+    )
+    with pytest.raises(DataError, match=r"part-0\.jsonl row 1: .*messages rows need apply_chat_template"):
+        run_in_process(config)
+    assert not (tmp_path / "output" / "checkpoints").exists()
