@@ -318,3 +318,43 @@ def test_rows_the_spec_cannot_read_fail_with_file_row_and_fix(
     with pytest.raises(DataError, match=r"part-0\.jsonl row 1: .*messages rows need apply_chat_template"):
         run_in_process(config)
     assert not (tmp_path / "output" / "checkpoints").exists()
+
+
+def test_progress_patches_reach_the_job_status(
+    tmp_path: Path, write_config: Callable[..., Path], restore_environ: None
+) -> None:
+    """The trainer's log events become status.progress merge patches (a loopback HTTP server stands in for
+    the API server's /status endpoint; the in-cluster address and token come from the pod)."""
+    import http.server
+    import threading
+
+    from kubetune_trainer.common import ProgressReporter
+    from kubetune_trainer.unsloth.train import run
+
+    patches: list[dict[str, Any]] = []
+
+    class StatusEndpoint(http.server.BaseHTTPRequestHandler):
+        def do_PATCH(self) -> None:
+            assert self.headers["Content-Type"] == "application/merge-patch+json"
+            patches.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StatusEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/apis/kubetune.io/v1alpha1/namespaces/default/unslothjobs/t/status"
+        reporter = ProgressReporter(url, min_interval_s=0.0)
+        run(load_config(write_config(short_spec())), progress=reporter)
+    finally:
+        server.shutdown()
+    progress = [p["status"]["progress"] for p in patches]
+    assert progress, "no progress patch arrived"
+    last = progress[-1]
+    assert last["step"] == 8 and last["maxSteps"] == 8
+    assert "trainLoss" in last and "validationLoss" in last and "updatedAt" in last
+    assert [h["step"] for h in last["history"]] == list(range(1, 9))

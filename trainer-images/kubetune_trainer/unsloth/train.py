@@ -260,11 +260,14 @@ def save_output(
     return out_dir
 
 
-def run(cfg: TrainerConfig, *, handle_signals: bool = False) -> dict[str, Any]:
+def run(
+    cfg: TrainerConfig, *, handle_signals: bool = False, progress: ProgressReporter | None = None
+) -> dict[str, Any]:
     """Train as the config says and return what result.json holds.
 
     handle_signals: stop at the next step on SIGTERM/SIGINT with a checkpoint
     (the entrypoint sets it; an in-process caller keeps its own handlers).
+    progress: where progress goes; default: what the config's `progress` block says.
     """
     if cfg.kind != "UnslothJob":
         raise ConfigError(f"the Unsloth trainer runs UnslothJob configs, got kind {cfg.kind!r}")
@@ -290,7 +293,8 @@ def run(cfg: TrainerConfig, *, handle_signals: bool = False) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     resume = last_checkpoint(cfg.paths.checkpoints)
     metrics = MetricsWriter(output / "metrics.jsonl", resume_step=resume[1] if resume else None)
-    progress = ProgressReporter.from_config(cfg)
+    if progress is None:
+        progress = ProgressReporter.from_config(cfg)
     stop = StopSignal.install() if handle_signals else None
 
     fp = dict(effective.from_pretrained)
