@@ -747,6 +747,10 @@ def test_chart_installs_on_a_real_api_server(tmp_path: Path) -> None:
     Pod Security admission, kwok nodes): the CRDs are accepted, the operator pod is admitted in a
     namespace that enforces "restricted", and both RBAC scopes are served with the operator's rules.
     About 30 s: a control plane of its own starts and stops here."""
+    # The control-plane binaries: cached after the first build (seconds when warm); the unit
+    # stage may run before the cluster stage has built them.
+    build = subprocess.run(["bash", "hack/cluster/build.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert build.returncode == 0, f"`bash hack/cluster/build.sh` failed:\n{build.stdout[-3000:]}{build.stderr[-3000:]}"
     sys.path.insert(0, str(ROOT / "hack" / "cluster"))
     from localcluster import LocalCluster  # type: ignore[import-not-found]
 
