@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -395,3 +396,60 @@ def test_operator_default_images_are_the_built_ones() -> None:
     listed = subprocess.run(["bash", "hack/images.sh", "--list"], cwd=ROOT, capture_output=True, text=True, check=True)
     _, automodel, unsloth = listed.stdout.split()
     assert (OperatorSettings().automodel_image, OperatorSettings().unsloth_image) == (automodel, unsloth)
+
+
+@pytest.mark.slow
+def test_operator_image_steps_install_a_working_kubetune(tmp_path: Path) -> None:
+    """The operator Dockerfile's steps, run here without Docker: build the wheel with the build
+    stage's pinned backend from exactly the files it copies, install requirements/operator.txt and
+    the wheel into a clean environment, and run the console script the ENTRYPOINT names. Catches
+    an import the pinned runtime requirements do not provide. About 30 s (pip, from its cache)."""
+    path = _dockerfile("kubetune-operator")
+    build, final = parse_dockerfile(path)[0], parse_dockerfile(path)[-1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for keyword, rest in build.instructions:
+        if keyword == "COPY":
+            *sources, dest = rest.split()
+            # Docker semantics for the forms the Dockerfile uses: files into a directory,
+            # a directory's contents into a directory (relative to WORKDIR).
+            assert dest.endswith("/"), f"{path}: COPY to {dest}: this test handles directory targets only"
+            for source in sources:
+                if (ROOT / source).is_dir():
+                    shutil.copytree(
+                        ROOT / source, src / dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+                    )
+                else:
+                    (src / dest).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(ROOT / source, src / dest / Path(source).name)
+    backend = next(args for keyword, rest in build.instructions if keyword == "RUN" for args in _pip_install_args(rest))
+    pins = [word for word in backend if PIN.match(word)]
+    assert pins, f"{path}: the build stage installs no pinned build backend"
+
+    clean_env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+
+    def run(*cmd: str | Path, cwd: Path = tmp_path) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, env=clean_env)
+        assert result.returncode == 0, f"{' '.join(map(str, cmd))}:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+        return result
+
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    run(base, "-m", "venv", tmp_path / "build-venv")
+    run(tmp_path / "build-venv/bin/pip", "install", "--quiet", "--disable-pip-version-check", *pins)
+    run(
+        tmp_path / "build-venv/bin/pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
+        "--no-build-isolation", "--wheel-dir", tmp_path / "wheels", ".", cwd=src,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "wheels").glob("kubetune-*.whl")
+
+    run(base, "-m", "venv", tmp_path / "image-venv")
+    pip = tmp_path / "image-venv/bin/pip"
+    run(pip, "install", "--quiet", "--disable-pip-version-check", "-r", ROOT / "requirements/operator.txt")
+    run(pip, "install", "--quiet", "--disable-pip-version-check", "--no-deps", wheel)
+    entrypoint = json.loads(dict(final.instructions)["ENTRYPOINT"])
+    command = json.loads(dict(final.instructions)["CMD"])
+    kubetune_bin = tmp_path / "image-venv" / "bin" / entrypoint[0]
+    helped = run(kubetune_bin, *command, "--help")
+    assert "--all-namespaces" in helped.stdout
+    # What `kubetune operator` imports when it starts (kopf, the handlers), from the pins alone.
+    run(tmp_path / "image-venv/bin/python", "-c", "import kubetune.controller.handlers, kubetune.cli")
