@@ -98,3 +98,17 @@ def test_all_weights_model_reloads_and_changed(make_job: Callable[..., Job], tin
     trained = load_file(str(model_dir / "model.safetensors"))
     assert base.keys() == trained.keys()
     assert not torch.equal(base["model.layers.0.mlp.down_proj.weight"], trained["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_epochs_and_fractional_validation_cadence(make_job: Callable[..., Job], tmp_path: Path) -> None:
+    from tiny_llama import task_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "small" / "train.jsonl", task_rows(20, seed=8))
+    # 20 rows / global batch 8 = 2 steps per epoch (4 rows dropped); 0.5 epoch = every step.
+    job = make_job(tiny_spec(schedule={"max_steps": None, "epochs": 2, "val_check_interval": 0.5}), training_data=data)
+    assert run_in_process(job) == 0
+    metrics = job.metrics()
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in metrics if "loss" in m] == [0.5, 1.0, 1.5, 2.0]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 1, 2, 3, 4]
+    assert all(m["max_steps"] == 4 for m in metrics if "loss" in m)
