@@ -178,3 +178,19 @@ def test_mlflow_file_store_receives_params_and_metrics(
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2]
     assert "val_loss" in run.data.metrics
+
+
+def test_wandb_offline_run_receives_params_and_metrics(
+    make_job: Callable[..., Job], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Offline mode is W&B's own local store (no server here); the client is the real one.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    integrations = {"mlflow": None, "wandb": {"project": "kubetune-test", "entity": None, "api_key_secret": None}}
+    job = make_job(tiny_spec(schedule={"max_steps": 2}, integrations=integrations), name="wandb-job")
+    assert run_in_process(job) == 0
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    # The run log is W&B's protobuf record stream; keys are stored as plain strings.
+    content = log.read_bytes()
+    assert b"val_loss" in content and b"tokens_per_second" in content and b"training.lora.rank" in content
