@@ -62,7 +62,8 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, pad_to: int | None = N
     No attention mask is passed to the model: with right padding a causal row
     never attends to its padding, and leaving the mask out lets transformers
     build the block-diagonal mask from position ids that restart per packed
-    sample (position ids of padding restart at 0, a separate "sample").
+    sample. Padding continues its row's positions, so an unpacked batch has
+    plain ascending positions and keeps SDPA's fast is_causal path.
     """
     length = max(len(item["input_ids"]) for item in items)
     if pad_to is not None:
@@ -78,7 +79,9 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int, pad_to: int | None = N
         labels[row, :n] = torch.tensor(item["labels"], dtype=torch.long)
         if "position_ids" in item:
             position_ids[row, :n] = torch.tensor(item["position_ids"], dtype=torch.long)
+            last = int(item["position_ids"][-1]) if n else -1
         else:
             position_ids[row, :n] = torch.arange(n)
-        position_ids[row, n:] = torch.arange(length - n)
+            last = n - 1
+        position_ids[row, n:] = torch.arange(last + 1, last + 1 + length - n)
     return Batch(input_ids=input_ids, labels=labels, position_ids=position_ids, real_tokens=real)
