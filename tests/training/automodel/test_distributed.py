@@ -44,8 +44,14 @@ def _reference(make_job: Callable[..., Job], cache: dict[str, list[float]], fine
             overrides["training"]["lora"] = None
         job = make_job(spec({}, **overrides), name=f"single-{finetuning_type}")
         assert run_in_process(job) == 0
-        cache[finetuning_type] = job.train_losses() + [v for _, v in job.val_losses()]
+        cache[finetuning_type] = curve(job)
     return cache[finetuning_type]
+
+
+def curve(job: Job) -> list[float]:
+    """Train losses, validation losses and gradient norms (the global norm must see every shard/stage)."""
+    grad_norms = [m["grad_norm"] for m in job.metrics() if "grad_norm" in m]
+    return job.train_losses() + [v for _, v in job.val_losses()] + grad_norms
 
 
 @pytest.mark.parametrize(
@@ -73,8 +79,8 @@ def test_two_processes_match_one(
     # "entrypoint": plain `python -m kubetune_trainer.automodel`, which relaunches itself under torchrun.
     result = run_entrypoint(job, launcher=TORCHRUN if launch == "torchrun" else None)
     assert result.returncode == 0, result.stderr[-4000:]
-    got = job.train_losses() + [v for _, v in job.val_losses()]
-    assert len(got) == STEPS + 2
+    got = curve(job)
+    assert len(got) == 2 * STEPS + 2
     diff = max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True))
     print(f"{name}: losses {got} vs 1 process {expected}: max rel diff {diff:.2e}")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=DISTRIBUTED_RTOL, atol=0.0)
@@ -111,7 +117,7 @@ def test_two_nodes_via_pytorchjob_environment(
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-4000:]
     assert "--nnodes=2" in outputs[0] and "--node-rank=0" in outputs[0] and "--node-rank=1" in outputs[1]
-    got = job.train_losses() + [v for _, v in job.val_losses()]
+    got = curve(job)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=DISTRIBUTED_RTOL, atol=0.0)
     assert (job.output / "adapter" / "adapter_model.safetensors").exists()
 
