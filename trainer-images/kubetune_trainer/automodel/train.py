@@ -173,7 +173,13 @@ class Engine:
         self.model.train()
         loss_sum = ce_sum = kd_sum = 0.0
         scale = self.runtime.parallel.dp / max(1, target_tokens)
-        for batch in batches:
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp = self.model if isinstance(self.model, FSDPModule) else None
+        for index, batch in enumerate(batches):
+            if fsdp is not None:
+                # Reduce-scatter gradients once per optimizer step, not per micro batch.
+                fsdp.set_requires_gradient_sync(index == len(batches) - 1)
             total, ce, kd = self.losses(batch.to(self.runtime.device))
             (total * scale).backward()  # type: ignore[no-untyped-call]
             loss_sum += float(total.detach())
