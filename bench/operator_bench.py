@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import ssl
 import statistics
 import sys
@@ -88,11 +89,16 @@ class Watcher:
                     params={"watch": "1", "timeoutSeconds": "3600"},
                     timeout=aiohttp.ClientTimeout(total=None),
                 ) as resp:
-                    async for raw in resp.content:
+                    if resp.status != 200:  # e.g. 429 while a new CRD's storage initialises
+                        await asyncio.sleep(0.5)
+                        continue
+                    while line := await resp.content.readuntil(b"\n"):
                         now = time.perf_counter()
-                        event = json.loads(raw)
-                        self._record(kind, event["type"], event["object"], now)
-            except (TimeoutError, aiohttp.ClientError):
+                        event = json.loads(line)
+                        if "object" in event:
+                            self._record(kind, event["type"], event["object"], now)
+            except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as err:
+                print(f"watch {kind}: {err!r}; reconnecting", file=sys.stderr)
                 await asyncio.sleep(0.2)
 
     def _record(self, kind: str, type_: str, obj: dict[str, Any], now: float) -> None:
@@ -181,9 +187,14 @@ def pytorchjob(name: str) -> dict[str, Any]:
     }
 
 
+OPERATOR: list[OperatorProcess] = []
+
+
 async def wait_until(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
+        for proc in OPERATOR:
+            proc.check_alive()
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.2)
@@ -296,6 +307,7 @@ async def run(n_latency: int, n_throughput: int, workdir: Path) -> dict[str, Any
         install_crds(cluster)
         kubeconfig = grant_operator(cluster)
         operator = OperatorProcess(kubeconfig, workdir / "operator.log", ["--all-namespaces"]).start()
+        OPERATOR.append(operator)
         ctx = cluster._ssl_context(client=True)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=64))
         server = cluster.server
@@ -431,6 +443,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    # A timeout's SIGTERM must still stop the cluster and the operator (the finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = asyncio.run(run(args.latency_jobs, args.throughput_jobs, workdir))
     result["logs"] = str(workdir)
     args.out.write_text(json.dumps(result, indent=2))

@@ -80,6 +80,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from kubetune.controller.handlers import run_operator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # kopf logs every handled event at INFO: at a thousand jobs that is most of the CPU.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = [] if args.all_namespaces else [ns for item in args.namespace for ns in item.split(",") if ns]
     if not namespaces and not args.all_namespaces:
         print("kubetune operator: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
@@ -160,6 +163,7 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         default=int(_env_default("KUBETUNE_HEALTH_PORT", "8080")),
         help="serve GET /healthz on this port; 0 turns it off",
     )
+    p.add_argument("--verbose", action="store_true", help="log every handled event (kopf.objects at INFO)")
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("run", help="train a job manifest on this machine, as its pod would")

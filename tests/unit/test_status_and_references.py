@@ -35,6 +35,7 @@ def _cond(type_: str, reason: str = "R", message: str = "M") -> dict[str, Any]:
         ({"status": {"active": 1, "failed": 1}}, st.RESTARTING, "Restarting"),
         ({"spec": {"suspend": True}, "status": {}}, st.SUSPENDED, "Suspended"),
         ({"status": {"conditions": [_cond("Complete")]}}, st.SUCCEEDED, "Completed"),
+        ({"status": {"succeeded": 1, "conditions": [_cond("SuccessCriteriaMet")]}}, st.SUCCEEDED, "Completed"),
         ({"status": {"conditions": [_cond("Failed", "BackoffLimitExceeded")]}}, st.FAILED, "BackoffLimitExceeded"),
         ({"status": {"conditions": [_cond("Failed", "DeadlineExceeded")]}}, st.FAILED, "DeadlineExceeded"),
         ({"status": {"conditions": [_cond("FailureTarget", "PodFailurePolicy")]}}, st.FAILED, "PodFailurePolicy"),

@@ -30,7 +30,6 @@ from kubetune.controller.builders import (
     output_format,
     output_model_name,
     total_gpus,
-    uses_pytorchjob,
 )
 from kubetune.controller.kubeclient import ApiError, KubeClient, object_path
 from kubetune.controller.references import EntityRecord, JobSpec, ReferenceProblem, resolve_references
@@ -221,34 +220,40 @@ class Reconciler:
             dict(meta.get("labels") or {}),
             dict(meta.get("annotations") or {}),
         )
+        *support, child = build_all(inputs)
+        uid = meta["uid"]
         try:
-            for obj in build_all(inputs):
-                await self._create_or_get(obj, meta["uid"])
+            # Two round trips instead of five: the pod needs its ConfigMap and ServiceAccount
+            # before the child exists, and a RoleBinding needs its Role first.
+            await asyncio.gather(*(self._create_or_get(o, uid) for o in support if o["kind"] != "RoleBinding"))
+            await asyncio.gather(
+                *(self._create_or_get(o, uid) for o in [*(o for o in support if o["kind"] == "RoleBinding"), child])
+            )
         except _Conflict as err:
             await self._fail(key, "ChildNameTaken", str(err), generation, now)
             return
         names = child_names(resource, key[2])
-        child_kind = "PyTorchJob" if uses_pytorchjob(spec) else "Job"
+        child_kind = child["kind"]
         conditions = st.set_condition(
             current.get("conditions"), st.COND_REFERENCES, True, "Resolved", "every reference resolved", generation, now
         )
         conditions = st.set_condition(
             conditions, st.COND_CREATED, True, "Created", f"created {child_kind} {names.child}", generation, now
         )
+        # Fold in what the child says now (just created, or already seen), so that its
+        # first watch event finds nothing to change: one status write, not two.
+        seen = self.children.get(key, child)
+        state = st.pytorchjob_state(seen) if child_kind == "PyTorchJob" else st.batch_job_state(seen)
+        blocker = next(iter(sorted((self.blockers.get(key) or {}).values())), None)
         update: dict[str, Any] = {
-            "phase": st.SUSPENDED if spec.suspend else st.PENDING,
-            "conditions": conditions,
+            **st.status_from_child({**current, "conditions": conditions}, state, generation, now, blocker),
             "observedGeneration": generation,
             "gpus": total_gpus(spec),
-            "child": {
-                "apiVersion": c.PYTORCHJOB_API_VERSION if child_kind == "PyTorchJob" else "batch/v1",
-                "kind": child_kind,
-                "name": names.child,
-            },
+            "child": {"apiVersion": child["apiVersion"], "kind": child_kind, "name": names.child},
         }
+        if state.phase == st.SUCCEEDED:
+            update["output"] = await self._create_output_model(key)
         await self._write_status(key, update)
-        if key in self.children:  # the child's events may have come first
-            await self._sync_child_status(key)
 
     def _claim_problems(self, namespace: str, entities: Mapping[str, EntityRecord]) -> list[ReferenceProblem]:
         problems = []

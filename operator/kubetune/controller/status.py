@@ -85,7 +85,9 @@ def batch_job_state(job: Mapping[str, Any]) -> ChildState:
     status = job.get("status") or {}
     conditions = status.get("conditions") or []
     start, done = status.get("startTime"), status.get("completionTime")
-    if cond := _true(conditions, "Complete"):
+    # SuccessCriteriaMet comes before Complete (which waits for pod finalizers): the
+    # outcome is decided there, and reading it as "not running" would flap the phase.
+    if cond := (_true(conditions, "Complete") or _true(conditions, "SuccessCriteriaMet")):
         return ChildState(SUCCEEDED, "Completed", cond.get("message") or "the trainer finished", start, done)
     if cond := (_true(conditions, "Failed") or _true(conditions, "FailureTarget")):
         reason = cond.get("reason") or "Failed"
