@@ -97,7 +97,7 @@ class Watcher:
                         event = json.loads(line)
                         if "object" in event:
                             self._record(kind, event["type"], event["object"], now)
-            except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as err:
+            except (TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError, ValueError) as err:
                 print(f"watch {kind}: {err!r}; reconnecting", file=sys.stderr)
                 await asyncio.sleep(0.2)
 
