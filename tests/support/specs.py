@@ -112,6 +112,21 @@ RULE_CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
             False,
         ),
     ),
+    "merged-4bit-needs-4bit-base": (
+        UnslothJobSpec,
+        with_value(UNSLOTH_MIN, "output.save_method", "merged_4bit"),
+        with_value(with_value(UNSLOTH_MIN, "output.save_method", "merged_4bit"), "model.load_in_4bit", False),
+    ),
+    "dtype-matches-precision": (
+        UnslothJobSpec,
+        with_value(with_value(UNSLOTH_MIN, "model.dtype", "float16"), "hardware.precision", "fp16"),
+        with_value(UNSLOTH_MIN, "model.dtype", "float16"),
+    ),
+    "eval-steps-need-validation": (
+        UnslothJobSpec,
+        with_value(with_value(UNSLOTH_MIN, "schedule.eval_steps", 10), "dataset.validation_path", "val"),
+        with_value(UNSLOTH_MIN, "schedule.eval_steps", 10),
+    ),
     "warmup-exclusive": (
         UnslothJobSpec,
         with_value(with_value(UNSLOTH_MIN, "schedule.warmup_ratio", 0.1), "schedule.warmup_steps", 0),

@@ -75,6 +75,15 @@ def unsloth_specs(draw: st.DrawFn) -> dict[str, Any]:
     if schedule:
         spec["schedule"] = schedule
     if draw(st.booleans()):
+        spec["model"]["dtype"] = draw(st.sampled_from(["auto", "bfloat16", "float16", "float32"]))
+    if draw(st.booleans()):
+        spec["hardware"] = {"precision": draw(st.sampled_from(["bf16", "fp16"]))}
+    if draw(st.booleans()):
+        schedule["eval_steps"] = draw(st.integers(1, 5))
+        spec["schedule"] = schedule
+    if draw(st.booleans()):
+        spec["dataset"]["validation_path"] = "val"
+    if draw(st.booleans()):
         n = draw(st.integers(1, 4))
-        spec["hardware"] = {"gpus": ",".join(str(draw(st.integers(0, 3))) for _ in range(n))}
+        spec.setdefault("hardware", {})["gpus"] = ",".join(str(draw(st.integers(0, 3))) for _ in range(n))
     return spec

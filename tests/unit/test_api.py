@@ -88,6 +88,12 @@ def _compatible(model: Any, base: dict[str, Any], dotted: str, value: str) -> di
     spec = with_value(base, dotted, value)
     if dotted == "training.training_type" and value == "distillation":
         spec = with_value(spec, "training.teacher_model", "teacher")
+    if model is UnslothJobSpec and dotted == "model.dtype" and value == "float16":
+        spec = with_value(spec, "hardware.precision", "fp16")
+    if model is UnslothJobSpec and dotted == "hardware.precision" and value == "fp16":
+        spec = with_value(spec, "model.dtype", "auto")
+    if model is UnslothJobSpec and dotted == "output.save_method" and value == "merged_4bit":
+        spec = with_value(spec, "model.load_in_4bit", True)
     if model is UnslothJobSpec and dotted == "training.finetuning_type" and value == "all_weights":
         spec = with_value(spec, "model.load_in_4bit", False)
     return spec

@@ -113,7 +113,11 @@ class UnslothSchedule(StrictModel):
         default="linear", description="linear, cosine, constant, constant_with_warmup or cosine_with_restarts."
     )
     logging_steps: int = Field(default=1, gt=0, description="Logging cadence (steps).")
-    save_steps: int | None = Field(default=None, gt=0, description="Checkpoint cadence (steps); null: at the end only.")
+    save_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="Checkpoint cadence (steps); null: one checkpoint per epoch (what a restarted pod resumes from).",
+    )
     eval_steps: int | None = Field(default=None, gt=0, description="Evaluation cadence (steps); null: once per epoch.")
     seed: int = Field(default=3407, ge=0, description="Random seed.")
 
@@ -145,7 +149,8 @@ class UnslothHardware(StrictModel):
         pattern=GPU_LIST_PATTERN,
         max_length=64,
         description='Comma-separated, distinct GPU indices ("0" or "0,1") for CUDA_VISIBLE_DEVICES '
-        "(selection, not reservation); the pod requests as many GPUs as listed (default 1).",
+        "(selection, not reservation); the pod requests as many GPUs as listed (default 1). Unsloth trains on "
+        "one GPU: more indices make more GPUs visible, not faster training.",
     )
     precision: Literal["bf16", "fp16"] = Field(default="bf16", description="Mixed-precision dtype: bf16 or fp16.")
 
@@ -202,6 +207,36 @@ UNSLOTH_RULES: tuple[CrossFieldRule, ...] = (
         ),
         message="merged_16bit and merged_4bit are only valid when training.finetuning_type is lora",
         field=".output.save_method",
+    ),
+    CrossFieldRule(
+        name="merged-4bit-needs-4bit-base",
+        scope=(),
+        cel="self.output.save_method != 'merged_4bit' || self.model.load_in_4bit",
+        check=lambda s: s["output"]["save_method"] != "merged_4bit" or s["model"]["load_in_4bit"],
+        message="merged_4bit needs model.load_in_4bit: true (Unsloth writes 4-bit weights only from a 4-bit "
+        "base; otherwise it would silently save 16-bit ones)",
+        field=".output.save_method",
+    ),
+    CrossFieldRule(
+        name="dtype-matches-precision",
+        scope=(),
+        cel="!(self.model.dtype == 'float16' && self.hardware.precision == 'bf16') && "
+        "!(self.model.dtype == 'bfloat16' && self.hardware.precision == 'fp16')",
+        check=lambda s: (
+            not (s["model"]["dtype"] == "float16" and s["hardware"]["precision"] == "bf16")
+            and not (s["model"]["dtype"] == "bfloat16" and s["hardware"]["precision"] == "fp16")
+        ),
+        message="model.dtype and hardware.precision disagree (float16 goes with fp16, bfloat16 with bf16); "
+        "set one to match the other, or model.dtype: auto",
+        field=".model.dtype",
+    ),
+    CrossFieldRule(
+        name="eval-steps-need-validation",
+        scope=(),
+        cel="!has(self.schedule.eval_steps) || has(self.dataset.validation_path)",
+        check=lambda s: "eval_steps" not in s["schedule"] or "validation_path" in s["dataset"],
+        message="schedule.eval_steps needs dataset.validation_path (the data to evaluate on)",
+        field=".schedule.eval_steps",
     ),
     CrossFieldRule(
         name="warmup-exclusive",
