@@ -14,10 +14,55 @@ import json
 import random
 from pathlib import Path
 
-NAMES = ["Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena",
-         "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor", "Wen", "Yusuf", "Zoe"]
-CITIES = ["Paris", "Lagos", "Lima", "Osaka", "Oslo", "Quito", "Cairo", "Hanoi", "Perth", "Porto", "Dakar", "Riga",
-          "Seoul", "Tunis", "Vienna", "Zagreb", "Accra", "Bern", "Delhi", "Kyiv"]
+NAMES = [
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dalia",
+    "Emeka",
+    "Farah",
+    "Goran",
+    "Hana",
+    "Ivan",
+    "Jun",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tariq",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Yusuf",
+    "Zoe",
+]
+CITIES = [
+    "Paris",
+    "Lagos",
+    "Lima",
+    "Osaka",
+    "Oslo",
+    "Quito",
+    "Cairo",
+    "Hanoi",
+    "Perth",
+    "Porto",
+    "Dakar",
+    "Riga",
+    "Seoul",
+    "Tunis",
+    "Vienna",
+    "Zagreb",
+    "Accra",
+    "Bern",
+    "Delhi",
+    "Kyiv",
+]
 JOBS = ["nurse", "pilot", "baker", "chemist", "teacher", "welder", "editor", "farmer", "judge", "plumber"]
 INSTRUCTION = "Convert to JSON:"
 

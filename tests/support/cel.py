@@ -65,7 +65,7 @@ class CelRules:
                 target = target.get(key) if isinstance(target, dict) else None
             if target is None:
                 continue
-            result = program.evaluate({"self": celpy.json_to_cel(target)})
+            result = program.evaluate({"self": celpy.json_to_cel(target)})  # type: ignore[attr-defined]
             if isinstance(result, Exception) or not bool(result):
                 broken.append(message)
         return broken

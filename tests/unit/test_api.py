@@ -27,7 +27,7 @@ SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "training-confi
 def error_paths(model: Any, spec: dict[str, Any]) -> list[str]:
     with pytest.raises(ValidationError) as info:
         model.model_validate(spec)
-    paths = []
+    paths: list[str] = []
     for err in info.value.errors():
         if err["type"] == "cross_field":
             paths.extend(p for p, _ in err["ctx"]["problems"])
@@ -75,7 +75,7 @@ def test_every_seed_row_has_a_default_asserted() -> None:
 
 
 def _enum_cases() -> list[tuple[Any, dict[str, Any], str, str]]:
-    cases = []
+    cases: list[tuple[Any, dict[str, Any], str, str]] = []
     for dotted, values in AUTOMODEL_ENUMS.items():
         cases += [(AutomodelJobSpec, AUTOMODEL_MIN, dotted, v) for v in values]
     for dotted, values in UNSLOTH_ENUMS.items():

@@ -40,7 +40,7 @@ def example_inputs(job_file: str, namespace: str = "team-a", **overrides: Any) -
     job = next(r for r in parsed if r.resource.is_job)
     spec = cast(JobSpec, job.spec)
     if overrides:
-        spec = cast(JobSpec, type(spec).model_validate({**job.body["spec"], **overrides}))
+        spec = type(spec).model_validate({**job.body["spec"], **overrides})
     resolution = resolve_references(spec, namespace, world.lookup)
     assert not resolution.problems
     return JobInputs(

@@ -48,13 +48,13 @@ def write_manifests(tmp: Path, job: dict[str, Any]) -> Path:
     return path
 
 
-AUTOMODEL = {
+AUTOMODEL: dict[str, Any] = {
     "apiVersion": "kubetune.io/v1alpha1",
     "kind": "AutomodelJob",
     "metadata": {"name": "tiny"},
     "spec": {"model": "base", "dataset": {"training": "train"}, "schedule": {"max_steps": 3}},
 }
-UNSLOTH = {
+UNSLOTH: dict[str, Any] = {
     "apiVersion": "kubetune.io/v1alpha1",
     "kind": "UnslothJob",
     "metadata": {"name": "tiny-u"},

@@ -109,7 +109,7 @@ def test_status_from_child_pending_with_blocker_then_running_then_succeeded() ->
     assert not st.changed({**pending, **running, **done}, done)
 
 
-def _world(**entities: dict[str, Any]) -> World:
+def _world(**entities: Any) -> World:
     world = World()
     for key, spec in entities.items():
         ns, kind, name = key.split("__")
