@@ -10,6 +10,7 @@ import pytest
 from tiny_llama import task_rows, write_jsonl
 from transformers import AutoTokenizer
 
+from kubetune_trainer.common.config import ConfigError
 from kubetune_trainer.data import (
     IGNORE_INDEX,
     DataError,
@@ -99,6 +100,15 @@ def test_plain_text_trains_on_everything_and_unknown_rows_are_refused(tokenizer:
         DataError, match=r"row 1: the row has none of the columns messages, prompt\+completion, or text"
     ):
         tokenize_rows([{"foo": "bar"}], tokenizer, FormatOptions(max_seq_length=64))
+
+
+def test_unknown_row_hint_fits_the_backend(tokenizer: Any) -> None:
+    unsloth = FormatOptions(max_seq_length=64, text_field="body", prompt_template_available=False)
+    with pytest.raises(DataError, match=r"set dataset.text_field to the column that holds the text \(now 'body'\)"):
+        tokenize_rows([{"question": "q"}], tokenizer, unsloth)
+    with pytest.raises(DataError, match=r"set dataset\.prompt_template"):
+        tokenize_rows([{"question": "q"}], tokenizer, FormatOptions(max_seq_length=64))
+    assert issubclass(DataError, ConfigError)  # one-line termination reason, no traceback
 
 
 def test_truncation_and_rows_left_without_targets(tokenizer: Any) -> None:

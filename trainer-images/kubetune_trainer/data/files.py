@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune_trainer.common.config import ConfigError
+
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
-    """The dataset cannot be read or a row has no usable shape; the message names file and row."""
+class DataError(ConfigError):
+    """The dataset cannot be read or a row has no usable shape; the message names file and row.
+    A ConfigError, so the termination log gets its one-line reason without a traceback."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class FormatOptions:
     text_field: str = "text"
     apply_chat_template: bool = True
     add_eos: bool = True
+    prompt_template_available: bool = True  # False for UnslothJob, whose schema has no prompt_template
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 2:
@@ -258,10 +259,13 @@ def format_row(row: Row | dict[str, Any], tokenizer: Any, options: FormatOptions
     hint = "messages, prompt+completion, or " + options.text_field
     if "messages" in data:
         hint += " (messages rows need apply_chat_template)"
-    raise DataError(
-        f"{row.where}: the row has none of the columns {hint} (columns: {', '.join(sorted(data))}); "
+    # Only the Automodel backend has dataset.prompt_template; UnslothJob maps one column by text_field.
+    fix = (
         "set dataset.prompt_template to map your columns"
+        if options.prompt_template_available
+        else f"set dataset.text_field to the column that holds the text (now {options.text_field!r})"
     )
+    raise DataError(f"{row.where}: the row has none of the columns {hint} (columns: {', '.join(sorted(data))}); {fix}")
 
 
 def tokenize_rows(

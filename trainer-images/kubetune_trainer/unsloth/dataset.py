@@ -22,7 +22,10 @@ def load_tokenized_dataset(
     from datasets import Dataset
 
     options = FormatOptions(
-        max_seq_length=max_seq_length, text_field=text_field, apply_chat_template=apply_chat_template
+        max_seq_length=max_seq_length,
+        text_field=text_field,
+        apply_chat_template=apply_chat_template,
+        prompt_template_available=False,
     )
     examples, report = tokenize_rows(read_rows(path), tokenizer, options)
     return Dataset.from_list([dict(e) for e in examples]), report.summary()
