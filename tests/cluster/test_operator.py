@@ -263,6 +263,38 @@ def test_trainer_identity_patches_only_its_own_job(cluster: Any, operator: Opera
     assert get(cluster, "automodeljob", "mine", namespace)["status"]["progress"]["step"] == 5
 
 
+def test_trainer_reports_progress_through_the_mounted_config(
+    cluster: Any, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """Both ends of the progress contract: the trainer's own reporter, built from the
+    config.json the operator mounted, with the per-job ServiceAccount's token, patches
+    status.progress through the real API server and the CRD's status schema."""
+    from kubetune_trainer.common.config import load_config
+    from kubetune_trainer.common.progress import ProgressReporter
+
+    prepare(cluster, namespace)
+    apply(cluster, namespace, text=job("AutomodelJob", "reporting", LORA, {"kubetune.io/fake-duration": "600s"}))
+    wait_phase(cluster, operator, "automodeljob", "reporting", namespace, {"Running"})
+    config = get(cluster, "configmap", "reporting-automodel-config", namespace)["data"]["config.json"]
+    (tmp_path / "config.json").write_text(config)
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    token = cluster.kubectl("create", "token", "reporting-automodel-trainer", "-n", namespace).stdout.strip()
+    (account / "token").write_text(token)
+    (account / "ca.crt").write_bytes(cluster.pki.ca_crt.read_bytes())
+    reporter = ProgressReporter.from_config(
+        load_config(tmp_path / "config.json"), rank=0, service_account_dir=account, api_server=cluster.server
+    )
+    reporter.report(step=3, max_steps=12, epoch=0.25, train_loss=2.5)
+    reporter.report(step=6, max_steps=12, epoch=0.5, validation_loss=2.25)
+    reporter.close()
+    assert reporter.patches_failed == 0 and reporter.patches_sent >= 1
+    progress = get(cluster, "automodeljob", "reporting", namespace)["status"]["progress"]
+    assert progress["step"] == 6 and progress["maxSteps"] == 12 and progress["validationLoss"] == 2.25
+    assert progress["trainLoss"] == 2.5 and progress["summary"].startswith("6/12")
+    assert "6/12" in cluster.kubectl("get", "automodeljob", "reporting", "-n", namespace).stdout
+
+
 def test_operator_killed_mid_reconcile_makes_exactly_one_child(
     cluster: Any, operator: OperatorProcess, namespace: str, tmp_path: Path
 ) -> None:

@@ -120,6 +120,7 @@ def test_progress_patches_the_status_subresource(
     assert headers["Content-Type"] == "application/merge-patch+json"
     final = last["status"]["progress"]
     assert final["maxSteps"] == 10 and final["trainLoss"] == 1.1 and final["validationLoss"] == 1.4
+    assert final["summary"] == "4/10 (40%)"
     assert final["history"][-2:] == [
         {"step": 3, "trainLoss": 1.2, "validationLoss": 1.4},
         {"step": 4, "trainLoss": 1.1},

@@ -147,6 +147,12 @@ class ProgressReporter:
         progress: dict[str, Any] = {"step": int(step)}
         if max_steps is not None:
             progress["maxSteps"] = int(max_steps)
+        # What `kubectl get` shows in the Progress column (a printer column cannot compute).
+        progress["summary"] = (
+            f"{int(step)}/{int(max_steps)} ({100 * int(step) // max(int(max_steps), 1)}%)"
+            if max_steps is not None
+            else str(int(step))
+        )
         if epoch is not None:
             progress["epoch"] = round(float(epoch), 4)
         if self._last_train_loss is not None:
