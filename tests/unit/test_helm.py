@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -752,7 +752,7 @@ def test_chart_installs_on_a_real_api_server(tmp_path: Path) -> None:
     build = subprocess.run(["bash", "hack/cluster/build.sh"], cwd=ROOT, capture_output=True, text=True)
     assert build.returncode == 0, f"`bash hack/cluster/build.sh` failed:\n{build.stdout[-3000:]}{build.stderr[-3000:]}"
     sys.path.insert(0, str(ROOT / "hack" / "cluster"))
-    from localcluster import LocalCluster  # type: ignore[import-not-found]
+    from localcluster import LocalCluster  # type: ignore[import-not-found,unused-ignore]
 
     cluster = LocalCluster(tmp_path / "cluster")
     cluster.up()
@@ -765,11 +765,12 @@ def test_chart_installs_on_a_real_api_server(tmp_path: Path) -> None:
             "--set", "rbac.scope=namespace", "--set", "watchNamespaces={team-a}", "--wait", "--timeout", "120s",
         )  # fmt: skip
         assert install.returncode == 0, install.stderr
-        served = {c["metadata"]["name"] for c in cluster.get_json("crd")["items"]}
+        crds = cast(list[dict[str, Any]], cluster.get_json("crd")["items"])
+        served = {c["metadata"]["name"] for c in crds}
         assert {yaml.safe_load(p.read_text())["metadata"]["name"] for p in (ROOT / "crds").glob("*.yaml")} <= served
         role = cluster.get_json("role", "kubetune", "-n", "team-a")
         assert role["rules"] == OPERATOR_RULES
-        deployment = cluster.get_json("deployment", "kubetune", "-n", NAMESPACE)
+        deployment = cast(dict[str, Any], cluster.get_json("deployment", "kubetune", "-n", NAMESPACE))
         assert deployment["status"]["availableReplicas"] == 1
 
         upgrade = helm(
