@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# `make bench`: operator and trainer benchmarks, each in its venv, merged into
+# bench/results/<date>-<machine>.json, then a table. Not part of `make test`.
+#
+#   make bench                      full run (~20 min on 2 cores)
+#   BENCH_QUICK=1 bash bench/run.sh smoke run (~3 min): 20/50 jobs, tiny Llama only, 5 steps;
+#                                   writes bench/results/<date>-<machine>-quick.json
+# Other knobs: BENCH_OPERATOR_JSON=FILE reuses an operator_bench.py result instead of
+# running it again; BENCH_RUNS=N repeats each trainer comparison N times, alternating
+# sides (default 1; medians over runs); BENCH_SKIP_UNSLOTH=1 leaves Unsloth out; BENCH_WORK=DIR keeps the
+# intermediate files (default: a temp dir, removed at the end).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+quick=${BENCH_QUICK:-0}
+work=${BENCH_WORK:-}
+if [[ -z "$work" ]]; then
+  work=$(mktemp -d -t kubetune-bench-XXXXXX)
+  trap 'rm -rf "$work"' EXIT
+fi
+mkdir -p "$work"
+parts=()
+
+if [[ "$quick" == 1 ]]; then
+  mode=quick; op_args=(--latency-jobs 20 --throughput-jobs 50); tr_args=(--quick)
+else
+  mode=full; op_args=(--latency-jobs 200 --throughput-jobs 1000); tr_args=()
+fi
+
+started=$SECONDS
+if [[ -n "${BENCH_OPERATOR_JSON:-}" ]]; then
+  echo "bench: operator rows reused from $BENCH_OPERATOR_JSON"
+  cp "$BENCH_OPERATOR_JSON" "$work/operator.json"
+else
+  echo "bench: operator (${op_args[*]}) ..."
+  bash hack/run-in-venv.sh dev python bench/operator_bench.py "${op_args[@]}" --out "$work/operator.json"
+fi
+parts+=(--part "$work/operator.json")
+echo "bench: operator done at $((SECONDS - started)) s"
+
+echo "bench: trainer (Automodel loop vs HF Trainer + peft) ..."
+bash hack/run-in-venv.sh test python bench/trainer_bench.py "${tr_args[@]}" --runs "${BENCH_RUNS:-1}" \
+  --work "$work/trainer-work" --out "$work/trainer.json"
+parts+=(--part "$work/trainer.json")
+echo "bench: trainer done at $((SECONDS - started)) s"
+
+if [[ "${BENCH_SKIP_UNSLOTH:-0}" != 1 ]]; then
+  echo "bench: Unsloth vs the same HF baseline ..."
+  bash hack/run-in-venv.sh unsloth python bench/unsloth_bench.py --trainer-rows "$work/trainer.json" \
+    --out "$work/unsloth.json"
+  parts+=(--part "$work/unsloth.json")
+  echo "bench: unsloth done at $((SECONDS - started)) s"
+fi
+
+# Versions, each read from the venv that ran the part.
+pkg_versions='import importlib.metadata as m, json, sys
+out = {}
+for name in sys.argv[1:]:
+    try:
+        out[name] = m.version(name)
+    except m.PackageNotFoundError:
+        out[name] = None
+print(json.dumps(out))'
+bash hack/run-in-venv.sh dev python -c "$pkg_versions" kopf kubernetes_asyncio aiohttp > "$work/v-dev.json"
+bash hack/run-in-venv.sh test python -c "$pkg_versions" torch transformers peft > "$work/v-test.json"
+if [[ "${BENCH_SKIP_UNSLOTH:-0}" != 1 ]]; then
+  bash hack/run-in-venv.sh unsloth python -c "$pkg_versions" unsloth unsloth_zoo torch transformers peft trl \
+    > "$work/v-unsloth.json"
+else
+  echo '{}' > "$work/v-unsloth.json"
+fi
+python3 - "$work" > "$work/versions.json" <<'EOF'
+import json, re, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+env = dict(
+    line.split("=", 1) for line in Path("hack/cluster/versions.env").read_text().splitlines()
+    if "=" in line and not line.startswith("#")
+)
+kubetune = re.search(r'__version__ = "([^"]+)"', Path("operator/kubetune/__init__.py").read_text()).group(1)
+print(json.dumps({
+    "kubetune": kubetune,
+    "kubernetes": env.get("KUBERNETES_VERSION"),
+    "training_operator": env.get("TRAINING_OPERATOR_VERSION"),
+    "operator_venv": json.loads((work / "v-dev.json").read_text()),
+    "trainer_venv": json.loads((work / "v-test.json").read_text()),
+    "unsloth_venv": json.loads((work / "v-unsloth.json").read_text()),
+}, indent=2))
+EOF
+
+bash hack/run-in-venv.sh dev python bench/merge.py "${parts[@]}" --versions "$work/versions.json" --mode "$mode"
+echo "bench: total $((SECONDS - started)) s"
