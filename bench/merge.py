@@ -84,13 +84,29 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(path: Path) -> str:
+    """A results file as a Markdown table (for bench/README.md)."""
+    document = json.loads(path.read_text())
+    lines = ["| name | value | unit | baseline | ratio |", "|---|---:|---|---:|---:|"]
+    for r in document["rows"]:
+        cells = [r["name"], fmt(r.get("value")), r.get("unit", ""), fmt(r.get("baseline")), fmt(r.get("ratio"))]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--markdown", type=Path, help="print this results file as a Markdown table and exit")
     parser.add_argument("--part", type=Path, action="append", default=[], help="a part's JSON ({rows: [...]})")
-    parser.add_argument("--versions", type=Path, required=True)
+    parser.add_argument("--versions", type=Path)
     parser.add_argument("--mode", default="full")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
+    if args.versions is None:
+        parser.error("--versions is required (a JSON file of component versions)")
     rows: list[dict[str, Any]] = []
     parts = {}
     runs = {}

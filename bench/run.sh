@@ -34,7 +34,15 @@ if [[ -n "${BENCH_OPERATOR_JSON:-}" ]]; then
   cp "$BENCH_OPERATOR_JSON" "$work/operator.json"
 else
   echo "bench: operator (${op_args[*]}) ..."
-  bash hack/run-in-venv.sh dev python bench/operator_bench.py "${op_args[@]}" --out "$work/operator.json"
+  # A bounded wait: the operator bench waits up to 30 min for stragglers, and a run that
+  # loses jobs must not hold the trainer rows hostage. Its failure becomes a row.
+  limit=${BENCH_OPERATOR_TIMEOUT:-$([[ "$quick" == 1 ]] && echo 300 || echo 1200)}
+  if ! timeout --signal=TERM --kill-after=30 "$limit" \
+      bash hack/run-in-venv.sh dev python bench/operator_bench.py "${op_args[@]}" --out "$work/operator.json"; then
+    echo "bench: the operator bench failed or ran past ${limit}s; its rows are missing" >&2
+    printf '{"rows": [{"name": "operator bench", "value": null, "unit": "", "error": "%s"}]}\n' \
+      "failed or ran past ${limit}s (operator_bench.py ${op_args[*]})" > "$work/operator.json"
+  fi
 fi
 parts+=(--part "$work/operator.json")
 echo "bench: operator done at $((SECONDS - started)) s"
