@@ -394,8 +394,12 @@ def test_merged_4bit_is_refused_off_cuda() -> None:
     ],
 )
 def test_contradictions_are_refused_with_the_field(overrides: dict[str, Any], validation: bool, message: str) -> None:
+    # The API refuses these too (CEL and pydantic); the trainer re-checks a config that skipped it.
+    spec = unsloth_spec()
+    for section, values in overrides.items():
+        spec[section].update(values)
     with pytest.raises(UnslothConfigError, match=message):
-        mapped(unsloth_spec(**overrides), validation=validation)
+        mapped(spec, validation=validation, hand_edited=True)
 
 
 def test_rules_the_api_also_enforces_are_rechecked() -> None:
