@@ -6,7 +6,9 @@
 #   BENCH_QUICK=1 bash bench/run.sh smoke run (~3 min): 20/50 jobs, tiny Llama only, 5 steps;
 #                                   writes bench/results/<date>-<machine>-quick.json
 # Other knobs: BENCH_OPERATOR_JSON=FILE reuses an operator_bench.py result instead of
-# running it again; BENCH_RUNS=N repeats each trainer comparison N times, alternating
+# running it again, BENCH_TRAINER_JSON=FILE likewise for trainer_bench.py (its --work
+# must still exist for Unsloth); BENCH_UNSLOTH_MODELS="tiny Llama" limits Unsloth to those
+# models (comma-separated labels); BENCH_RUNS=N repeats each trainer comparison N times, alternating
 # sides (default 1; medians over runs); BENCH_SKIP_UNSLOTH=1 leaves Unsloth out; BENCH_WORK=DIR keeps the
 # intermediate files (default: a temp dir, removed at the end).
 set -euo pipefail
@@ -31,7 +33,7 @@ fi
 started=$SECONDS
 if [[ -n "${BENCH_OPERATOR_JSON:-}" ]]; then
   echo "bench: operator rows reused from $BENCH_OPERATOR_JSON"
-  cp "$BENCH_OPERATOR_JSON" "$work/operator.json"
+  [[ "$BENCH_OPERATOR_JSON" -ef "$work/operator.json" ]] || cp "$BENCH_OPERATOR_JSON" "$work/operator.json"
 else
   echo "bench: operator (${op_args[*]}) ..."
   # A bounded wait: the operator bench waits up to 30 min for stragglers, and a run that
@@ -47,16 +49,21 @@ fi
 parts+=(--part "$work/operator.json")
 echo "bench: operator done at $((SECONDS - started)) s"
 
-echo "bench: trainer (Automodel loop vs HF Trainer + peft) ..."
-bash hack/run-in-venv.sh test python bench/trainer_bench.py "${tr_args[@]}" --runs "${BENCH_RUNS:-1}" \
-  --work "$work/trainer-work" --out "$work/trainer.json"
+if [[ -n "${BENCH_TRAINER_JSON:-}" ]]; then
+  echo "bench: trainer rows reused from $BENCH_TRAINER_JSON"
+  [[ "$BENCH_TRAINER_JSON" -ef "$work/trainer.json" ]] || cp "$BENCH_TRAINER_JSON" "$work/trainer.json"
+else
+  echo "bench: trainer (Automodel loop vs HF Trainer + peft) ..."
+  bash hack/run-in-venv.sh test python bench/trainer_bench.py "${tr_args[@]}" --runs "${BENCH_RUNS:-1}" \
+    --work "$work/trainer-work" --out "$work/trainer.json"
+fi
 parts+=(--part "$work/trainer.json")
 echo "bench: trainer done at $((SECONDS - started)) s"
 
 if [[ "${BENCH_SKIP_UNSLOTH:-0}" != 1 ]]; then
   echo "bench: Unsloth vs the same HF baseline ..."
   bash hack/run-in-venv.sh unsloth python bench/unsloth_bench.py --trainer-rows "$work/trainer.json" \
-    --out "$work/unsloth.json"
+    --out "$work/unsloth.json" ${BENCH_UNSLOTH_MODELS:+--models "$BENCH_UNSLOTH_MODELS"}
   parts+=(--part "$work/unsloth.json")
   echo "bench: unsloth done at $((SECONDS - started)) s"
 fi

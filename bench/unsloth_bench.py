@@ -83,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trainer-rows", type=Path, required=True, help="trainer_bench.py's --out file")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", help="comma-separated model labels to measure (default: all of trainer-rows)")
     args = parser.parse_args()
     base = json.loads(args.trainer_rows.read_text())
     by_name = {r["name"]: r for r in base["rows"]}
@@ -93,7 +94,13 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     rows: list[dict[str, Any]] = []
+    wanted = [m.strip() for m in args.models.split(",")] if args.models else list(base["models"])
+    unknown = [m for m in wanted if m not in base["models"]]
+    if unknown:
+        parser.error(f"--models: {unknown} not among the trainer rows' models {list(base['models'])}")
     for label, model in base["models"].items():
+        if label not in wanted:
+            continue
         settings = settings_label(label, micro, seq, steps, warmup, device)
         for finetuning in ("lora", "all_weights"):
             tag = f"unsloth-{label.split()[0].lower()}-{finetuning}"
