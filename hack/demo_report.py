@@ -54,11 +54,14 @@ def main() -> None:
     tuned.eval()
     said_after = answer(tuned, tokenizer, prompt)
 
+    def one_block(text: str) -> str:  # multi-line answers stay under their label
+        return text.replace("\n", "\n" + " " * 20)
+
     print()
     print(f"prompt (held out):  {prompt}")
     print(f"expected:           {expected}")
-    print(f"base model said:    {said_before}")
-    print(f"fine-tuned said:    {said_after}")
+    print(f"base model said:    {one_block(said_before)}")
+    print(f"fine-tuned said:    {one_block(said_after)}")
     print(f"adapter:            {adapter}")
     print(f"loss curve:         {args.run / 'loss.png'}")
     print(f"took:               {time.time() - args.started:.0f}s")
