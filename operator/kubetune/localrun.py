@@ -57,29 +57,15 @@ def _local_lookup(resources: Sequence[ParsedResource]) -> Any:
         local = (spec.get("storage") or {}).get("localPath")
         # Local runs share everything: consent is a cluster matter.
         spec["sharedWith"] = ["*"]
+        problem: tuple[str, str] | None = None
         if not local:
-            return EntityRecord(
-                kind,
-                namespace,
-                name,
-                spec,
-                False,
-                "NoLocalPath",
-                f"it has no spec.storage.localPath (set it in {res.source})",
-            )
-        path = (Path(res.source).parent / local).resolve() if not Path(local).is_absolute() else Path(local)
-        spec["storage"]["localPath"] = str(path)
-        if not path.exists():
-            return EntityRecord(
-                kind,
-                namespace,
-                name,
-                spec,
-                False,
-                "LocalPathMissing",
-                f"spec.storage.localPath {path} does not exist (from {res.source})",
-            )
-        return EntityRecord(kind, namespace, name, spec, True)
+            problem = ("NoLocalPath", f"it has no spec.storage.localPath (set it in {res.source})")
+        else:
+            path = Path(local) if Path(local).is_absolute() else (Path(res.source).parent / local).resolve()
+            spec["storage"]["localPath"] = str(path)
+            if not path.exists():
+                problem = ("LocalPathMissing", f"spec.storage.localPath {path} does not exist (from {res.source})")
+        return EntityRecord.judged(kind, namespace, name, spec, problem)
 
     return lookup
 

@@ -43,37 +43,14 @@ EventPoster = Callable[[Mapping[str, Any], str, str, str], None]  # body, type, 
 def entity_record(kind: str, namespace: str, name: str, spec: Mapping[str, Any], pvc_phase: str | None) -> EntityRecord:
     """An entity is ready in a cluster when its claim exists and is bound."""
     pvc = (spec.get("storage") or {}).get("pvc")
+    problem: tuple[str, str] | None = None
     if not pvc:
-        return EntityRecord(
-            kind,
-            namespace,
-            name,
-            spec,
-            False,
-            "NoClusterStorage",
-            "it has no spec.storage.pvc (localPath is for `kubetune run` only)",
-        )
-    if pvc_phase is None:
-        return EntityRecord(
-            kind,
-            namespace,
-            name,
-            spec,
-            False,
-            "ClaimNotFound",
-            f"PersistentVolumeClaim {pvc['claimName']} not found in namespace {namespace}",
-        )
-    if pvc_phase != "Bound":
-        return EntityRecord(
-            kind,
-            namespace,
-            name,
-            spec,
-            False,
-            "ClaimNotBound",
-            f"PersistentVolumeClaim {pvc['claimName']} is {pvc_phase}",
-        )
-    return EntityRecord(kind, namespace, name, spec, True)
+        problem = ("NoClusterStorage", "it has no spec.storage.pvc (localPath is for `kubetune run` only)")
+    elif pvc_phase is None:
+        problem = ("ClaimNotFound", f"PersistentVolumeClaim {pvc['claimName']} not found in namespace {namespace}")
+    elif pvc_phase != "Bound":
+        problem = ("ClaimNotBound", f"PersistentVolumeClaim {pvc['claimName']} is {pvc_phase}")
+    return EntityRecord.judged(kind, namespace, name, spec, problem)
 
 
 @dataclass

@@ -27,6 +27,15 @@ class EntityRecord:
     not_ready_reason: str = ""
     not_ready_message: str = ""
 
+    @classmethod
+    def judged(
+        cls, kind: str, namespace: str, name: str, spec: Mapping[str, Any], problem: tuple[str, str] | None
+    ) -> EntityRecord:
+        """Ready when there is no problem; otherwise not ready with its (reason, message)."""
+        if problem is None:
+            return cls(kind, namespace, name, spec, True)
+        return cls(kind, namespace, name, spec, False, *problem)
+
     @property
     def shared_with(self) -> list[str]:
         return list(self.spec.get("sharedWith") or [])
