@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from support.kube import OperatorProcess, get, grant_operator, install_crds, wait_phase
+from support.kube import OperatorProcess, get, grant_operator, install_crds, wait_condition_reason, wait_phase
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -112,16 +112,9 @@ def test_unschedulable_job_stays_pending_and_says_why(cluster: Any, operator: Op
         "hardware": {"gpus": "0,1,2,3,4,5,6,7,8"},
     }
     apply(cluster, namespace, text=job("UnslothJob", "too-big", spec))
-    deadline = time.monotonic() + 60
-    while True:
-        body = get(cluster, "unslothjob", "too-big", namespace)
-        conds = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
-        if conds.get("Running", {}).get("reason") == "Unschedulable":
-            break
-        assert time.monotonic() < deadline, f"not Unschedulable: {body.get('status')}; log {operator.log_path}"
-        time.sleep(0.5)
+    body = wait_condition_reason(cluster, operator, "unslothjob", "too-big", namespace, "Running", "Unschedulable")
     assert body["status"]["phase"] == "Pending"
-    assert "nvidia.com/gpu" in conds["Running"]["message"]
+    assert "nvidia.com/gpu" in condition(body, "Running")["message"]
 
 
 def test_missing_reference_blocks_until_the_entity_appears(
@@ -154,14 +147,9 @@ def test_cross_namespace_reference_needs_consent(cluster: Any, operator: Operato
         prepare(cluster, namespace)
         spec = {**LORA, "model": f"{shared}/smollm2-135m"}
         apply(cluster, namespace, text=job("AutomodelJob", "borrow", spec))
-        deadline = time.monotonic() + 30
-        while True:
-            body = get(cluster, "automodeljob", "borrow", namespace)
-            conds = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
-            if conds.get("ReferencesResolved", {}).get("reason") == "ReferenceForbidden":
-                break
-            assert time.monotonic() < deadline, f"{body.get('status')}; log {operator.log_path}"
-            time.sleep(0.3)
+        wait_condition_reason(
+            cluster, operator, "automodeljob", "borrow", namespace, "ReferencesResolved", "ReferenceForbidden"
+        )
         cluster.kubectl(
             "patch",
             "models.kubetune.io",

@@ -142,3 +142,28 @@ def wait_phase(
         f"{kind}/{name} did not reach {sorted(phases)} in {timeout}s; status: "
         f"{json.dumps(body.get('status'), indent=1)}; operator log: {operator.log_path}"
     )
+
+
+def wait_condition_reason(
+    cluster: Any,
+    operator: OperatorProcess,
+    kind: str,
+    name: str,
+    namespace: str,
+    type_: str,
+    reason: str,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """Poll until condition `type_` of the object has `reason`; returns the object."""
+    deadline = time.monotonic() + timeout
+    while True:
+        operator.check_alive()
+        body = get(cluster, kind, name, namespace)
+        conditions = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
+        if conditions.get(type_, {}).get("reason") == reason:
+            return body
+        assert time.monotonic() < deadline, (
+            f"{kind}/{name}: condition {type_} never had reason {reason}: {body.get('status')}; "
+            f"operator log: {operator.log_path}"
+        )
+        time.sleep(0.3)
