@@ -68,7 +68,7 @@ def normalise(row: dict[str, Any]) -> dict[str, Any]:
 
 def fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+        return f"{value:.4g}" if abs(value) < 1e3 else f"{value:.0f}"
     return "" if value is None else str(value)
 
 
