@@ -83,7 +83,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
     if not args.verbose:
         # kopf logs every handled event at INFO: at a thousand jobs that is most of the CPU.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    namespaces = [] if args.all_namespaces else [ns for item in args.namespace for ns in item.split(",") if ns]
+    # Flags replace the environment's list rather than add to it.
+    given = args.namespace if args.namespace is not None else [os.environ.get("KUBETUNE_WATCH_NAMESPACES", "")]
+    namespaces = [] if args.all_namespaces else [ns for item in given for ns in item.split(",") if ns]
     if not namespaces and not args.all_namespaces:
         print("kubetune operator: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
         return 2
@@ -132,9 +134,8 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     scope.add_argument(
         "--namespace",
         action="append",
-        default=[n for n in os.environ.get("KUBETUNE_WATCH_NAMESPACES", "").split(",") if n],
         help="watch this namespace (repeatable, or comma-separated); needs only a namespaced Role "
-        "(env KUBETUNE_WATCH_NAMESPACES)",
+        "(env KUBETUNE_WATCH_NAMESPACES when no flag is given)",
     )
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace (needs a ClusterRole)")
     p.add_argument(
