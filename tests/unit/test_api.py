@@ -141,7 +141,7 @@ RANGE_CASES = [
     (UnslothJobSpec, UNSLOTH_MIN, "schedule.warmup_ratio", 1.0, 0.99),
     (UnslothJobSpec, UNSLOTH_MIN, "schedule.logging_steps", 0, 1),
     (UnslothJobSpec, UNSLOTH_MIN, "schedule.save_steps", 0, 1),
-    (UnslothJobSpec, UNSLOTH_MIN, "schedule.eval_steps", 0, 1),
+    (UnslothJobSpec, with_value(UNSLOTH_MIN, "dataset.validation_path", "val"), "schedule.eval_steps", 0, 1),
     (UnslothJobSpec, UNSLOTH_MIN, "batch.per_device_train_batch_size", 0, 1),
     (UnslothJobSpec, UNSLOTH_MIN, "batch.gradient_accumulation_steps", 0, 1),
     (UnslothJobSpec, UNSLOTH_MIN, "optimizer.learning_rate", 0.0, 1e-9),
