@@ -115,8 +115,10 @@ class Watcher:
             if kind == "Pod" and owner:
                 self.seen.owner_of[key] = owner
         status = obj.get("status") or {}
+        # A Job's outcome is known at SuccessCriteriaMet (Complete follows once pods finish):
+        # the operator acts on the first, so status latency starts there.
         finished = status.get("phase") == "Succeeded" or any(
-            c.get("type") in ("Complete", "Succeeded") and c.get("status") == "True"
+            c.get("type") in ("Complete", "SuccessCriteriaMet", "Succeeded") and c.get("status") == "True"
             for c in status.get("conditions") or []
         )
         if finished and key not in self.seen.done:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.controller.rbac import OPERATOR_RULES
 from support.kube import OperatorProcess, get, grant_operator, install_crds, wait_condition_reason, wait_phase
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -318,6 +319,36 @@ def test_fifty_jobs_at_once(cluster: Any, operator: OperatorProcess, namespace: 
             break
         assert time.monotonic() < deadline, f"phases: {sorted(map(str, phases))}; log {operator.log_path}"
         time.sleep(1)
+
+
+def test_transient_api_errors_are_retried_not_lost(
+    cluster: Any, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """A watch event comes once: when the API refuses a request for a while (here RBAC
+    denies creating ConfigMaps), the operator retries with backoff and the job starts
+    once the request can succeed."""
+    operator.stop()
+    prepare(cluster, namespace)
+    limited = [r for r in OPERATOR_RULES if "configmaps" not in r["resources"]]
+    cluster.kubectl(
+        "patch", "clusterrole", "kubetune-operator-test", "--type=merge", "-p", json.dumps({"rules": limited})
+    )
+    proc = OperatorProcess(operator.kubeconfig, tmp_path / "operator.log", ["--all-namespaces"]).start()
+    try:
+        apply(cluster, namespace, text=job("AutomodelJob", "patient", LORA))
+        deadline = time.monotonic() + 60
+        while "retrying in" not in proc.log_path.read_text():
+            proc.check_alive()
+            assert time.monotonic() < deadline, f"no retry logged; log {proc.log_path}"
+            time.sleep(0.3)
+        assert not (get(cluster, "automodeljob", "patient", namespace).get("status") or {}).get("child")
+        grant_operator(cluster)  # the full rules again
+        done = wait_phase(cluster, proc, "automodeljob", "patient", namespace, {"Succeeded", "Failed"}, timeout=120)
+        assert done["status"]["phase"] == "Succeeded"
+    finally:
+        grant_operator(cluster)
+        proc.stop()
+        operator.start()
 
 
 def test_namespaced_mode_needs_only_a_role(

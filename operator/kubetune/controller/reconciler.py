@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
+import aiohttp
 from pydantic import ValidationError
 
 from kubetune import constants as c
@@ -89,29 +91,70 @@ class Reconciler:
         self.waiting: set[JobKey] = set()
         self.entity_ready: dict[tuple[str, str, str], bool] = {}  # what the entity's status says now
         self._locks: dict[JobKey, asyncio.Lock] = {}
+        self._failures: dict[JobKey, int] = {}
+        self._retries: dict[JobKey, asyncio.Task[None]] = {}
 
     def _lock(self, key: JobKey) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
+    # --- transient failures ---------------------------------------------------------------
+    # A watch event is delivered once: a request that times out or meets a busy API server
+    # must not lose the job. Such a pass is retried for that job alone, with backoff
+    # (0.5 s doubling to 60 s), and kopf never sees the error.
+
+    async def _guarded(self, key: JobKey, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
+            log.warning("%s %s/%s: %s; retrying in %.1f s", *key, err or type(err).__name__, delay)
+            self._retry_later(key, delay)
+        else:
+            self._failures.pop(key, None)
+
+    def _retry_later(self, key: JobKey, delay: float) -> None:
+        if key in self._retries:
+            return
+
+        async def retry() -> None:
+            await asyncio.sleep(delay)
+            self._retries.pop(key, None)
+            async with self._lock(key):
+                if key in self.jobs:
+                    await self._guarded(key, partial(self._full_pass, key))
+
+        self._retries[key] = asyncio.create_task(retry())
+
+    async def _full_pass(self, key: JobKey) -> None:
+        await self._reconcile(key)
+        if key in self.children and key in self.jobs:
+            await self._sync_child_status(key)
+
     # --- jobs -------------------------------------------------------------------------
 
     def forget_job(self, key: JobKey) -> None:
-        for table in (self.jobs, self.children, self.blockers, self._locks):
+        for table in (self.jobs, self.children, self.blockers, self._locks, self._failures):
             table.pop(key, None)
         self.waiting.discard(key)
+        retry = self._retries.pop(key, None)
+        if retry is not None:
+            retry.cancel()
 
     async def on_job(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         key = (body["kind"], meta["namespace"], meta["name"])
         async with self._lock(key):
             self.jobs[key] = dict(body)
-            await self._reconcile(key)
+            await self._guarded(key, partial(self._reconcile, key))
 
     async def retry_waiting(self) -> None:
         for key in list(self.waiting):
             async with self._lock(key):
                 if key in self.jobs:
-                    await self._reconcile(key)
+                    await self._guarded(key, partial(self._reconcile, key))
 
     async def _write_status(self, key: JobKey, update: Mapping[str, Any]) -> None:
         body = self.jobs[key]
@@ -208,6 +251,12 @@ class Reconciler:
             )
         except _Conflict as err:
             await self._fail(key, "ChildNameTaken", str(err), generation, now)
+            return
+        except ApiError as err:
+            if is_transient(err):
+                raise
+            # The API server refused what we built (an admission webhook, a quota): say so.
+            await self._fail(key, "WorkloadRejected", str(err), generation, now)
             return
         names = child_names(resource, key[2])
         child_kind = child["kind"]
@@ -315,7 +364,7 @@ class Reconciler:
         async with self._lock(key):
             self.children[key] = child
             if key in self.jobs:
-                await self._sync_child_status(key)
+                await self._guarded(key, partial(self._sync_child_status, key))
 
     async def on_pod(self, key: JobKey, pod: Mapping[str, Any], deleted: bool) -> None:
         name = pod["metadata"]["name"]
@@ -329,7 +378,7 @@ class Reconciler:
             pods[name] = blocker
         async with self._lock(key):
             if key in self.jobs and key in self.children:
-                await self._sync_child_status(key)
+                await self._guarded(key, partial(self._sync_child_status, key))
 
     async def _sync_child_status(self, key: JobKey) -> None:
         body = self.jobs[key]
@@ -415,11 +464,29 @@ class Reconciler:
         path = f"/apis/{c.API_VERSION}/namespaces/{namespace}/{BY_KIND[kind].plural}/{name}/status"
         try:
             await self.client.merge_patch(path, {"status": {"ready": record.ready, "conditions": conditions}})
-        except ApiError as err:
-            if err.status != 404:
+        except Exception as err:
+            # Display only (jobs read readiness from the claims, not from here): the next
+            # event of the entity or its claim writes it again.
+            if isinstance(err, ApiError) and err.status == 404:
+                return
+            if not is_transient(err):
                 raise
+            log.warning("%s %s/%s status: %s", kind, namespace, name, err)
+            return
         self.entity_ready[(kind, namespace, name)] = record.ready
 
 
 class _Conflict(Exception):
     pass
+
+
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 60.0
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: the network, a timeout, a busy or failing API server, or RBAC
+    that an administrator may still grant."""
+    if isinstance(err, aiohttp.ClientError | asyncio.TimeoutError):
+        return True
+    return isinstance(err, ApiError) and (err.status >= 500 or err.status in (403, 429))
