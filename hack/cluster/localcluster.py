@@ -700,22 +700,10 @@ class LocalCluster:
             "kube-apiserver /readyz", lambda: self._get("/readyz") == 200, timeout, logs=("kube-apiserver", "etcd")
         )
 
-        kcm_kc = write_kubeconfig(
-            d / "kubeconfigs" / "kube-controller-manager",
-            self.server,
-            self.pki.ca_crt,
-            "system:kube-controller-manager",
-            cert=self._cert("kube-controller-manager"),
-        )
         self._spawn(
             "kube-controller-manager",
             [
-                str(binaries["kube-controller-manager"]),
-                f"--kubeconfig={kcm_kc}",
-                f"--authentication-kubeconfig={kcm_kc}",
-                f"--authorization-kubeconfig={kcm_kc}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={self.ports['kube-controller-manager']}",
+                *self._control_plane_component_args("kube-controller-manager", binaries),
                 f"--cert-dir={d / 'kcm-certs'}",
                 "--leader-elect=false",
                 # Each controller acts as its own ServiceAccount, so RBAC applies as in a real cluster.
@@ -727,22 +715,10 @@ class LocalCluster:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
             ],
         )
-        sched_kc = write_kubeconfig(
-            d / "kubeconfigs" / "kube-scheduler",
-            self.server,
-            self.pki.ca_crt,
-            "system:kube-scheduler",
-            cert=self._cert("kube-scheduler"),
-        )
         self._spawn(
             "kube-scheduler",
             [
-                str(binaries["kube-scheduler"]),
-                f"--kubeconfig={sched_kc}",
-                f"--authentication-kubeconfig={sched_kc}",
-                f"--authorization-kubeconfig={sched_kc}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={self.ports['kube-scheduler']}",
+                *self._control_plane_component_args("kube-scheduler", binaries),
                 f"--cert-dir={d / 'scheduler-certs'}",
                 "--leader-elect=false",
             ],
@@ -820,6 +796,21 @@ class LocalCluster:
         )
         probe = f"http://127.0.0.1:{self.ports['to-probe']}/readyz"
         self.wait_for("training-operator /readyz", lambda: _http_ok(probe), timeout, logs=("training-operator",))
+
+    def _control_plane_component_args(self, name: str, binaries: dict[str, Path]) -> list[str]:
+        """Binary, identity (system:<name>, a client cert of the cluster CA) and serving flags
+        shared by the controller-manager and the scheduler."""
+        kubeconfig = write_kubeconfig(
+            self.base_dir / "kubeconfigs" / name, self.server, self.pki.ca_crt, f"system:{name}", cert=self._cert(name)
+        )
+        return [
+            str(binaries[name]),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.ports[name]}",
+        ]
 
     def _cert(self, name: str, groups: Sequence[str] = ()) -> tuple[Path, Path]:
         # The controller-manager and scheduler need the user names that the bootstrap

@@ -205,33 +205,16 @@ def test_trainer_identity_patches_only_its_own_job(cluster: Any, operator: Opera
     wait_phase(cluster, operator, "automodeljob", "mine", namespace, {"Running"})
     trainer = cluster.service_account_kubeconfig(namespace, "mine-automodel-trainer")
     progress = {"status": {"progress": {"step": 5, "maxSteps": 10, "summary": "5/10", "trainLoss": 1.25}}}
-    ok = cluster.kubectl(
-        "patch",
-        "automodeljob",
-        "mine",
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(progress),
-        kubeconfig=trainer,
-        check=False,
-    )
+
+    def patch_status(name: str) -> Any:
+        return cluster.kubectl(
+            "patch", "automodeljob", name, "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps(progress), kubeconfig=trainer, check=False,
+        )  # fmt: skip
+
+    ok = patch_status("mine")
     assert ok.returncode == 0, ok.stderr
-    denied = cluster.kubectl(
-        "patch",
-        "automodeljob",
-        "other",
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(progress),
-        kubeconfig=trainer,
-        check=False,
-    )
+    denied = patch_status("other")
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
     spec_patch = cluster.kubectl(
         "patch",

@@ -62,20 +62,24 @@ def kubetune_run(*args: str, python: str | None = None) -> subprocess.CompletedP
     )
 
 
-def test_automodel_lora(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    job = {
+def automodel_job(name: str, **spec: Any) -> dict[str, Any]:
+    """An AutomodelJob on the tiny model and the `rows` fileset of manifests()."""
+    return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "AutomodelJob",
-        "metadata": {"name": "tiny-lora"},
-        "spec": {
-            "model": "tiny",
-            "dataset": {"training": "rows"},
-            "training": {"max_seq_length": 64},
-            "schedule": {"max_steps": 4, "seed": 1},
-            "batch": {"global_batch_size": 4, "micro_batch_size": 2},
-            "optimizer": {"learning_rate": 1.0e-3},
-        },
+        "metadata": {"name": name},
+        "spec": {"model": "tiny", "dataset": {"training": "rows"}, **spec},
     }
+
+
+def test_automodel_lora(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    job = automodel_job(
+        "tiny-lora",
+        training={"max_seq_length": 64},
+        schedule={"max_steps": 4, "seed": 1},
+        batch={"global_batch_size": 4, "micro_batch_size": 2},
+        optimizer={"learning_rate": 1.0e-3},
+    )
     out = tmp_path / "out"
     result = kubetune_run("-f", str(manifests(tmp_path, tiny_llama_dir, job)), "--output", str(out))
     assert result.returncode == 0, result.stdout + result.stderr + (out / "trainer.log").read_text()
@@ -88,19 +92,13 @@ def test_automodel_lora(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_automodel_two_cpu_processes(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    job = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "AutomodelJob",
-        "metadata": {"name": "tiny-dp"},
-        "spec": {
-            "model": "tiny",
-            "dataset": {"training": "rows"},
-            "training": {"max_seq_length": 64},
-            "schedule": {"max_steps": 2, "seed": 1},
-            "batch": {"global_batch_size": 4, "micro_batch_size": 1},
-            "parallelism": {"num_gpus_per_node": 2},
-        },
-    }
+    job = automodel_job(
+        "tiny-dp",
+        training={"max_seq_length": 64},
+        schedule={"max_steps": 2, "seed": 1},
+        batch={"global_batch_size": 4, "micro_batch_size": 1},
+        parallelism={"num_gpus_per_node": 2},
+    )
     out = tmp_path / "out"
     path = manifests(tmp_path, tiny_llama_dir, job)
     refused = kubetune_run("-f", str(path), "--output", str(out))
@@ -134,12 +132,7 @@ def test_unsloth_lora(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_failure_reports_the_trainers_reason(tmp_path: Path) -> None:
-    job = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "AutomodelJob",
-        "metadata": {"name": "tiny-bad"},
-        "spec": {"model": "tiny", "dataset": {"training": "rows"}, "schedule": {"max_steps": 1}},
-    }
+    job = automodel_job("tiny-bad", schedule={"max_steps": 1})
     out = tmp_path / "out"
     path = manifests(tmp_path, tmp_path / "not-a-model", job)
     (tmp_path / "not-a-model").mkdir()
