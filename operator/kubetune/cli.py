@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ensure_identity() -> None:
+    """kopf names the operator's identity with getpass.getuser() unless POD_ID is set, and
+    getuser() falls back to the passwd database: in an image run as a uid with no passwd
+    entry (ours, 65532, like any distroless or `python:3.11-slim` image run non-root) and
+    without USER/LOGNAME, that raised KeyError and the operator pod crashed at start."""
+    import getpass
+
+    try:
+        getpass.getuser()
+    except (KeyError, OSError):
+        os.environ["USER"] = f"uid-{os.getuid()}"
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -95,6 +108,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         image_pull_policy=args.image_pull_policy,
         output_claim=args.output_claim,
     )
+    ensure_identity()
     asyncio.run(run_operator(settings, namespaces, args.health_port))
     return 0
 

@@ -126,3 +126,25 @@ def test_schema_yaml_output() -> None:
     result = kubetune("schema", "automodel")
     assert result.returncode == 0
     assert yaml.safe_load(result.stdout)["properties"]["parallelism"]["properties"]["num_nodes"]["default"] == 1
+
+
+def test_operator_identity_without_a_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator image runs as uid 65532, which has no passwd entry, and a pod has no
+    USER or LOGNAME: kopf's identity (getpass.getuser()) raised KeyError and the operator
+    pod crashed at start, every time."""
+    import pwd
+
+    from kopf._core.engines.peering import detect_own_id
+
+    from kubetune.cli import ensure_identity
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME", "POD_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(KeyError):
+        detect_own_id(manual=False)  # what the pod met
+    ensure_identity()
+    assert detect_own_id(manual=False).startswith(f"uid-{os.getuid()}@")

@@ -99,3 +99,20 @@ def test_cel_agrees_with_pydantic_automodel(spec: dict[str, Any]) -> None:
 @given(unsloth_specs())
 def test_cel_agrees_with_pydantic_unsloth(spec: dict[str, Any]) -> None:
     assert sorted(UNSLOTH_CEL.failures(spec)) == sorted(_pydantic_failures(UnslothJobSpec, spec))
+
+
+def test_committed_trainer_status_policy_equals_generated() -> None:
+    from kubetune.crdgen import POLICY_FILE, policy_file_text
+
+    assert (ROOT / POLICY_FILE).read_text() == policy_file_text(), f"{POLICY_FILE} is stale: run `make crds`"
+
+
+def test_trainer_status_policy_guards_every_status_field_but_progress() -> None:
+    from kubetune.api.common import JobStatus
+    from kubetune.controller.policies import operator_status_fields, trainer_status_policy_spec
+
+    fields = operator_status_fields()
+    assert "progress" not in fields and {"phase", "conditions", "child", "observedGeneration", "output"} <= set(fields)
+    assert len(fields) == len(JobStatus.model_fields) - 1
+    validations = trainer_status_policy_spec()["validations"]
+    assert [v["message"].split()[0] for v in validations] == [f"status.{f}" for f in fields]

@@ -4,7 +4,6 @@ the CRDs it ships, the schema rejecting mistyped keys, and flags that follow the
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -22,84 +21,12 @@ import yaml
 
 import kubetune
 from kubetune.controller.rbac import OPERATOR_RULES
+from support.helm import CHART, NAMESPACE, RELEASE, ROOT, helm, render, render_error, versions_env
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "kubetune"
-RELEASE = "kubetune"
-NAMESPACE = "kubetune-system"
-BUILD_HELM = "bash hack/cluster/build.sh helm"
 RULES_FILE = CHART / "files" / "operator-rules.yaml"
 # Golden-file switch: with it set to 1, the two generated parts of the chart (RULES_FILE and the
 # values table of README.md) are rewritten instead of failing when stale.
 UPDATE_ENV = "KUBETUNE_UPDATE_CHART"
-
-
-def _versions_env() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in (ROOT / "hack" / "cluster" / "versions.env").read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key] = value
-    return out
-
-
-def _helm_path() -> Path:
-    if os.environ.get("KUBETUNE_HELM"):
-        return Path(os.environ["KUBETUNE_HELM"])
-    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
-    version = _versions_env()["HELM_VERSION"]
-    return cache / "bin" / f"helm-{version}" / "helm"
-
-
-@functools.cache
-def helm_binary() -> Path:
-    """The pinned helm; built here when the cache lacks it, because a skipped chart test in CI
-    would hide a broken chart."""
-    path = _helm_path()
-    if not path.is_file() and "KUBETUNE_HELM" not in os.environ:
-        build = subprocess.run(["bash", "hack/cluster/build.sh", "helm"], cwd=ROOT, capture_output=True, text=True)
-        if build.returncode != 0:
-            pytest.fail(
-                f"helm is missing at {path} and `{BUILD_HELM}` failed:\n{build.stdout[-3000:]}{build.stderr[-3000:]}"
-            )
-    if not path.is_file():
-        pytest.fail(f"helm not found at {path}: run `{BUILD_HELM}` (or point KUBETUNE_HELM at a helm v3 binary)")
-    return path
-
-
-@functools.cache
-def _helm_home() -> str:
-    # helm writes caches and repository config under its home dirs; keep the user's untouched.
-    return tempfile.mkdtemp(prefix="kubetune-helm-home-")
-
-
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    home = _helm_home()
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": f"{home}/cache",
-        "HELM_CONFIG_HOME": f"{home}/config",
-        "HELM_DATA_HOME": f"{home}/data",
-    }
-    return subprocess.run([str(helm_binary()), *args], cwd=ROOT, capture_output=True, text=True, env=env)
-
-
-@functools.cache
-def _template(args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
-    return helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds", *args)
-
-
-def render(*args: str) -> list[dict[str, Any]]:
-    result = _template(tuple(args))
-    assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def render_error(*args: str) -> str:
-    result = _template(tuple(args))
-    assert result.returncode != 0, f"helm template {' '.join(args)} should have failed but rendered"
-    return result.stderr
 
 
 def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -724,7 +651,7 @@ def test_notes_tell_what_to_apply_next() -> None:
         assert (ROOT / path).is_file(), f"NOTES.txt names {path}, which does not exist"
     lora = yaml.safe_load((ROOT / "examples" / "automodel-lora.yaml").read_text())
     assert f"automodeljob/{lora['metadata']['name']}" in notes
-    operator_version = _versions_env()["TRAINING_OPERATOR_VERSION"]
+    operator_version = versions_env()["TRAINING_OPERATOR_VERSION"]
     assert f"ref={operator_version}" in notes, "NOTES.txt training-operator ref != hack/cluster/versions.env"
     assert f"deployment/{only(render(), 'Deployment')['metadata']['name']}" in notes
 
@@ -793,3 +720,31 @@ def test_chart_installs_on_a_real_api_server(tmp_path: Path) -> None:
         assert refused.returncode != 0 and "violates PodSecurity" in refused.stderr, refused.stderr
     finally:
         cluster.down()
+
+
+def test_trainer_status_policy_is_shipped_by_default_and_can_be_left_out() -> None:
+    docs = render()
+    policy = only(docs, "ValidatingAdmissionPolicy")
+    binding = only(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    from kubetune.controller.policies import trainer_status_policy_spec
+
+    assert policy["spec"] == trainer_status_policy_spec()
+    off = render("--set", "trainerStatusPolicy.enabled=false")
+    assert not of_kind(off, "ValidatingAdmissionPolicy") and not of_kind(off, "ValidatingAdmissionPolicyBinding")
+
+
+def test_image_policy_only_when_registries_are_listed() -> None:
+    assert not [d for d in render() if d["metadata"]["name"].endswith("-trainer-image")]
+    docs = render("--set", "imagePolicy.allowedRegistries={nvcr.io/acme/,registry.example.com/}")
+    policy = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy" and d["metadata"]["name"].endswith("-image")]
+    assert len(policy) == 1
+    assert json.loads(policy[0]["spec"]["variables"][0]["expression"]) == ["nvcr.io/acme/", "registry.example.com/"]
+
+
+def test_operator_pod_names_its_kopf_identity() -> None:
+    container = only(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
+    extra = only(render("--set", "operator.extraEnv[0].name=A", "--set", "operator.extraEnv[0].value=b"), "Deployment")
+    assert {"name": "A", "value": "b"} in extra["spec"]["template"]["spec"]["containers"][0]["env"]

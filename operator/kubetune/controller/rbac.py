@@ -8,16 +8,20 @@ from typing import Any
 from kubetune import constants as c
 
 OPERATOR_RULES: list[dict[str, Any]] = [
-    # The jobs it reconciles, and their status (conditions, phase, child, output).
+    # The kinds it watches. No get, patch or update: it reads them from its watches and
+    # writes only their status (a trainer's progress is the trainer's own write).
     {
         "apiGroups": [c.GROUP],
         "resources": ["automodeljobs", "unslothjobs", "models", "filesets"],
-        "verbs": ["get", "list", "watch", "patch"],
+        "verbs": ["list", "watch"],
     },
+    # Status: phase, conditions, child, output of jobs; readiness of entities. `get` is
+    # there because the per-job trainer Role grants it, and RBAC lets a Role grant only
+    # what its creator holds.
     {
         "apiGroups": [c.GROUP],
         "resources": ["automodeljobs/status", "unslothjobs/status", "models/status", "filesets/status"],
-        "verbs": ["get", "patch", "update"],
+        "verbs": ["get", "patch"],
     },
     # ownerReferences with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
     {
@@ -28,13 +32,14 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     # The output Model entity of a finished job.
     {"apiGroups": [c.GROUP], "resources": ["models"], "verbs": ["create"]},
     # The workloads: a PyTorchJob (multi-GPU / multi-node) or a batch Job (one GPU).
+    # get after a create answered 409; patch passes suspend on.
     {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     # The config file mounted into the pods, and each job's least-privilege trainer identity.
     {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts"], "verbs": ["get", "create"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
     # Why a pod does not start (unschedulable, image pull) and whether a claim is bound.
-    {"apiGroups": [""], "resources": ["pods", "persistentvolumeclaims"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods", "persistentvolumeclaims"], "verbs": ["list", "watch"]},
     # Events for `kubectl describe`.
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
