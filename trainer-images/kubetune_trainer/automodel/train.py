@@ -41,13 +41,13 @@ from kubetune_trainer.common.integrations import IntegrationLogger
 from kubetune_trainer.common.metrics import MetricsWriter
 from kubetune_trainer.common.progress import ProgressReporter
 from kubetune_trainer.common.signals import StopSignal
-from kubetune_trainer.common.termination import TrainerError
+from kubetune_trainer.common.termination import EXIT_PREEMPTED, TrainerError
 from kubetune_trainer.data import IGNORE_INDEX, FormatOptions, holdout_split, pack_examples, read_rows, tokenize_rows
 
 MAX_GRAD_NORM = 1.0
 # Test hook: behave as if SIGTERM arrived right after this optimizer step.
 STOP_AFTER_STEP_ENV = "KUBETUNE_STOP_AFTER_STEP"
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the pod failed, so its PyTorchJob/Job restarts it
+PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # the pod failed as if killed by SIGTERM, so its PyTorchJob/Job restarts it
 
 
 def log(runtime: Runtime | None, message: str) -> None:

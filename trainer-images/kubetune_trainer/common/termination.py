@@ -22,8 +22,20 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 MAX_REASON_CHARS = 1000
 
 
+# The exit-code contract of both trainers (docs/CONTRACT.md section 2), which the
+# operator's restart policies rely on: 1 fails the Job at once (podFailurePolicy; a
+# bad config or bad data does not get better), while 143 (128 + SIGTERM, as if the
+# signal had killed the process) is a preemption: the pod is replaced and resumes.
+EXIT_TRAINER_ERROR = 1
+EXIT_PREEMPTED = 143
+
+
 class TrainerError(RuntimeError):
     """A failure whose message is already the user-facing reason (no traceback needed)."""
+
+
+class Preempted(Exception):
+    """Stopped by a signal after saving a checkpoint; a restarted pod resumes there."""
 
 
 def one_line(reason: str) -> str:
@@ -45,11 +57,16 @@ def write_termination_log(reason: str) -> Path | None:
 def run_with_termination_log(main_fn: Callable[[], int | None]) -> NoReturn:
     """Run the trainer's main; on failure write the reason and exit non-zero.
 
-    Exit codes: main's return value (0 when None), 1 on an exception, 130 on
-    KeyboardInterrupt; SystemExit passes through (with a reason when non-zero).
+    Exit codes: main's return value (0 when None), EXIT_PREEMPTED on Preempted,
+    EXIT_TRAINER_ERROR on any other exception, 130 on KeyboardInterrupt; SystemExit
+    passes through (with a reason when non-zero).
     """
     try:
         code = main_fn()
+    except Preempted as exc:
+        print(f"kubetune-trainer: {exc}", file=sys.stderr, flush=True)
+        write_termination_log(str(exc))
+        sys.exit(EXIT_PREEMPTED)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             write_termination_log(f"exited with {exc.code}")
@@ -63,5 +80,5 @@ def run_with_termination_log(main_fn: Callable[[], int | None]) -> NoReturn:
             traceback.print_exc()
         print(f"kubetune-trainer: failed: {reason}", file=sys.stderr, flush=True)
         write_termination_log(reason)
-        sys.exit(1)
+        sys.exit(EXIT_TRAINER_ERROR)
     sys.exit(int(code or 0))

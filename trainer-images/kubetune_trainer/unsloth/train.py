@@ -21,8 +21,8 @@ from kubetune_trainer.common import (
     ProgressReporter,
     StopSignal,
     TrainerConfig,
-    TrainerError,
 )
+from kubetune_trainer.common.termination import Preempted
 from kubetune_trainer.unsloth.mapping import (
     DeviceCapabilities,
     Substitution,
@@ -353,7 +353,7 @@ def run(
     metrics.close()
     if stop is not None and stop.requested:
         # The callback asked the Trainer to save a full checkpoint at this step before stopping.
-        raise TrainerError(
+        raise Preempted(
             f"stopped by signal {stop.received} at step {trainer.state.global_step}; "
             "a restarted pod resumes from output/checkpoints"
         )
