@@ -17,9 +17,19 @@ KIND_FILESET: Final = "Fileset"
 # Labels put on everything the operator creates.
 LABEL_JOB_NAME: Final = "kubetune.io/job-name"
 LABEL_JOB_KIND: Final = "kubetune.io/job-kind"
+# On an output Model: the uid of the job that made it (names are reused, uids are not).
+LABEL_JOB_UID: Final = "kubetune.io/job-uid"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "kubetune"
 LABEL_KUEUE_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+
+# On the child workload: the job's metadata.generation the operator last passed on
+# (suspend). The operator's own record, where the trainer's identity cannot write,
+# unlike the job's status.
+ANNOTATION_SPEC_GENERATION: Final = "kubetune.io/spec-generation"
+# On the child workload: the name of the Model the job will produce, decided once at
+# creation (the default name may be taken by an earlier job of the same name).
+ANNOTATION_OUTPUT_MODEL: Final = "kubetune.io/output-model"
 
 # Field manager / user agent the operator uses, so its API calls can be counted.
 FIELD_MANAGER: Final = "kubetune-operator"

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from kubetune.controller.rbac import OPERATOR_RULES
+from support.helm import render
 from support.kube import OperatorProcess, get, grant_operator, install_crds, wait_condition_reason, wait_phase
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +53,7 @@ def job(kind: str, name: str, spec: dict[str, Any], annotations: dict[str, str] 
 
 
 LORA = {"model": "smollm2-135m", "dataset": {"training": "chat-train"}}
+UNSLOTH = {"model": {"name": "smollm2-135m"}, "dataset": {"path": "chat-train"}}
 
 
 def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -348,3 +350,288 @@ def test_namespaced_mode_needs_only_a_role(
     finally:
         proc.stop()
         operator.start()
+
+
+def _trainer_patch(cluster: Any, namespace: str, name: str, trainer: str, status: dict[str, Any]) -> None:
+    result = cluster.kubectl(
+        "patch", "automodeljob", name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}), kubeconfig=trainer, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def _wait_status(cluster: Any, namespace: str, name: str, check: Any, what: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = get(cluster, "automodeljob", name, namespace).get("status") or {}
+        if check(status):
+            return dict(status)
+        assert time.monotonic() < deadline, f"{what}; status: {json.dumps(status, indent=1)}"
+        time.sleep(0.3)
+
+
+def test_forged_status_steers_nothing_and_is_overwritten(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """Status is untrusted input: the trainer's identity may patch all of it. Pointing
+    status.child at a Job the operator does not own, with a forged observedGeneration,
+    must not make the operator patch that Job (it used to unsuspend it); a forged
+    phase, condition or output is replaced by the operator's own view."""
+    prepare(cluster, namespace)
+    victim = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "victim"},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": "busybox", "command": ["true"]}],
+                }
+            },
+        },
+    }
+    apply(cluster, namespace, text=yaml.safe_dump(victim))
+    apply(cluster, namespace, text=job("AutomodelJob", "mine", LORA, {"kubetune.io/fake-duration": "600s"}))
+    wait_phase(cluster, operator, "automodeljob", "mine", namespace, {"Running"})
+    trainer = cluster.service_account_kubeconfig(namespace, "mine-automodel-trainer")
+    forged_condition = {
+        "type": "Succeeded", "status": "True", "reason": "Forged", "message": "",
+        "lastTransitionTime": "2020-01-01T00:00:00Z",
+    }  # fmt: skip
+    _trainer_patch(
+        cluster, namespace, "mine", trainer,
+        {
+            "child": {"apiVersion": "batch/v1", "kind": "Job", "name": "victim"},
+            "observedGeneration": 99,
+            "conditions": [forged_condition],
+            "output": {"model": "forged", "format": "full"},
+            "progress": {"step": 2, "maxSteps": 8, "summary": "2/8"},
+        },
+    )  # fmt: skip
+    status = _wait_status(
+        cluster, namespace, "mine",
+        lambda s: (s.get("child") or {}).get("name") == "mine-automodel" and s.get("observedGeneration") == 1
+        and not s.get("output") and all(c["type"] != "Succeeded" for c in s.get("conditions") or []),
+        "the operator did not put its own status back",
+    )  # fmt: skip
+    assert status["phase"] == "Running" and status["progress"]["step"] == 2  # the trainer's part stays
+    assert get(cluster, "job", "victim", namespace)["spec"]["suspend"] is True, "the operator patched a foreign Job"
+    _trainer_patch(cluster, namespace, "mine", trainer, {"phase": "Succeeded"})
+    _wait_status(cluster, namespace, "mine", lambda s: s.get("phase") == "Running", "a forged phase stayed")
+    # Suspend still passes through, from the generation recorded on the child.
+    cluster.kubectl(
+        "patch", "automodeljob", "mine", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}'
+    )
+    wait_phase(cluster, operator, "automodeljob", "mine", namespace, {"Suspended"})
+    child = get(cluster, "job", "mine-automodel", namespace)
+    assert child["spec"]["suspend"] is True
+    assert child["metadata"]["annotations"]["kubetune.io/spec-generation"] == "2"
+
+
+def test_child_deleted_by_hand_is_made_again(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+    """A running job whose workload is deleted (by hand, by a cleanup script) does not sit
+    in Running forever: the operator makes the child again (the trainer resumes from its
+    checkpoint on the output claim) and the job finishes."""
+    prepare(cluster, namespace)
+    apply(cluster, namespace, text=job("AutomodelJob", "again", LORA, {"kubetune.io/fake-duration": "15s"}))
+    wait_phase(cluster, operator, "automodeljob", "again", namespace, {"Running"})
+    first = get(cluster, "job", "again-automodel", namespace)["metadata"]["uid"]
+    cluster.kubectl("delete", "job", "again-automodel", "-n", namespace, "--cascade=background", "--wait=true")
+    done = wait_phase(cluster, operator, "automodeljob", "again", namespace, {"Succeeded", "Failed"}, timeout=120)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
+    assert get(cluster, "job", "again-automodel", namespace)["metadata"]["uid"] != first
+    assert get(cluster, "models.kubetune.io", done["status"]["output"]["model"], namespace)
+
+
+def test_job_name_that_is_no_dns_label_still_runs_multi_gpu(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """The training-operator refuses PyTorchJob names that are not DNS-1035 labels: a job
+    called `7b-lora` with 2 GPUs used to fail with WorkloadRejected."""
+    prepare(cluster, namespace)
+    apply(cluster, namespace, text=job("AutomodelJob", "7b-lora", {**LORA, "parallelism": {"num_gpus_per_node": 2}}))
+    done = wait_phase(cluster, operator, "automodeljob", "7b-lora", namespace, {"Succeeded", "Failed"}, timeout=120)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
+    child = done["status"]["child"]
+    assert child["kind"] == "PyTorchJob" and child["name"][0].isalpha()
+    assert (
+        get(cluster, "pytorchjob", child["name"], namespace)["metadata"]["labels"]["kubetune.io/job-name"] == "7b-lora"
+    )
+
+
+def test_trainer_status_policy_lets_a_trainer_write_progress_only(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """The chart's ValidatingAdmissionPolicy, as `helm template` renders it, on the real API
+    server: the trainer's identity may write status.progress, and the server refuses its
+    write to any other status field, naming the field. The operator's writes still pass."""
+    policy = [d for d in render() if d["kind"].startswith("ValidatingAdmissionPolicy")]
+    assert len(policy) == 2
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(policy))
+    try:
+        prepare(cluster, namespace)
+        apply(cluster, namespace, text=job("AutomodelJob", "guarded", LORA, {"kubetune.io/fake-duration": "600s"}))
+        wait_phase(cluster, operator, "automodeljob", "guarded", namespace, {"Running"})
+        trainer = cluster.service_account_kubeconfig(namespace, "guarded-automodel-trainer")
+
+        def trainer_patch(status: dict[str, Any]) -> Any:
+            return cluster.kubectl(
+                "patch", "automodeljob", "guarded", "-n", namespace, "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": status}), kubeconfig=trainer, check=False,
+            )  # fmt: skip
+
+        deadline = time.monotonic() + 30  # the API server picks a new policy up within a second or so
+        while (refused := trainer_patch({"phase": "Succeeded"})).returncode == 0:
+            assert time.monotonic() < deadline, "the policy never refused a trainer's write to status.phase"
+            time.sleep(0.5)
+        assert "status.phase belongs to the kubetune operator" in refused.stderr, refused.stderr
+        for field in ({"child": {"apiVersion": "batch/v1", "kind": "Job", "name": "x"}}, {"observedGeneration": 7}):
+            result = trainer_patch(field)
+            assert result.returncode != 0 and "belongs to the kubetune operator" in result.stderr, field
+        allowed = trainer_patch({"progress": {"step": 3, "maxSteps": 9, "summary": "3/9"}})
+        assert allowed.returncode == 0, allowed.stderr
+        cluster.kubectl(
+            "patch", "automodeljob", "guarded", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}'
+        )
+        body = wait_phase(cluster, operator, "automodeljob", "guarded", namespace, {"Suspended"})
+        assert body["status"]["progress"]["step"] == 3
+    finally:
+        for doc in policy:
+            cluster.kubectl("delete", doc["kind"], doc["metadata"]["name"], "--ignore-not-found", check=False)
+
+
+def test_deleted_trainer_pod_is_replaced_and_the_job_succeeds(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """A pod deleted mid-run (preemption, drain, `kubectl delete pod`) ends as a kubelet
+    ends it: the trainer exits 143 after its SIGTERM checkpoint, which the Job's
+    podFailurePolicy does not treat as the trainer's own error. The real Job controller
+    replaces the pod and the job succeeds. (kwok's pod-terminate stage plays the kubelet;
+    before it, the pod stayed Terminating forever.)"""
+    prepare(cluster, namespace)
+    apply(cluster, namespace, text=job("UnslothJob", "evicted", UNSLOTH, {"kubetune.io/fake-duration": "8s"}))
+    wait_phase(cluster, operator, "unslothjob", "evicted", namespace, {"Running"})
+    pods = json.loads(
+        cluster.kubectl("get", "pods", "-n", namespace, "-l", "kubetune.io/job-name=evicted", "-o", "json").stdout
+    )["items"]
+    assert len(pods) == 1
+    cluster.kubectl("delete", "pod", pods[0]["metadata"]["name"], "-n", namespace, "--wait=true", "--timeout=60s")
+    done = wait_phase(cluster, operator, "unslothjob", "evicted", namespace, {"Succeeded", "Failed"}, timeout=120)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
+    child = get(cluster, "job", done["status"]["child"]["name"], namespace)
+    assert child["status"].get("failed") == 1 and child["status"].get("succeeded") == 1
+
+
+def test_image_policy_refuses_images_from_other_registries(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """The chart's optional image policy on the real API server: with
+    imagePolicy.allowedRegistries set, a job whose spec.image is elsewhere is refused,
+    naming the field and the chart value; an allowed image and no image pass."""
+    policy = [
+        d
+        for d in render("--set", "imagePolicy.allowedRegistries={registry.example.com/trainers/}")
+        if d["kind"].startswith("ValidatingAdmissionPolicy") and d["metadata"]["name"].endswith("-trainer-image")
+    ]
+    assert len(policy) == 2
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(policy))
+    try:
+        foreign = job("AutomodelJob", "foreign", {**LORA, "image": "evil.example/miner:1"})
+        deadline = time.monotonic() + 30  # the API server picks a new policy up within a second or so
+        while (
+            refused := cluster.kubectl("apply", "-n", namespace, "-f", "-", input=foreign, check=False)
+        ).returncode == 0:
+            cluster.kubectl("delete", "automodeljob", "foreign", "-n", namespace, "--wait=false")
+            assert time.monotonic() < deadline, "the image policy never refused a foreign image"
+            time.sleep(0.5)
+        assert "spec.image evil.example/miner:1 is not from an allowed registry" in refused.stderr, refused.stderr
+        assert "imagePolicy.allowedRegistries" in refused.stderr
+        allowed = job("AutomodelJob", "allowed", {**LORA, "image": "registry.example.com/trainers/automodel:1"})
+        apply(cluster, namespace, text=allowed)
+        apply(cluster, namespace, text=job("AutomodelJob", "default-image", LORA))
+    finally:
+        for doc in policy:
+            cluster.kubectl("delete", doc["kind"], doc["metadata"]["name"], "--ignore-not-found", check=False)
+
+
+def test_quota_refusal_is_shown_and_asked_again(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+    """A ResourceQuota's 403 is a refusal, not a transient error to retry in silence: the
+    job shows it (Pending, Created=False QuotaExceeded, the API's words) and starts by
+    itself, on the slow backoff, once the quota allows it."""
+    prepare(cluster, namespace)
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-jobs"},
+        "spec": {"hard": {"count/jobs.batch": "0"}},
+    }
+    apply(cluster, namespace, text=yaml.safe_dump(quota))
+    deadline = time.monotonic() + 30  # the quota controller fills status.hard before it is enforced
+    while not (get(cluster, "resourcequota", "no-jobs", namespace).get("status") or {}).get("hard"):
+        assert time.monotonic() < deadline, "the ResourceQuota never got its status"
+        time.sleep(0.3)
+    apply(cluster, namespace, text=job("AutomodelJob", "over-quota", LORA))
+    body = wait_condition_reason(cluster, operator, "automodeljob", "over-quota", namespace, "Created", "QuotaExceeded")
+    assert body["status"]["phase"] == "Pending"
+    assert "exceeded quota" in condition(body, "Created")["message"]
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=over-quota", "-o", "json"
+    )
+    assert "QuotaExceeded" in {e["reason"] for e in json.loads(events.stdout)["items"]}
+    cluster.kubectl("delete", "resourcequota", "no-jobs", "-n", namespace)
+    done = wait_phase(cluster, operator, "automodeljob", "over-quota", namespace, {"Succeeded", "Failed"}, timeout=60)
+    assert done["status"]["phase"] == "Succeeded"
+
+
+def test_outputs_never_collide(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+    """An AutomodelJob and an UnslothJob of one name, and a job deleted and applied again
+    while its old children are still being removed, each train into their own directory
+    (keyed by uid) and produce their own Model; an output name that is already a Model
+    this job did not make is refused (the job waits, saying so)."""
+    prepare(cluster, namespace)
+    apply(cluster, namespace, text=job("AutomodelJob", "same", LORA))
+    apply(cluster, namespace, text=job("UnslothJob", "same", UNSLOTH))
+    automodel = wait_phase(cluster, operator, "automodeljob", "same", namespace, {"Succeeded", "Failed"})
+    unsloth = wait_phase(cluster, operator, "unslothjob", "same", namespace, {"Succeeded", "Failed"})
+    assert automodel["status"]["phase"] == unsloth["status"]["phase"] == "Succeeded"
+    models = [
+        get(cluster, "models.kubetune.io", b["status"]["output"]["model"], namespace) for b in (automodel, unsloth)
+    ]
+    assert models[0]["metadata"]["name"] != models[1]["metadata"]["name"]
+    paths = [m["spec"]["storage"]["pvc"]["path"] for m in models]
+    assert paths[0] != paths[1] and all(
+        b["metadata"]["uid"] in p for b, p in zip((automodel, unsloth), paths, strict=True)
+    )
+    for body, model in zip((automodel, unsloth), models, strict=True):
+        assert model["metadata"]["labels"]["kubetune.io/job-uid"] == body["metadata"]["uid"]
+
+    taken = job("AutomodelJob", "taken", {**LORA, "output": {"name": "smollm2-135m"}})  # the base model's name
+    apply(cluster, namespace, text=taken)
+    body = wait_condition_reason(
+        cluster, operator, "automodeljob", "taken", namespace, "ReferencesResolved", "OutputNameTaken"
+    )
+    assert "spec.output.name: Model smollm2-135m already exists" in condition(body, "ReferencesResolved")["message"]
+    assert body["status"]["phase"] == "Pending" and not body["status"].get("child")
+
+    # Delete and apply again while the old child is still held (a finalizer stands in for
+    # a slow garbage collector): the new job waits, then runs; it used to fail ChildNameTaken.
+    slow = {"kubetune.io/fake-duration": "600s"}
+    apply(cluster, namespace, text=job("AutomodelJob", "again", LORA, slow))
+    first = wait_phase(cluster, operator, "automodeljob", "again", namespace, {"Running"})
+    hold = '{"metadata": {"finalizers": ["kubetune.io/test-hold"]}}'
+    cluster.kubectl("patch", "job", "again-automodel", "-n", namespace, "--type=merge", "-p", hold)
+    cluster.kubectl("delete", "automodeljob", "again", "-n", namespace, "--wait=true", "--timeout=60s")
+    apply(cluster, namespace, text=job("AutomodelJob", "again", LORA))
+    waiting = wait_condition_reason(
+        cluster, operator, "automodeljob", "again", namespace, "ReferencesResolved", "PreviousJobCleanup"
+    )
+    assert waiting["metadata"]["uid"] != first["metadata"]["uid"]
+    cluster.kubectl(
+        "patch", "job", "again-automodel", "-n", namespace, "--type=merge", "-p", '{"metadata": {"finalizers": null}}'
+    )
+    done = wait_phase(cluster, operator, "automodeljob", "again", namespace, {"Succeeded", "Failed"}, timeout=120)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
+    output = get(cluster, "models.kubetune.io", done["status"]["output"]["model"], namespace)
+    assert done["metadata"]["uid"] in output["spec"]["storage"]["pvc"]["path"]

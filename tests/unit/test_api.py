@@ -236,3 +236,27 @@ def test_derived_sizes() -> None:
     assert spec.parallelism.data_parallel_size == 4
     assert UnslothJobSpec.model_validate(with_value(UNSLOTH_MIN, "hardware.gpus", "0,2,3")).hardware.gpu_count == 3
     assert UnslothJobSpec.model_validate(UNSLOTH_MIN).hardware.gpu_count == 1
+
+
+def test_every_free_text_field_has_a_maximum_length() -> None:
+    """The operator keeps every job in memory and the API server stores it: no string of
+    the API is unbounded (a prompt_template of megabytes is refused, naming the field)."""
+    from kubetune.api.resources import RESOURCES
+    from kubetune.crdgen import spec_schema, status_schema
+
+    unbounded = []
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        if node.get("type") == "string" and not ({"maxLength", "enum"} & node.keys()):
+            unbounded.append(path)
+        for name, sub in (node.get("properties") or {}).items():
+            walk(sub, f"{path}.{name}")
+        if "items" in node:
+            walk(node["items"], f"{path}[]")
+
+    for resource in RESOURCES:
+        walk(spec_schema(resource), f"{resource.kind}.spec")
+        walk(status_schema(resource), f"{resource.kind}.status")
+    assert not unbounded, unbounded
+    huge = with_value(AUTOMODEL_MIN, "dataset.prompt_template", "{prompt}" + "x" * 16384)
+    assert "spec.dataset.prompt_template" in error_paths(AutomodelJobSpec, huge)

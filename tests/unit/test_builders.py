@@ -203,7 +203,47 @@ def test_fixed_names_and_output_model() -> None:
     assert model["metadata"]["name"] == "smollm2-lora-adapter"
     assert "ownerReferences" not in model["metadata"]
     assert model["spec"]["format"] == "adapter" and model["spec"]["baseModel"] == "smollm2-135m"
-    assert model["spec"]["storage"]["pvc"] == {"claimName": "kubetune-output", "path": "smollm2-lora/adapter"}
+    # Keyed by uid: two jobs of one name (two kinds, or deleted and made again) never share it.
+    path = f"smollm2-lora/{inputs.uid}/adapter"
+    assert model["spec"]["storage"]["pvc"] == {"claimName": "kubetune-output", "path": path}
+    assert model["metadata"]["labels"][c.LABEL_JOB_UID] == inputs.uid
     assert model["spec"]["tokenizer"] == "HuggingFaceTB/SmolLM2"
     merged = build_output_model(example_inputs("unsloth-merged16.yaml"))
     assert merged["spec"]["format"] == "full" and "baseModel" not in merged["spec"]
+
+
+@pytest.mark.parametrize("name", ["7b-lora", "llama3.1-lora", "a" * 40, "x.y"])
+def test_child_names_are_dns_1035_labels_for_any_job_name(name: str) -> None:
+    """The training-operator refuses PyTorchJob names that are not DNS-1035 labels, and a
+    worker pod's hostname `<child>-worker-<i>` must fit in 63 characters."""
+    import re
+
+    from kubetune.controller.builders import child_base_name
+
+    label = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    for kind in ("AutomodelJob", "UnslothJob"):
+        base = child_base_name(BY_KIND[kind], name)
+        assert label.match(base) and len(f"{base}-worker-99") <= 63, base
+        assert child_base_name(BY_KIND[kind], name) == base  # stable: create-or-get finds it again
+    assert child_base_name(BY_KIND["AutomodelJob"], "x.y") != child_base_name(BY_KIND["AutomodelJob"], "x-y")
+    assert child_base_name(BY_KIND["AutomodelJob"], "smollm2-lora") == "smollm2-lora-automodel"  # unchanged
+
+
+def test_child_records_the_generation_and_suspend_patch_updates_it() -> None:
+    from dataclasses import replace
+
+    from kubetune.controller.builders import child_ref, suspend_patch
+
+    inputs = replace(example_inputs("automodel-lora.yaml"), generation=3)
+    child = build_all(inputs)[-1]
+    assert child["metadata"]["annotations"] == {c.ANNOTATION_SPEC_GENERATION: "3"}
+    assert child_ref(inputs.resource, inputs.name, inputs.spec) == {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": child["metadata"]["name"],
+    }
+    patch = suspend_patch(inputs.spec, 4)
+    assert patch == {
+        "metadata": {"annotations": {c.ANNOTATION_SPEC_GENERATION: "4"}},
+        "spec": {"suspend": inputs.spec.suspend},
+    }

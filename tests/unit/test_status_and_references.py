@@ -183,3 +183,36 @@ def test_local_only_entity_is_not_usable_in_a_cluster() -> None:
     )
     res = resolve_references(_automodel(), "team-a", world.lookup)
     assert [p.reason for p in res.problems] == ["NoClusterStorage"]
+
+
+def test_status_is_computed_whole_so_forged_fields_do_not_survive() -> None:
+    """The trainer's identity may write status: a forged condition, time or phase must not
+    be carried on by the operator's next write."""
+    forged = {
+        "phase": st.SUCCEEDED,
+        "startTime": "1999-01-01T00:00:00Z",
+        "completionTime": "1999-01-02T00:00:00Z",
+        "conditions": [
+            {"type": "Succeeded", "status": "True", "reason": "Forged", "message": "", "lastTransitionTime": "x"},
+            {"type": "Running", "status": "True", "reason": "Running", "message": "", "lastTransitionTime": "t1"},
+        ],
+    }
+    update = st.status_from_child(forged, st.ChildState(st.RUNNING, "Running", "running", "t0"), 1, "t2")
+    assert update["phase"] == st.RUNNING and update["startTime"] == "t0" and update["completionTime"] is None
+    types = [cond["type"] for cond in update["conditions"]]
+    assert "Succeeded" not in types and types == ["ReferencesResolved", "Created", "Running", "Suspended"]
+    running = st.find_condition(update["conditions"], st.COND_RUNNING)
+    assert running is not None and running["lastTransitionTime"] == "t1"  # status did not move
+
+
+def test_failed_child_completion_time_is_stable() -> None:
+    """A failed batch Job has no completionTime: the Failed condition's own time is used,
+    so two passes compute the same status and write once."""
+    child = {
+        "status": {
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "lastTransitionTime": "t9"}
+            ]
+        }
+    }
+    assert st.batch_job_state(child).completion_time == "t9"

@@ -26,6 +26,7 @@ class AutomodelDataset(StrictModel):
         description="Optional validation Fileset reference; without it a seeded 5% of the training rows is held out.",
     )
     prompt_template: str | None = Field(
+        max_length=16384,
         default=None,
         min_length=1,
         description="Optional prompt template for custom dataset schemas: `{column}` placeholders are filled "
@@ -45,7 +46,7 @@ class AutomodelLora(StrictModel):
         description="Merge the adapter into the base model at the end of training. `true` means the same as "
         "finetuning_type lora_merged; kubetune normalises both to finetuning_type: lora_merged with merge: true.",
     )
-    target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         default=None, min_length=1, description="Module name patterns to adapt; null applies LoRA to all linear layers."
     )
 
@@ -167,7 +168,9 @@ class AutomodelOutput(StrictModel):
         max_length=253,
         description="Name of the output Model entity; default: `<job name>-output`.",
     )
-    description: str | None = Field(default=None, description="Description stored on the output Model entity.")
+    description: str | None = Field(
+        default=None, max_length=1024, description="Description stored on the output Model entity."
+    )
 
 
 def _total(p: Any) -> int:
@@ -281,6 +284,7 @@ class AutomodelJobSpec(RuleCheckedSpec):
         description="kubetune extension: create the workload suspended (Kueue admits it by clearing this).",
     )
     image: str | None = Field(
+        max_length=1024,
         default=None,
         min_length=1,
         description="kubetune extension: trainer image for this job; default: the operator's Automodel image.",

@@ -43,8 +43,12 @@ class SecretKeyRef(StrictModel):
 class MLflowIntegration(StrictModel):
     """Log parameters and metrics to an MLflow tracking server."""
 
-    tracking_uri: str = Field(min_length=1, description="MLflow tracking URI, e.g. http://mlflow.mlops:5000.")
-    experiment_name: str | None = Field(default=None, description="Experiment name; default: the job's name.")
+    tracking_uri: str = Field(
+        min_length=1, max_length=2048, description="MLflow tracking URI, e.g. http://mlflow.mlops:5000."
+    )
+    experiment_name: str | None = Field(
+        default=None, max_length=256, description="Experiment name; default: the job's name."
+    )
     token_secret: SecretKeyRef | None = Field(
         default=None, description="Secret key holding an MLflow token, passed as MLFLOW_TRACKING_TOKEN."
     )
@@ -53,8 +57,8 @@ class MLflowIntegration(StrictModel):
 class WandbIntegration(StrictModel):
     """Log metrics to Weights & Biases."""
 
-    project: str = Field(min_length=1, description="W&B project.")
-    entity: str | None = Field(default=None, description="W&B entity (team or user).")
+    project: str = Field(min_length=1, max_length=256, description="W&B project.")
+    entity: str | None = Field(default=None, max_length=256, description="W&B entity (team or user).")
     api_key_secret: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the W&B API key, passed as WANDB_API_KEY."
     )
@@ -158,20 +162,25 @@ class StatusModel(BaseModel):
 class Condition(StatusModel):
     """metav1.Condition."""
 
-    type: str = Field(description="Condition type: Ready, Running, Succeeded, Failed, Suspended, ...")
+    type: str = Field(max_length=316, description="Condition type: Ready, Running, Succeeded, Failed, Suspended, ...")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str = Field(description="One CamelCase word saying why.")
-    message: str = Field(default="", description="Human-readable detail.")
-    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    reason: str = Field(max_length=1024, description="One CamelCase word saying why.")
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str = Field(max_length=64, description="When status last changed (RFC 3339).")
     observed_generation: int | None = Field(default=None, description="The spec generation this reflects.")
 
 
 class ChildRef(StatusModel):
-    """The workload that runs the job."""
+    """The workload that runs the job. Shown to users; the operator never reads it back
+    (status is writable by the trainer's identity too), so it can steer nothing."""
 
-    api_version: str = Field(description="apiVersion of the child, e.g. kubeflow.org/v1.")
-    kind: str = Field(description="PyTorchJob or Job.")
-    name: str = Field(description="Name of the child, in the job's namespace.")
+    api_version: Literal["batch/v1", "kubeflow.org/v1"] = Field(description="apiVersion of the child.")
+    kind: Literal["Job", "PyTorchJob"] = Field(description="Job (one GPU) or PyTorchJob.")
+    name: str = Field(
+        max_length=63,
+        pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+        description="Name of the child, in the job's namespace (a DNS-1035 label).",
+    )
 
 
 class ProgressPoint(StatusModel):
@@ -190,8 +199,10 @@ class Progress(StatusModel):
     epoch: float | None = Field(default=None, description="Epochs done (fractional).")
     train_loss: float | None = Field(default=None, description="Last training loss.")
     validation_loss: float | None = Field(default=None, description="Last validation loss.")
-    summary: str | None = Field(default=None, description="`step/maxSteps`, for `kubectl get`.")
-    updated_at: str | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
+    summary: str | None = Field(default=None, max_length=256, description="`step/maxSteps`, for `kubectl get`.")
+    updated_at: str | None = Field(
+        default=None, max_length=64, description="When the trainer last reported (RFC 3339)."
+    )
     history: list[ProgressPoint] | None = Field(
         default=None, max_length=50, description="The last 50 reported points, oldest first."
     )
@@ -200,7 +211,7 @@ class Progress(StatusModel):
 class OutputRef(StatusModel):
     """The Model entity the job produced."""
 
-    model: str = Field(description="Name of the output Model entity, in the job's namespace.")
+    model: str = Field(max_length=253, description="Name of the output Model entity, in the job's namespace.")
     format: Literal["full", "adapter"] = Field(description="full weights or a LoRA adapter.")
 
 
@@ -212,8 +223,10 @@ class JobStatus(StatusModel):
     )
     conditions: list[Condition] | None = Field(default=None, description="Latest observations, by type.")
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
-    start_time: str | None = Field(default=None, description="When the child started running (RFC 3339).")
-    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+    start_time: str | None = Field(
+        default=None, max_length=64, description="When the child started running (RFC 3339)."
+    )
+    completion_time: str | None = Field(default=None, max_length=64, description="When the job finished (RFC 3339).")
     gpus: int | None = Field(default=None, description="GPUs the job uses in all.")
     child: ChildRef | None = Field(default=None, description="The workload that runs the job.")
     progress: Progress | None = Field(default=None, description="Training progress.")

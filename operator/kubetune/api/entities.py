@@ -28,6 +28,7 @@ class Storage(StrictModel):
 
     pvc: PvcLocation | None = Field(default=None, description="Files on a PersistentVolumeClaim (used in a cluster).")
     localPath: str | None = Field(
+        max_length=4096,
         default=None,
         min_length=1,
         description="A directory on the machine running `kubetune run` (used by local runs; relative paths are "
@@ -55,7 +56,7 @@ class FilesetSpec(RuleCheckedSpec):
     RULES: ClassVar[tuple[CrossFieldRule, ...]] = ENTITY_RULES
 
     storage: Storage = Field(description="Where the files are.")
-    description: str | None = Field(default=None, description="What the data is.")
+    description: str | None = Field(default=None, max_length=1024, description="What the data is.")
     sharedWith: Namespaces | None = Field(
         default=None, description='Namespaces allowed to reference this entity as `workspace/name` ("*" = all).'
     )
@@ -85,13 +86,14 @@ class ModelSpec(RuleCheckedSpec):
     )
     baseModel: Reference | None = Field(default=None, description="The base Model of an adapter.")
     tokenizer: str | None = Field(
+        max_length=256,
         default=None,
         description="Tokenizer identity (e.g. HuggingFaceTB/SmolLM2); a teacher and its student must match.",
     )
     vocabSize: int | None = Field(
         default=None, gt=0, description="Vocabulary size; a teacher and its student must match."
     )
-    description: str | None = Field(default=None, description="What the model is.")
+    description: str | None = Field(default=None, max_length=1024, description="What the model is.")
     sharedWith: Namespaces | None = Field(
         default=None, description='Namespaces allowed to reference this entity as `workspace/name` ("*" = all).'
     )

@@ -37,7 +37,9 @@ class UnslothDataset(StrictModel):
     """Training and validation data."""
 
     path: Reference = Field(description="Training Fileset reference (name or workspace/name).")
-    text_field: str = Field(default="text", min_length=1, description="Row field consumed by the trainer.")
+    text_field: str = Field(
+        default="text", min_length=1, max_length=256, description="Row field consumed by the trainer."
+    )
     apply_chat_template: bool = Field(
         default=False, description="Apply the tokenizer's chat template to rows containing a messages field."
     )
@@ -51,7 +53,7 @@ class UnslothLora(StrictModel):
     rank: int = Field(default=16, gt=0, description="LoRA rank.")
     alpha: int = Field(default=16, gt=0, description="LoRA scaling factor.")
     dropout: float = Field(default=0.0, ge=0.0, le=1.0, description="LoRA dropout probability.")
-    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: list(UNSLOTH_DEFAULT_TARGET_MODULES),
         min_length=1,
         description="Modules to adapt; default: Unsloth's 7-module set "
@@ -173,7 +175,9 @@ class UnslothOutput(StrictModel):
         max_length=253,
         description="Name of the output Model entity; default: `<job name>-output`.",
     )
-    description: str | None = Field(default=None, description="Description stored on the output Model entity.")
+    description: str | None = Field(
+        default=None, max_length=1024, description="Description stored on the output Model entity."
+    )
 
 
 UNSLOTH_RULES: tuple[CrossFieldRule, ...] = (
@@ -287,6 +291,7 @@ class UnslothJobSpec(RuleCheckedSpec):
         description="kubetune extension: create the workload suspended (Kueue admits it by clearing this).",
     )
     image: str | None = Field(
+        max_length=1024,
         default=None,
         min_length=1,
         description="kubetune extension: trainer image for this job; default: the operator's Unsloth image.",

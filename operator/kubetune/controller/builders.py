@@ -14,6 +14,8 @@ Choices made on purpose (documented in docs/OPERATOR.md):
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ from kubetune.render import TrainerPaths, cluster_paths, dumps_config, kubernete
 JobSpec = AutomodelJobSpec | UnslothJobSpec
 JOB_BACKOFF_LIMIT = 2
 PYTORCHJOB_BACKOFF_LIMIT = 3
-TRAINER_EXIT_CODE_PERMANENT = 1
+TRAINER_EXIT_CODE_PERMANENT = 1  # docs/CONTRACT.md section 2: the trainer's own error
 TRAINER_UID = 1000
 MAX_JOB_NAME = 40  # leaves room for "-automodel-trainer" and the pod suffixes within 63
 
@@ -56,6 +58,8 @@ class JobInputs:
     settings: OperatorSettings = field(default_factory=OperatorSettings)
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    generation: int | None = None  # metadata.generation, recorded on the child
+    output_model: str | None = None  # the output Model's name when not the default (see output_model_name)
 
 
 # Annotations that describe the job object itself, not its pods.
@@ -80,9 +84,26 @@ def backend(resource: Resource) -> str:
     return "automodel" if resource.kind == c.KIND_AUTOMODEL else "unsloth"
 
 
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def child_base_name(resource: Resource, name: str) -> str:
+    """`<name>-<backend>`, or for a job name that is no DNS-1035 label (it starts with a
+    digit or holds dots, e.g. `7b-lora`, `llama3.1-lora`) a stable stand-in that is
+    one: the training-operator refuses such PyTorchJob names, and the Services and pod
+    hostnames made from them must be labels too. The hash keeps `a.b` and `a-b` apart;
+    the length stays within MAX_JOB_NAME, so the pods' suffixes still fit in 63."""
+    base = f"{name}-{backend(resource)}"
+    if _DNS_1035_LABEL.match(base):
+        return base
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    safe = re.sub(r"[^a-z0-9-]", "-", name)
+    return f"{f'k{digest}-{safe}'[:MAX_JOB_NAME]}-{backend(resource)}"
+
+
 def child_names(resource: Resource, name: str) -> ChildNames:
     """Fixed names: the same job always maps to the same children (create-or-get)."""
-    base = f"{name}-{backend(resource)}"
+    base = child_base_name(resource, name)
     return ChildNames(
         base=base,
         config_map=f"{base}-config",
@@ -219,7 +240,11 @@ def _volumes_and_mounts(inputs: JobInputs) -> tuple[list[dict[str, Any]], list[d
             mount["subPath"] = pvc["path"]
         mounts.append(mount)
     mounts.append(
-        {"name": volume_for(inputs.settings.output_claim), "mountPath": c.OUTPUT_MOUNT, "subPath": inputs.name}
+        {
+            "name": volume_for(inputs.settings.output_claim),
+            "mountPath": c.OUTPUT_MOUNT,
+            "subPath": output_subpath(inputs),
+        }
     )
 
     volumes: list[dict[str, Any]] = [
@@ -340,12 +365,40 @@ def _child_labels(inputs: JobInputs) -> dict[str, str]:
     return {c.LABEL_KUEUE_QUEUE: queue} if queue else {}
 
 
+def _child_metadata(inputs: JobInputs, name: str) -> dict[str, Any]:
+    metadata = _metadata(inputs, name, _child_labels(inputs))
+    annotations = {}
+    if inputs.generation is not None:
+        annotations[c.ANNOTATION_SPEC_GENERATION] = str(inputs.generation)
+    if inputs.output_model is not None:
+        annotations[c.ANNOTATION_OUTPUT_MODEL] = inputs.output_model
+    if annotations:
+        metadata["annotations"] = annotations
+    return metadata
+
+
+def child_ref(resource: Resource, name: str, spec: JobSpec) -> dict[str, str]:
+    """Which workload runs a job, decided by the builders alone (never read back from
+    the job's status, which others may write)."""
+    if uses_pytorchjob(spec):
+        return {"apiVersion": c.PYTORCHJOB_API_VERSION, "kind": "PyTorchJob", "name": child_names(resource, name).child}
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": child_names(resource, name).child}
+
+
+def suspend_patch(spec: JobSpec, generation: int | None) -> dict[str, Any]:
+    """Pass `spec.suspend` on to the child, recording the generation it came from."""
+    annotations = {"metadata": {"annotations": {c.ANNOTATION_SPEC_GENERATION: str(generation)}}}
+    if uses_pytorchjob(spec):
+        return {**annotations, "spec": {"runPolicy": {"suspend": spec.suspend}}}
+    return {**annotations, "spec": {"suspend": spec.suspend}}
+
+
 def build_batch_job(inputs: JobInputs) -> dict[str, Any]:
     names = child_names(inputs.resource, inputs.name)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(inputs, names.child, _child_labels(inputs)),
+        "metadata": _child_metadata(inputs, names.child),
         "spec": {
             "suspend": inputs.spec.suspend,
             "completions": 1,
@@ -381,7 +434,7 @@ def build_pytorchjob(inputs: JobInputs) -> dict[str, Any]:
     return {
         "apiVersion": c.PYTORCHJOB_API_VERSION,
         "kind": "PyTorchJob",
-        "metadata": _metadata(inputs, names.child, _child_labels(inputs)),
+        "metadata": _child_metadata(inputs, names.child),
         "spec": {
             "nprocPerNode": str(inputs.spec.parallelism.num_gpus_per_node),
             "runPolicy": {
@@ -403,8 +456,25 @@ def build_all(inputs: JobInputs) -> list[dict[str, Any]]:
     return [build_config_map(inputs), *build_trainer_identity(inputs), build_child(inputs)]
 
 
+def default_output_model_name(name: str, spec: JobSpec) -> str:
+    return spec.output.name or f"{name}-output"
+
+
 def output_model_name(inputs: JobInputs) -> str:
-    return inputs.spec.output.name or f"{inputs.name}-output"
+    return inputs.output_model or default_output_model_name(inputs.name, inputs.spec)
+
+
+def fallback_output_model_name(preferred: str, uid: str) -> str:
+    """For a job whose output name a Model of another producer already holds (an earlier
+    job of the same name, a job of the other kind): the uid tells them apart."""
+    return f"{preferred}-{uid[:8]}"
+
+
+def output_subpath(inputs: JobInputs) -> str:
+    """The job's directory on the output claim: `<name>/<uid>`. Keyed by uid, so an
+    AutomodelJob and an UnslothJob of one name, or a job deleted and made again, never
+    share outputs or resume from each other's checkpoints."""
+    return f"{inputs.name}/{inputs.uid}"
 
 
 def output_format(spec: JobSpec) -> str:
@@ -426,7 +496,9 @@ def build_output_model(inputs: JobInputs) -> dict[str, Any]:
     base = inputs.entities.get("model")
     base_ref = inputs.spec.model if isinstance(inputs.spec, AutomodelJobSpec) else inputs.spec.model.name
     spec: dict[str, Any] = {
-        "storage": {"pvc": {"claimName": inputs.settings.output_claim, "path": f"{inputs.name}/{output_dir(fmt)}"}},
+        "storage": {
+            "pvc": {"claimName": inputs.settings.output_claim, "path": f"{output_subpath(inputs)}/{output_dir(fmt)}"}
+        },
         "format": fmt,
         "description": inputs.spec.output.description or f"Produced by {inputs.resource.kind} {inputs.name}",
     }
@@ -436,7 +508,7 @@ def build_output_model(inputs: JobInputs) -> dict[str, Any]:
         for key in ("tokenizer", "vocabSize"):
             if base.spec.get(key) is not None:
                 spec[key] = base.spec[key]
-    metadata = _metadata(inputs, output_model_name(inputs))
+    metadata = _metadata(inputs, output_model_name(inputs), {c.LABEL_JOB_UID: inputs.uid})
     # Not owned by the job: deleting a finished job must not delete the model it made.
     del metadata["ownerReferences"]
     return {"apiVersion": c.API_VERSION, "kind": c.KIND_MODEL, "metadata": metadata, "spec": spec}

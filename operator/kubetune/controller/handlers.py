@@ -53,8 +53,8 @@ async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 
 async def on_child_event(body: kopf.Body, type: str | None, namespace: str | None, **_: Any) -> None:
     key = _job_key(body["metadata"].get("labels") or {}, namespace)
-    if key is not None and type != "DELETED":
-        await _rec().on_child(key, dict(body))
+    if key is not None:
+        await _rec().on_child(key, dict(body), deleted=type == "DELETED")
 
 
 async def on_pod_event(body: kopf.Body, type: str | None, namespace: str | None, **_: Any) -> None:
@@ -100,6 +100,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
+    # Server-side filters: without them the pod watch carried every pod of the cluster
+    # (decoded, then dropped by the handler's client-side label filter). Claims carry no
+    # label of ours (users make them), so their watch stays unfiltered.
+    managed = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
+    for selector in ("pods", "batch/jobs", "kubeflow.org/pytorchjobs"):
+        settings.watching.label_selectors[selector] = managed
 
 
 async def run_operator(
@@ -112,6 +118,7 @@ async def run_operator(
     client = KubeClient.from_environment()
     _reconciler = Reconciler(client, settings, _post_event)
     try:
+        await _reconciler.prime_children(namespaces)
         await kopf.operator(
             registry=registry,
             standalone=True,

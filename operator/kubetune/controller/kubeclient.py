@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import ssl
 import tempfile
@@ -28,7 +29,23 @@ class ApiError(Exception):
         self.status = status
         self.body = body
         self.reason = str(body.get("reason", ""))
-        super().__init__(f"{method} {path}: {status} {body.get('message', body)}")
+        self.message = str(body.get("message", body))
+        super().__init__(f"{method} {path}: {status} {self.message}")
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the API server refused the request on purpose, as a condition reason:
+        QuotaExceeded (a ResourceQuota), AdmissionRefused (a webhook or an admission
+        policy). None for anything else, an RBAC 403 included: that is the operator's
+        own missing permission, which an admin may still grant."""
+        if self.status != 403:
+            return None
+        text = self.message
+        if "exceeded quota" in text:
+            return "QuotaExceeded"
+        if "admission webhook" in text or "ValidatingAdmissionPolicy" in text or "denied request" in text:
+            return "AdmissionRefused"
+        return None
 
 
 def _write_temp(data: str | bytes) -> str:
@@ -132,13 +149,24 @@ class KubeClient:
             params=params,
             headers=self._headers(content_type if body is not None else None),
         ) as response:
-            data = await response.json(content_type=None) if response.content_length != 0 else {}
+            text = await response.text()
+            try:
+                data = json.loads(text) if text else {}
+            except ValueError:
+                # A proxy, a load balancer or a webhook may answer in plain text or HTML:
+                # that is an API error with that text, not a crash of the pass.
+                if response.status < 400:
+                    raise ApiError(response.status, {"message": f"not JSON: {text[:200]}"}, method, path) from None
+                data = {"message": text[:500]}
             if response.status >= 400:
                 raise ApiError(response.status, data if isinstance(data, dict) else {"message": data}, method, path)
             return data if isinstance(data, dict) else {}
 
     async def get(self, path: str) -> dict[str, Any]:
         return await self.request("GET", path)
+
+    async def list(self, path: str, label_selector: str | None = None) -> dict[str, Any]:
+        return await self.request("GET", path, params={"labelSelector": label_selector} if label_selector else None)
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -29,8 +29,8 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "resources": ["automodeljobs/finalizers", "unslothjobs/finalizers"],
         "verbs": ["update"],
     },
-    # The output Model entity of a finished job.
-    {"apiGroups": [c.GROUP], "resources": ["models"], "verbs": ["create"]},
+    # The output Model entity of a finished job (get: whose is a Model of that name, after a 409).
+    {"apiGroups": [c.GROUP], "resources": ["models"], "verbs": ["get", "create"]},
     # The workloads: a PyTorchJob (multi-GPU / multi-node) or a batch Job (one GPU).
     # get after a create answered 409; patch passes suspend on.
     {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
@@ -20,7 +20,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from kubetune import constants as c
-from kubetune.api.resources import BY_KIND, Resource
+from kubetune.api.resources import BY_KIND
 from kubetune.controller import status as st
 from kubetune.controller.builders import (
     MAX_JOB_NAME,
@@ -28,9 +28,12 @@ from kubetune.controller.builders import (
     OperatorSettings,
     build_all,
     build_output_model,
-    child_names,
+    child_ref,
+    default_output_model_name,
+    fallback_output_model_name,
     output_format,
     output_model_name,
+    suspend_patch,
     total_gpus,
 )
 from kubetune.controller.kubeclient import ApiError, KubeClient, object_path
@@ -61,6 +64,8 @@ class World:
 
     entities: dict[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
     claims: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Model (namespace, name) -> uid of the job that produced it (label), "" for one made by hand.
+    producers: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def lookup(self, kind: str, namespace: str, name: str) -> EntityRecord | None:
         spec = self.entities.get((kind, namespace, name))
@@ -68,6 +73,14 @@ class World:
             return None
         pvc = (spec.get("storage") or {}).get("pvc") or {}
         return entity_record(kind, namespace, name, spec, self.claims.get((namespace, pvc.get("claimName", ""))))
+
+
+def _job_key(child: Mapping[str, Any]) -> JobKey | None:
+    """The job a child or pod belongs to, from the labels the builders put on it."""
+    meta = child.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    name, kind, namespace = labels.get(c.LABEL_JOB_NAME), labels.get(c.LABEL_JOB_KIND), meta.get("namespace")
+    return (kind, namespace, name) if name and kind in BY_KIND and namespace else None
 
 
 def _body_ref(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,6 +106,9 @@ class Reconciler:
         self._locks: dict[JobKey, asyncio.Lock] = {}
         self._failures: dict[JobKey, int] = {}
         self._retries: dict[JobKey, asyncio.Task[None]] = {}
+        self._specs: dict[JobKey, tuple[tuple[Any, Any], JobSpec | str]] = {}
+        self._refusals: dict[JobKey, int] = {}  # refusals in a row (quota, admission), for the backoff
+        self._outputs_made: dict[JobKey, str] = {}  # output Model created (or found) by this process
 
     def _lock(self, key: JobKey) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -124,21 +140,33 @@ class Reconciler:
             self._retries.pop(key, None)
             async with self._lock(key):
                 if key in self.jobs:
-                    await self._guarded(key, partial(self._full_pass, key))
+                    await self._guarded(key, partial(self._reconcile, key))
 
         self._retries[key] = asyncio.create_task(retry())
 
-    async def _full_pass(self, key: JobKey) -> None:
-        await self._reconcile(key)
-        if key in self.children and key in self.jobs:
-            await self._sync_child_status(key)
-
     # --- jobs -------------------------------------------------------------------------
+    # Trust: a job's status is written by the operator AND by the trainer's per-job
+    # identity (progress), so nothing in it steers a request. The child's kind and name
+    # come from the builders, the generation last passed on from an annotation on the
+    # child, and every field but `progress` is computed whole from the child on each pass,
+    # so a forged phase, condition, child or output is overwritten by the next pass (which
+    # the forging write itself triggers). The one fact read from status is that a job
+    # without a child finished: its child is gone (deleted by hand, a TTL) and the
+    # outcome stands (docs/OPERATOR.md, "What status is trusted").
 
     def forget_job(self, key: JobKey) -> None:
-        for table in (self.jobs, self.children, self.blockers, self._locks, self._failures):
+        for table in (
+            self.jobs,
+            self.children,
+            self.blockers,
+            self._locks,
+            self._failures,
+            self._specs,
+            self._refusals,
+        ):
             table.pop(key, None)
         self.waiting.discard(key)
+        self._outputs_made.pop(key, None)
         retry = self._retries.pop(key, None)
         if retry is not None:
             retry.cancel()
@@ -147,6 +175,9 @@ class Reconciler:
         meta = body["metadata"]
         key = (body["kind"], meta["namespace"], meta["name"])
         async with self._lock(key):
+            known = self.jobs.get(key)
+            if known is not None and known["metadata"].get("uid") != meta.get("uid"):
+                self.forget_job(key)  # deleted and re-created under the same name
             self.jobs[key] = dict(body)
             await self._guarded(key, partial(self._reconcile, key))
 
@@ -155,6 +186,53 @@ class Reconciler:
             async with self._lock(key):
                 if key in self.jobs:
                     await self._guarded(key, partial(self._reconcile, key))
+
+    async def prime_children(self, namespaces: Sequence[str]) -> None:
+        """Before the watches start: list the children that exist, so that a job's first
+        pass knows its child without trusting status (and makes no create request for a
+        child that is already there). Children the watches deliver later update this."""
+        for plural_path in ("/apis/batch/v1", f"/apis/{c.PYTORCHJOB_API_VERSION}"):
+            plural = "jobs" if plural_path.endswith("batch/v1") else "pytorchjobs"
+            targets: list[str | None] = [*namespaces] or [None]
+            for namespace in targets:
+                where = f"{plural_path}/namespaces/{namespace}/{plural}" if namespace else f"{plural_path}/{plural}"
+                try:
+                    listed = await self.client.list(where, label_selector=f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}")
+                except ApiError as err:
+                    if err.status == 404:  # the kind is not installed (yet)
+                        continue
+                    raise
+                kind = "Job" if plural == "jobs" else "PyTorchJob"
+                for item in listed.get("items") or []:
+                    # List items of built-in kinds carry no apiVersion or kind of their own.
+                    item = {**item, "apiVersion": listed.get("apiVersion"), "kind": kind}
+                    key = _job_key(item)
+                    if key is not None:
+                        self.children[key] = item
+
+    def _spec(self, key: JobKey) -> JobSpec | str:
+        """The validated spec, once per generation (pydantic on every pod event adds up)."""
+        meta = self.jobs[key]["metadata"]
+        stamp = (meta.get("uid"), meta.get("generation"))
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        resource = BY_KIND[key[0]]
+        try:
+            spec: JobSpec | str = cast(JobSpec, resource.spec_model.model_validate(self.jobs[key].get("spec") or {}))
+        except ValidationError as err:
+            spec = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        self._specs[key] = (stamp, spec)
+        return spec
+
+    def _own_child(self, key: JobKey) -> Mapping[str, Any] | None:
+        """The cached child, if it belongs to this job (not to an earlier job of the name)."""
+        child = self.children.get(key)
+        if child is None:
+            return None
+        uid = self.jobs[key]["metadata"].get("uid")
+        owners = (child.get("metadata") or {}).get("ownerReferences") or []
+        return child if any(o.get("uid") == uid for o in owners) else None
 
     async def _write_status(self, key: JobKey, update: Mapping[str, Any]) -> None:
         body = self.jobs[key]
@@ -196,18 +274,15 @@ class Reconciler:
     async def _reconcile(self, key: JobKey) -> None:
         body = self.jobs[key]
         meta, current = body["metadata"], body.get("status") or {}
-        if meta.get("deletionTimestamp") or current.get("phase") in st.TERMINAL:
+        if meta.get("deletionTimestamp"):
             self.waiting.discard(key)
             return
-        resource = BY_KIND[key[0]]
         generation = meta.get("generation")
         now = st.now_rfc3339()
-        try:
-            spec = cast(JobSpec, resource.spec_model.model_validate(body.get("spec") or {}))
-        except ValidationError as err:
+        spec = self._spec(key)
+        if isinstance(spec, str):
             # The API server's schema should have refused this; say why instead of crash-looping.
-            message = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-            await self._fail(key, "InvalidSpec", message, generation, now)
+            await self._fail(key, "InvalidSpec", spec, generation, now)
             return
         if len(key[2]) > MAX_JOB_NAME:
             await self._fail(
@@ -218,19 +293,34 @@ class Reconciler:
                 now,
             )
             return
-        if current.get("child"):
-            await self._sync_started(key, resource, spec, generation, now)
+        child = self._own_child(key)
+        if child is None:
+            if current.get("phase") in st.TERMINAL:
+                self.waiting.discard(key)
+                return
+            await self._start(key, spec, generation, now)
             return
+        await self._pass_suspend(key, spec, child, generation)
+        await self._write_status(key, await self._status_from_child(key, spec, generation, now))
 
+    async def _start(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> None:
+        """Resolve the references and create the job's objects (create-or-get)."""
+        if self._refusals.get(key) and key in self._retries:
+            return  # refused and waiting for its slow retry: events (our own writes too) do not hurry it
+        body = self.jobs[key]
+        meta, current = body["metadata"], body.get("status") or {}
         resolution = resolve_references(spec, key[1], self.world.lookup)
         problems = list(resolution.problems) + self._claim_problems(key[1], resolution.entities)
+        output_model, output_problem = self._output_model_name(key, spec, meta["uid"])
+        if output_problem is not None:
+            problems.append(output_problem)
         if problems:
             self.waiting.add(key)
             await self._write_status(key, self._pending(current, problems, generation, now))
             return
         self.waiting.discard(key)
         inputs = JobInputs(
-            resource,
+            BY_KIND[key[0]],
             key[2],
             key[1],
             meta["uid"],
@@ -239,6 +329,8 @@ class Reconciler:
             self.settings,
             dict(meta.get("labels") or {}),
             dict(meta.get("annotations") or {}),
+            generation,
+            output_model,
         )
         *support, child = build_all(inputs)
         uid = meta["uid"]
@@ -246,40 +338,98 @@ class Reconciler:
             # Two round trips instead of five: the pod needs its ConfigMap and ServiceAccount
             # before the child exists, and a RoleBinding needs its Role first.
             await asyncio.gather(*(self._create_or_get(o, uid) for o in support if o["kind"] != "RoleBinding"))
-            await asyncio.gather(
+            *_, made = await asyncio.gather(
                 *(self._create_or_get(o, uid) for o in [*(o for o in support if o["kind"] == "RoleBinding"), child])
             )
+        except _Leftover as err:
+            # Deleted and applied again: the garbage collector is still removing the
+            # earlier job's objects. Wait for it instead of failing.
+            problem = ReferenceProblem("metadata.name", "PreviousJobCleanup", str(err), waiting=True)
+            await self._write_status(key, self._pending(current, [problem], generation, now))
+            self._retry_later(key, LEFTOVER_RETRY_S)
+            return
         except _Conflict as err:
             await self._fail(key, "ChildNameTaken", str(err), generation, now)
             return
         except ApiError as err:
+            if err.refusal is not None:
+                # A quota or a policy said no: that may change (quota frees, an admin edits
+                # the policy), so the job shows why and asks again on a slow backoff.
+                await self._refused(key, err, generation, now)
+                return
             if is_transient(err):
                 raise
-            # The API server refused what we built (an admission webhook, a quota): say so.
+            # The API server found what we built invalid: no retry will fix it.
             await self._fail(key, "WorkloadRejected", str(err), generation, now)
             return
-        names = child_names(resource, key[2])
-        child_kind = child["kind"]
-        conditions = st.set_condition(
-            current.get("conditions"), st.COND_REFERENCES, True, "Resolved", "every reference resolved", generation, now
-        )
-        conditions = st.set_condition(
-            conditions, st.COND_CREATED, True, "Created", f"created {child_kind} {names.child}", generation, now
-        )
-        # Fold in what the child says now (just created, or already seen), so that its
+        self._refusals.pop(key, None)
+        # Fold in what the child says now (just created, or already there), so that its
         # first watch event finds nothing to change: one status write, not two.
-        seen = self.children.get(key, child)
-        state = st.pytorchjob_state(seen) if child_kind == "PyTorchJob" else st.batch_job_state(seen)
+        if self._own_child(key) is None:
+            self.children[key] = {**made, "apiVersion": child["apiVersion"], "kind": child["kind"]}
+        await self._pass_suspend(key, spec, self.children[key], generation)
+        await self._write_status(key, await self._status_from_child(key, spec, generation, now))
+
+    async def _refused(self, key: JobKey, err: ApiError, generation: int | None, now: str) -> None:
+        refusals = self._refusals[key] = self._refusals.get(key, 0) + 1
+        delay = min(REFUSED_RETRY_MAX_S, REFUSED_RETRY_FIRST_S * 2 ** (refusals - 1))
+        current = self.jobs[key].get("status") or {}
+        message = f"{err.message} (asking again in {delay:.0f} s)"
+        conditions = st.owned_conditions(
+            current.get("conditions"),
+            [
+                (st.COND_REFERENCES, True, "Resolved", "every reference resolved"),
+                (st.COND_CREATED, False, str(err.refusal), message),
+            ],
+            generation,
+            now,
+        )
+        update = {"phase": st.PENDING, "conditions": conditions, "observedGeneration": generation, "child": None}
+        await self._write_status(key, {**update, "output": None, "startTime": None, "completionTime": None})
+        log.warning("%s %s/%s: %s", *key, message)
+        if refusals == 1 and key in self.jobs:
+            self.post_event(_body_ref(self.jobs[key]), "Warning", str(err.refusal), err.message)
+        self._retry_later(key, delay)
+
+    async def _status_from_child(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> dict[str, Any]:
+        """Every status field but the trainer's `progress`, from the child and its pods."""
+        resource = BY_KIND[key[0]]
+        child = self.children[key]
+        ref = child_ref(resource, key[2], spec)
+        state = st.pytorchjob_state(child) if ref["kind"] == "PyTorchJob" else st.batch_job_state(child)
         blocker = next(iter(sorted((self.blockers.get(key) or {}).values())), None)
+        current = self.jobs[key].get("status") or {}
         update: dict[str, Any] = {
-            **st.status_from_child({**current, "conditions": conditions}, state, generation, now, blocker),
+            **st.status_from_child(current, state, generation, now, blocker, f"created {ref['kind']} {ref['name']}"),
             "observedGeneration": generation,
             "gpus": total_gpus(spec),
-            "child": {"apiVersion": child["apiVersion"], "kind": child_kind, "name": names.child},
+            "child": ref,
+            "output": None,
         }
         if state.phase == st.SUCCEEDED:
             update["output"] = await self._create_output_model(key)
-        await self._write_status(key, update)
+        return update
+
+    async def _pass_suspend(self, key: JobKey, spec: JobSpec, child: Mapping[str, Any], generation: int | None) -> None:
+        """After the child exists only `suspend` may change (CEL): pass a new generation on,
+        once. Edge-triggered on purpose: Kueue suspends and resumes the child itself, and a
+        level-based copy of spec.suspend would undo its admission decisions."""
+        annotations = (child.get("metadata") or {}).get("annotations") or {}
+        passed = annotations.get(c.ANNOTATION_SPEC_GENERATION)
+        if passed == str(generation):
+            return
+        ref = child_ref(BY_KIND[key[0]], key[2], spec)
+        state = st.pytorchjob_state(child) if ref["kind"] == "PyTorchJob" else st.batch_job_state(child)
+        if state.phase in st.TERMINAL:
+            return  # nothing left to suspend or resume
+        path = object_path({**ref, "metadata": {"namespace": key[1], "name": ref["name"]}})
+        if passed is None:
+            # Made by a version that did not record it: adopt the child as it is.
+            patch: dict[str, Any] = {"metadata": {"annotations": {c.ANNOTATION_SPEC_GENERATION: str(generation)}}}
+        else:
+            patch = suspend_patch(spec, generation)
+        patched = await self.client.merge_patch(path, patch)
+        self.children[key] = {**patched, "apiVersion": ref["apiVersion"], "kind": ref["kind"]}
 
     def _claim_problems(self, namespace: str, entities: Mapping[str, EntityRecord]) -> list[ReferenceProblem]:
         problems = []
@@ -306,15 +456,25 @@ class Reconciler:
     ) -> dict[str, Any]:
         first = problems[0]
         message = "; ".join(p.message for p in problems)
-        conditions = st.set_condition(
-            current.get("conditions"), st.COND_REFERENCES, False, first.reason, message, generation, now
+        conditions = st.owned_conditions(
+            current.get("conditions"), [(st.COND_REFERENCES, False, first.reason, message)], generation, now
         )
-        return {"phase": st.PENDING, "conditions": conditions, "observedGeneration": generation}
+        return {
+            "phase": st.PENDING,
+            "conditions": conditions,
+            "observedGeneration": generation,
+            "child": None,
+            "output": None,
+            "startTime": None,
+            "completionTime": None,
+        }
 
     async def _fail(self, key: JobKey, reason: str, message: str, generation: int | None, now: str) -> None:
         self.waiting.discard(key)
         current = self.jobs[key].get("status") or {}
-        conditions = st.set_condition(current.get("conditions"), st.COND_FAILED, True, reason, message, generation, now)
+        conditions = st.owned_conditions(
+            current.get("conditions"), [(st.COND_FAILED, True, reason, message)], generation, now
+        )
         await self._write_status(
             key,
             {
@@ -322,6 +482,8 @@ class Reconciler:
                 "conditions": conditions,
                 "observedGeneration": generation,
                 "completionTime": current.get("completionTime") or now,
+                "child": None,
+                "output": None,
             },
         )
 
@@ -335,65 +497,66 @@ class Reconciler:
         owners = existing.get("metadata", {}).get("ownerReferences") or []
         if any(o.get("uid") == owner_uid for o in owners):
             return existing
+        labels, ours = existing.get("metadata", {}).get("labels") or {}, obj["metadata"]["labels"]
+        same_job = all(labels.get(k) == ours[k] for k in (c.LABEL_JOB_NAME, c.LABEL_JOB_KIND, c.LABEL_MANAGED_BY))
+        # Owned by a job of this kind and name with another uid: that job is gone (names are
+        # unique), so the garbage collector will remove it. An orphan would stay forever.
+        if same_job and owners and all(o.get("kind") == ours[c.LABEL_JOB_KIND] for o in owners):
+            raise _Leftover(
+                f"{obj['kind']} {obj['metadata']['name']} of an earlier {ours[c.LABEL_JOB_KIND]} of this name still "
+                "exists; waiting for the garbage collector to remove it"
+            )
         raise _Conflict(f"{obj['kind']} {obj['metadata']['name']} already exists and belongs to something else")
 
-    async def _sync_started(self, key: JobKey, resource: Resource, spec: Any, generation: int | None, now: str) -> None:
-        """After the child exists, only `suspend` may change: pass it on."""
-        current = self.jobs[key].get("status") or {}
-        if current.get("observedGeneration") == generation:
-            return
-        child = current["child"]
-        path = object_path(
-            {
-                "apiVersion": child["apiVersion"],
-                "kind": child["kind"],
-                "metadata": {"namespace": key[1], "name": child["name"]},
-            }
-        )
-        patch = (
-            {"spec": {"runPolicy": {"suspend": spec.suspend}}}
-            if child["kind"] == "PyTorchJob"
-            else {"spec": {"suspend": spec.suspend}}
-        )
-        await self.client.merge_patch(path, patch)
-        await self._write_status(key, {"observedGeneration": generation})
+    def _output_model_name(self, key: JobKey, spec: JobSpec, uid: str) -> tuple[str | None, ReferenceProblem | None]:
+        """The output Model's name if not the default, or why the job must wait: a Model
+        of the name that this job did not make is never overwritten or shared."""
+        name = default_output_model_name(key[2], spec)
+        producer = self.world.producers.get((key[1], name))
+        if (c.KIND_MODEL, key[1], name) not in self.world.entities or producer == uid:
+            return None, None
+        if spec.output.name:
+            return None, ReferenceProblem(
+                "spec.output.name",
+                "OutputNameTaken",
+                f"spec.output.name: Model {name} already exists in namespace {key[1]} and was not made by this job; "
+                "choose another spec.output.name, or delete that Model",
+                waiting=True,
+            )
+        return fallback_output_model_name(name, uid), None
 
     # --- children and pods ------------------------------------------------------------------
 
-    async def on_child(self, key: JobKey, child: Mapping[str, Any]) -> None:
+    async def on_child(self, key: JobKey, child: Mapping[str, Any], deleted: bool = False) -> None:
         async with self._lock(key):
-            self.children[key] = child
+            if deleted:
+                cached = self.children.get(key)
+                if cached is not None and cached["metadata"].get("uid") == child["metadata"].get("uid"):
+                    del self.children[key]
+            else:
+                self.children[key] = child
             if key in self.jobs:
-                await self._guarded(key, partial(self._sync_child_status, key))
+                # A deleted child of a job that has not finished is made again: the trainer
+                # resumes from its checkpoint on the output claim.
+                await self._guarded(key, partial(self._reconcile, key))
 
     async def on_pod(self, key: JobKey, pod: Mapping[str, Any], deleted: bool) -> None:
         name = pod["metadata"]["name"]
         blocker = None if deleted else st.pod_blocker(pod)
         pods = self.blockers.setdefault(key, {})
         if (pods.get(name) == blocker) or (blocker is None and name not in pods):
+            if not pods:
+                self.blockers.pop(key, None)
             return
         if blocker is None:
             pods.pop(name, None)
         else:
             pods[name] = blocker
+        if not pods:
+            self.blockers.pop(key, None)
         async with self._lock(key):
             if key in self.jobs and key in self.children:
-                await self._guarded(key, partial(self._sync_child_status, key))
-
-    async def _sync_child_status(self, key: JobKey) -> None:
-        body = self.jobs[key]
-        current = body.get("status") or {}
-        if not current.get("child") or current.get("phase") in st.TERMINAL:
-            return
-        child = self.children[key]
-        state = st.pytorchjob_state(child) if child.get("kind") == "PyTorchJob" else st.batch_job_state(child)
-        blockers = self.blockers.get(key) or {}
-        blocker = next(iter(sorted(blockers.values())), None)
-        generation = body["metadata"].get("generation")
-        update = st.status_from_child(current, state, generation, st.now_rfc3339(), blocker)
-        if state.phase == st.SUCCEEDED:
-            update["output"] = await self._create_output_model(key)
-        await self._write_status(key, update)
+                await self._guarded(key, partial(self._reconcile, key))
 
     async def _create_output_model(self, key: JobKey) -> dict[str, str]:
         body = self.jobs[key]
@@ -409,13 +572,41 @@ class Reconciler:
             resolution.entities,
             self.settings,
         )
+        annotations = (self.children[key].get("metadata") or {}).get("annotations") or {}
+        inputs = replace(inputs, output_model=annotations.get(c.ANNOTATION_OUTPUT_MODEL))
+        made = self._outputs_made.get(key)
+        if made is None:
+            made = await self._create_model_once(inputs)
+            if made is None:
+                # Taken meanwhile by a Model this job did not make (two jobs finishing with one
+                # name): keep the result under a name of its own rather than lose it.
+                preferred = output_model_name(inputs)
+                inputs = replace(inputs, output_model=fallback_output_model_name(preferred, inputs.uid))
+                made = await self._create_model_once(inputs)
+                if made is None:
+                    raise ApiError(409, {"message": f"Model {output_model_name(inputs)} is taken"}, "POST", "models")
+                self.post_event(
+                    _body_ref(self.jobs[key]),
+                    "Warning",
+                    "OutputNameTaken",
+                    f"Model {preferred} was made by another job meanwhile; the output is Model {made}",
+                )
+            self._outputs_made[key] = made
+        return {"model": made, "format": output_format(inputs.spec)}
+
+    async def _create_model_once(self, inputs: JobInputs) -> str | None:
+        """Create the output Model; its name, or None when the name holds a Model of
+        another producer (told by the kubetune.io/job-uid label)."""
         model = build_output_model(inputs)
         try:
             await self.client.create(model)
         except ApiError as err:
             if err.status != 409:
                 raise
-        return {"model": output_model_name(inputs), "format": output_format(inputs.spec)}
+            existing = await self.client.get(object_path(model))
+            if (existing.get("metadata", {}).get("labels") or {}).get(c.LABEL_JOB_UID) != inputs.uid:
+                return None
+        return str(model["metadata"]["name"])
 
     # --- entities and claims -----------------------------------------------------------------
 
@@ -424,9 +615,13 @@ class Reconciler:
         ekey = (body["kind"], meta["namespace"], meta["name"])
         if deleted:
             self.world.entities.pop(ekey, None)
+            self.world.producers.pop((meta["namespace"], meta["name"]), None)
             self.entity_ready.pop(ekey, None)
         else:
             self.world.entities[ekey] = body.get("spec") or {}
+            if body["kind"] == c.KIND_MODEL:
+                producer = (meta.get("labels") or {}).get(c.LABEL_JOB_UID, "")
+                self.world.producers[(meta["namespace"], meta["name"])] = producer
             ready = (body.get("status") or {}).get("ready")
             if ready is not None:
                 self.entity_ready[ekey] = bool(ready)
@@ -480,8 +675,18 @@ class _Conflict(Exception):
     pass
 
 
+class _Leftover(Exception):
+    """An object of the job's name left by an earlier job of the same name."""
+
+
+LEFTOVER_RETRY_S = 2.0
+
+
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 60.0
+# A refusal (quota, admission policy) changes only when someone acts: ask less often.
+REFUSED_RETRY_FIRST_S = 5.0
+REFUSED_RETRY_MAX_S = 600.0
 
 
 def is_transient(err: BaseException) -> bool:
@@ -489,4 +694,6 @@ def is_transient(err: BaseException) -> bool:
     that an administrator may still grant."""
     if isinstance(err, aiohttp.ClientError | asyncio.TimeoutError):
         return True
-    return isinstance(err, ApiError) and (err.status >= 500 or err.status in (403, 429))
+    if not isinstance(err, ApiError):
+        return False
+    return err.status >= 500 or err.status == 429 or (err.status == 403 and err.refusal is None)

@@ -88,10 +88,18 @@ def batch_job_state(job: Mapping[str, Any]) -> ChildState:
     # SuccessCriteriaMet comes before Complete (which waits for pod finalizers): the
     # outcome is decided there, and reading it as "not running" would flap the phase.
     if cond := (_true(conditions, "Complete") or _true(conditions, "SuccessCriteriaMet")):
-        return ChildState(SUCCEEDED, "Completed", cond.get("message") or "the trainer finished", start, done)
+        return ChildState(
+            SUCCEEDED,
+            "Completed",
+            cond.get("message") or "the trainer finished",
+            start,
+            done or cond.get("lastTransitionTime"),
+        )
     if cond := (_true(conditions, "Failed") or _true(conditions, "FailureTarget")):
         reason = cond.get("reason") or "Failed"
-        return ChildState(FAILED, reason, cond.get("message") or "the trainer failed", start, done or now_rfc3339())
+        return ChildState(
+            FAILED, reason, cond.get("message") or "the trainer failed", start, done or cond.get("lastTransitionTime")
+        )
     if _true(conditions, "Suspended") or (job.get("spec") or {}).get("suspend"):
         return ChildState(SUSPENDED, "Suspended", "the Job is suspended", start)
     if (status.get("ready") or 0) > 0:
@@ -113,7 +121,7 @@ def pytorchjob_state(job: Mapping[str, Any]) -> ChildState:
         ("Running", RUNNING),
     ):
         if cond := _true(conditions, type_):
-            completion = done or (now_rfc3339() if phase in TERMINAL else None)
+            completion = (done or cond.get("lastTransitionTime")) if phase in TERMINAL else None
             return ChildState(phase, cond.get("reason") or type_, cond.get("message") or "", start, completion)
     if (job.get("spec") or {}).get("runPolicy", {}).get("suspend"):
         return ChildState(SUSPENDED, "Suspended", "the PyTorchJob is suspended", start)
@@ -141,38 +149,68 @@ def pod_blocker(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def owned_conditions(
+    current: Sequence[Mapping[str, Any]] | None,
+    wanted: Sequence[tuple[str, bool, str, str]],
+    generation: int | None,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Exactly the conditions the operator decides, in a fixed order: status is written
+    by others too (the trainer's identity may patch it), so anything not in `wanted`
+    is dropped rather than carried on. lastTransitionTime stays where status did not move."""
+    previous = {cond.get("type"): cond for cond in current or []}
+    out = []
+    for type_, status, reason, message in wanted:
+        value = "True" if status else "False"
+        before = previous.get(type_)
+        moved = before is None or before.get("status") != value or not before.get("lastTransitionTime")
+        out.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now if moved else before["lastTransitionTime"],  # type: ignore[index]
+                "observedGeneration": generation,
+            }
+        )
+    return out
+
+
 def status_from_child(
     current: Mapping[str, Any],
     state: ChildState,
     generation: int | None,
     now: str,
     blocker: tuple[str, str] | None = None,
+    created: str = "created the workload",
 ) -> dict[str, Any]:
-    """The job's new status fields given its child's state (and a pod's blocker)."""
+    """The job's phase, conditions and times, computed whole from its child's state
+    (and a pod's blocker): nothing of `current` but condition timestamps survives."""
     phase, reason, message = state.phase, state.reason, state.message
     if phase == PENDING and blocker is not None:
         reason, message = blocker
-    conditions = current.get("conditions")
-    conditions = set_condition(conditions, COND_RUNNING, phase == RUNNING, reason, message, generation, now)
-    conditions = set_condition(
-        conditions,
-        COND_SUSPENDED,
-        phase == SUSPENDED,
-        reason if phase == SUSPENDED else "NotSuspended",
-        message if phase == SUSPENDED else "",
-        generation,
-        now,
-    )
+    wanted = [
+        (COND_REFERENCES, True, "Resolved", "every reference resolved"),
+        (COND_CREATED, True, "Created", created),
+        (COND_RUNNING, phase == RUNNING, reason, message),
+        (
+            COND_SUSPENDED,
+            phase == SUSPENDED,
+            reason if phase == SUSPENDED else "NotSuspended",
+            message if phase == SUSPENDED else "",
+        ),
+    ]
     if phase == SUCCEEDED:
-        conditions = set_condition(conditions, COND_SUCCEEDED, True, reason, message, generation, now)
+        wanted.append((COND_SUCCEEDED, True, reason, message))
     if phase == FAILED:
-        conditions = set_condition(conditions, COND_FAILED, True, reason, message, generation, now)
-    out: dict[str, Any] = {"phase": phase, "conditions": conditions}
-    if state.start_time and not current.get("startTime"):
-        out["startTime"] = state.start_time
-    if phase in TERMINAL and not current.get("completionTime"):
-        out["completionTime"] = state.completion_time or now
-    return out
+        wanted.append((COND_FAILED, True, reason, message))
+    return {
+        "phase": phase,
+        "conditions": owned_conditions(current.get("conditions"), wanted, generation, now),
+        "startTime": state.start_time,
+        "completionTime": (state.completion_time or now) if phase in TERMINAL else None,
+    }
 
 
 def changed(current: Mapping[str, Any], update: Mapping[str, Any]) -> bool:
