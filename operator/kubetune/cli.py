@@ -109,7 +109,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         output_claim=args.output_claim,
     )
     ensure_identity()
-    asyncio.run(run_operator(settings, namespaces, args.health_port))
+    asyncio.run(run_operator(settings, namespaces, args.health_port, resync_seconds=args.resync_seconds))
     return 0
 
 
@@ -179,6 +179,13 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="serve GET /healthz on this port; 0 turns it off",
     )
     p.add_argument("--verbose", action="store_true", help="log every handled event (kopf.objects at INFO)")
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=300.0,
+        help="pass over every job this often with its child listed afresh, so a missed watch event "
+        "never leaves a job behind (0: never; default 300)",
+    )
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("run", help="train a job manifest on this machine, as its pod would")

@@ -28,7 +28,9 @@ JOB_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name not in ("enti
 def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     install_crds(cluster)
     kubeconfig = grant_operator(cluster)
-    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", ["--all-namespaces"])
+    # A short resync period, so that every test here also runs beside level-based passes.
+    args = ["--all-namespaces", "--resync-seconds", "20"]
+    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", args)
     proc.start()
     yield proc
     proc.stop()
@@ -142,31 +144,78 @@ def test_missing_reference_blocks_until_the_entity_appears(
     assert done["status"]["phase"] == "Succeeded"
 
 
-def test_cross_namespace_reference_needs_consent(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+def _claim_on_the_same_volume(cluster: Any, namespace: str, claim: str, source_namespace: str) -> None:
+    """A claim `claim` in `namespace` statically bound to a PersistentVolume with the same
+    backing (host path, for the local cluster's volumes) as `claim` in `source_namespace`."""
+    source = get(cluster, "pvc", claim, source_namespace)
+    volume = json.loads(cluster.kubectl("get", "pv", source["spec"]["volumeName"], "-o", "json").stdout)
+    backing = volume["spec"]["hostPath"]
+    pv_name = f"{namespace}-{claim}"
+    objects = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "capacity": {"storage": "10Gi"},
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": backing,
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "10Gi"}},
+                "storageClassName": "",
+                "volumeName": pv_name,
+            },
+        },
+    ]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
+
+
+def test_cross_namespace_reference_needs_consent_and_the_same_volume(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """A shared entity is mounted through a claim of the job's namespace, and only if that
+    claim is bound to the same backing volume as the entity's own claim. A claim that
+    merely has the same name (here: another volume) used to be trained on silently."""
     shared = f"{namespace}-shared"
     cluster.create_namespace(shared)
     try:
         prepare(cluster, shared)
-        prepare(cluster, namespace)
-        spec = {**LORA, "model": f"{shared}/smollm2-135m"}
+        apply(cluster, namespace, EXAMPLES / "storage.yaml")  # models, datasets: other volumes
+        spec = {**LORA, "model": f"{shared}/smollm2-135m", "dataset": {"training": f"{shared}/chat-train"}}
         apply(cluster, namespace, text=job("AutomodelJob", "borrow", spec))
         wait_condition_reason(
             cluster, operator, "automodeljob", "borrow", namespace, "ReferencesResolved", "ReferenceForbidden"
         )
-        cluster.kubectl(
-            "patch",
-            "models.kubetune.io",
-            "smollm2-135m",
-            "-n",
-            shared,
-            "--type=merge",
-            "-p",
-            json.dumps({"spec": {"sharedWith": [namespace]}}),
+        for kind, name in (("models.kubetune.io", "smollm2-135m"), ("filesets.kubetune.io", "chat-train")):
+            cluster.kubectl(
+                "patch", kind, name, "-n", shared, "--type=merge",
+                "-p", json.dumps({"spec": {"sharedWith": [namespace]}}),
+            )  # fmt: skip
+        body = wait_condition_reason(
+            cluster, operator, "automodeljob", "borrow", namespace, "ReferencesResolved", "ClaimNotShared"
         )
+        message = condition(body, "ReferencesResolved")["message"]
+        assert f"PersistentVolumeClaim models in namespace {namespace} is bound to another volume: Model" in message
+        assert not body["status"].get("child")
+        for claim in ("models", "datasets"):
+            cluster.kubectl("delete", "pvc", claim, "-n", namespace, "--wait=true", "--timeout=60s")
+            _claim_on_the_same_volume(cluster, namespace, claim, shared)
         done = wait_phase(cluster, operator, "automodeljob", "borrow", namespace, {"Succeeded", "Failed"})
         assert done["status"]["phase"] == "Succeeded"
     finally:
         cluster.kubectl("delete", "namespace", shared, "--wait=false", check=False)
+        for claim in ("models", "datasets"):
+            cluster.kubectl("delete", "pv", f"{namespace}-{claim}", "--wait=false", check=False)
 
 
 def test_suspend_passes_through_and_resumes(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
@@ -635,3 +684,77 @@ def test_outputs_never_collide(cluster: Any, operator: OperatorProcess, namespac
     assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
     output = get(cluster, "models.kubetune.io", done["status"]["output"]["model"], namespace)
     assert done["metadata"]["uid"] in output["spec"]["storage"]["pvc"]["path"]
+
+
+def test_resync_catches_what_the_watches_missed(
+    cluster: Any, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """A watch event that never arrives must not leave a job behind. Here the operator may
+    list batch Jobs but not watch them, so it never hears that the child finished: only
+    the periodic resync (listing the children afresh) can take the job to Succeeded."""
+    operator.stop()
+    prepare(cluster, namespace)
+    blind = [
+        {**r, "verbs": [v for v in r["verbs"] if v != "watch"]} if r["apiGroups"] == ["batch"] else r
+        for r in OPERATOR_RULES
+    ]
+    cluster.kubectl(
+        "patch", "clusterrole", "kubetune-operator-test", "--type=merge", "-p", json.dumps({"rules": blind})
+    )
+    proc = OperatorProcess(
+        operator.kubeconfig, tmp_path / "operator.log", ["--all-namespaces", "--resync-seconds", "2"]
+    )
+    try:
+        proc.start()
+        apply(cluster, namespace, text=job("AutomodelJob", "unheard", LORA))
+        done = wait_phase(cluster, proc, "automodeljob", "unheard", namespace, {"Succeeded", "Failed"}, timeout=60)
+        assert done["status"]["phase"] == "Succeeded"
+        assert get(cluster, "models.kubetune.io", done["status"]["output"]["model"], namespace)
+        assert "resync:" in proc.log_path.read_text()
+    finally:
+        grant_operator(cluster)
+        proc.stop()
+        operator.start()
+
+
+def test_operator_restarted_during_200_jobs_loses_none(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+    """The operator is killed while 200 jobs run; their children finish while it is down.
+    After a restart every job reaches its true final phase (some fail on purpose) and
+    every succeeded job has its output Model."""
+    prepare(cluster, namespace)
+    jobs = []
+    for i in range(200):
+        annotations = {"kubetune.io/fake-duration": f"{3 + i % 5}s"}
+        if i % 10 == 0:
+            annotations["kubetune.io/fake-fail"] = "true"
+        jobs.append(job("AutomodelJob", f"r{i:03d}", LORA, annotations))
+    apply(cluster, namespace, text="\n---\n".join(jobs))
+
+    def phases() -> dict[str, str | None]:
+        items = json.loads(cluster.kubectl("get", "automodeljobs", "-n", namespace, "-o", "json").stdout)["items"]
+        return {i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items}
+
+    deadline = time.monotonic() + 120
+    while sum(p in ("Running", "Succeeded", "Failed") for p in phases().values()) < 60:
+        operator.check_alive()
+        assert time.monotonic() < deadline, "60 jobs never got going"
+        time.sleep(0.5)
+    operator.kill()
+    time.sleep(10)  # children finish while nobody watches
+    finished_unseen = sum(p not in ("Succeeded", "Failed") for p in phases().values())
+    operator.start()
+    deadline = time.monotonic() + 300
+    while True:
+        current = phases()
+        if all(p in ("Succeeded", "Failed") for p in current.values()):
+            break
+        operator.check_alive()
+        pending = sorted(n for n, p in current.items() if p not in ("Succeeded", "Failed"))
+        assert time.monotonic() < deadline, f"not finished: {pending[:10]}...; log {operator.log_path}"
+        time.sleep(1)
+    expected = {f"r{i:03d}": "Failed" if i % 10 == 0 else "Succeeded" for i in range(200)}
+    assert current == expected
+    models = json.loads(cluster.kubectl("get", "models.kubetune.io", "-n", namespace, "-o", "json").stdout)["items"]
+    made = {(m["metadata"].get("labels") or {}).get("kubetune.io/job-name") for m in models}
+    assert made >= {name for name, phase in expected.items() if phase == "Succeeded"}
+    assert finished_unseen > 0  # the test did make the operator catch up on something

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.controller.rbac import OPERATOR_RULES
+from kubetune.controller.rbac import OPERATOR_RULES, VOLUME_RULES
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NAMESPACE = "kubetune-system"
@@ -29,48 +29,36 @@ def install_crds(cluster: Any) -> None:
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
 
 
+def _role_and_binding(
+    kind: str, name: str, rules: list[dict[str, Any]], subject: list[dict[str, str]], namespace: str | None = None
+) -> list[dict[str, Any]]:
+    """A Role or ClusterRole with `rules`, and its binding to `subject`."""
+    metadata: dict[str, str] = {"name": name, **({"namespace": namespace} if namespace else {})}
+    rbac = "rbac.authorization.k8s.io"
+    return [
+        {"apiVersion": f"{rbac}/v1", "kind": kind, "metadata": metadata, "rules": rules},
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": f"{kind}Binding",
+            "metadata": metadata,
+            "subjects": subject,
+            "roleRef": {"apiGroup": rbac, "kind": kind, "name": name},
+        },
+    ]
+
+
 def grant_operator(cluster: Any, namespace: str | None = None) -> Path:
-    """The chart's RBAC, from the same rules: ClusterRole, or a Role in `namespace`.
-    Returns a kubeconfig that authenticates as the operator's ServiceAccount."""
+    """The chart's RBAC, from the same rules: ClusterRole, or a Role in `namespace`, plus
+    the volume-read ClusterRole of either scope. Returns a kubeconfig that authenticates
+    as the operator's ServiceAccount."""
     cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
     cluster.kubectl("create", "serviceaccount", OPERATOR_SA, "-n", OPERATOR_NAMESPACE, check=False)
     subject = [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": OPERATOR_NAMESPACE}]
     if namespace is None:
-        objects = [
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRole",
-                "metadata": {"name": "kubetune-operator-test"},
-                "rules": OPERATOR_RULES,
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "ClusterRoleBinding",
-                "metadata": {"name": "kubetune-operator-test"},
-                "subjects": subject,
-                "roleRef": {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "ClusterRole",
-                    "name": "kubetune-operator-test",
-                },
-            },
-        ]
+        objects = _role_and_binding("ClusterRole", "kubetune-operator-test", OPERATOR_RULES, subject)
     else:
-        objects = [
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": "kubetune-operator", "namespace": namespace},
-                "rules": OPERATOR_RULES,
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": "kubetune-operator", "namespace": namespace},
-                "subjects": subject,
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubetune-operator"},
-            },
-        ]
+        objects = _role_and_binding("Role", "kubetune-operator", OPERATOR_RULES, subject, namespace)
+    objects += _role_and_binding("ClusterRole", "kubetune-operator-volumes-test", VOLUME_RULES, subject)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
     return Path(cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA))
 

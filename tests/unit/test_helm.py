@@ -291,10 +291,26 @@ def test_chart_rules_file_is_operator_rules() -> None:
 
 def test_rendered_rules_are_operator_rules(scope_docs: tuple[str, list[dict[str, Any]]]) -> None:
     scope, docs = scope_docs
-    roles = of_kind(docs, "ClusterRole" if scope == "cluster" else "Role")
+    roles = [
+        r for r in of_kind(docs, "ClusterRole" if scope == "cluster" else "Role")
+        if not r["metadata"]["name"].endswith("-volumes")
+    ]  # fmt: skip
     assert roles, f"no {'ClusterRole' if scope == 'cluster' else 'Role'} rendered"
     for role in roles:
         assert role["rules"] == OPERATOR_RULES
+
+
+def test_volume_reads_are_a_cluster_role_in_both_scopes(scope_docs: tuple[str, list[dict[str, Any]]]) -> None:
+    """Which volume backs a claim is cluster-scoped: a ClusterRole of read verbs only, in
+    the namespaced scope too, with exactly VOLUME_RULES."""
+    from kubetune.controller.rbac import VOLUME_RULES
+
+    _, docs = scope_docs
+    [role] = [r for r in of_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith("-volumes")]
+    assert role["rules"] == VOLUME_RULES
+    assert yaml.safe_load((CHART / "files" / "operator-volume-rules.yaml").read_text()) == VOLUME_RULES
+    [binding] = [b for b in of_kind(docs, "ClusterRoleBinding") if b["metadata"]["name"].endswith("-volumes")]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
 def test_no_wildcard_rbac(scope_docs: tuple[str, list[dict[str, Any]]]) -> None:
@@ -311,8 +327,13 @@ def test_no_wildcard_rbac(scope_docs: tuple[str, list[dict[str, Any]]]) -> None:
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
 
 
+def _without_volume_reads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chart's documents less the volume-read ClusterRole and binding, which both scopes have."""
+    return [d for d in docs if not (d["kind"].startswith("ClusterRole") and d["metadata"]["name"].endswith("-volumes"))]
+
+
 def test_cluster_scope_renders_cluster_role_and_all_namespaces() -> None:
-    docs = render()
+    docs = _without_volume_reads(render())
     assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
     binding = only(docs, "ClusterRoleBinding")
     role = only(docs, "ClusterRole")
@@ -339,7 +360,7 @@ def test_cluster_scope_renders_cluster_role_and_all_namespaces() -> None:
     ids=["release-namespace", "two-namespaces"],
 )
 def test_namespace_scope_renders_a_role_per_watched_namespace(args: tuple[str, ...], namespaces: list[str]) -> None:
-    docs = render(*args)
+    docs = _without_volume_reads(render(*args))
     assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
     roles = of_kind(docs, "Role")
     bindings = of_kind(docs, "RoleBinding")

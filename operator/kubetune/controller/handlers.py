@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -43,7 +44,17 @@ def _job_key(labels: Mapping[str, str], namespace: str | None) -> JobKey | None:
 _MANAGED = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
 
 
+def _start_resync_once() -> None:
+    """Started from the first job event's handler, so that the task inherits kopf's
+    per-event context: its passes post Events through kopf.event, which needs it.
+    (No job yet means nothing to resync.)"""
+    period = float(_resync.get("period") or 0)
+    if period > 0 and "task" not in _resync:
+        _resync["task"] = asyncio.create_task(resync_forever(_rec(), _resync["namespaces"], period))
+
+
 async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    _start_resync_once()
     meta = body["metadata"]
     if type == "DELETED":
         _rec().forget_job((body["kind"], meta["namespace"], meta["name"]))
@@ -71,7 +82,11 @@ async def on_claim_event(body: kopf.Body, type: str | None, namespace: str | Non
     if namespace is None:
         return
     phase = None if type == "DELETED" else (body.get("status") or {}).get("phase", "Pending")
-    await _rec().on_claim(namespace, name, phase)
+    await _rec().on_claim(namespace, name, phase, (body.get("spec") or {}).get("volumeName"))
+
+
+async def on_volume_event(body: kopf.Body, type: str | None, name: str, **_: Any) -> None:
+    await _rec().on_volume(name, None if type == "DELETED" else dict(body.get("spec") or {}))
 
 
 # Explicit ids, so that a rename of a function never changes what kopf calls it.
@@ -85,12 +100,17 @@ kopf.on.event("", "v1", "pods", labels=_MANAGED, registry=registry, id="pods-eve
 for _res in (MODEL, FILESET):
     kopf.on.event(c.GROUP, c.VERSION, _res.plural, registry=registry, id=f"{_res.plural}-event")(on_entity_event)
 kopf.on.event("", "v1", "persistentvolumeclaims", registry=registry, id="claims-event")(on_claim_event)
+kopf.on.event("", "v1", "persistentvolumes", registry=registry, id="volumes-event")(on_volume_event)
 
 
 @kopf.on.login(registry=registry, id="login")
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     # A registry of our own does not get kopf's default login handlers: use the same two.
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+# What run_operator asks of the resync loop, and the loop's task once kopf has started it.
+_resync: dict[str, Any] = {}
 
 
 @kopf.on.startup(registry=registry, id="settings")
@@ -108,15 +128,30 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.watching.label_selectors[selector] = managed
 
 
+async def resync_forever(reconciler: Reconciler, namespaces: Sequence[str], period: float) -> None:
+    log = logging.getLogger("kubetune.operator")
+    while True:
+        await asyncio.sleep(period)
+        started = time.monotonic()
+        try:
+            count = await reconciler.resync(namespaces)
+        except Exception as err:  # the next period tries again; the watches go on meanwhile
+            log.warning("resync failed: %s", err)
+            continue
+        log.info("resync: %d jobs in %.0f ms", count, (time.monotonic() - started) * 1000)
+
+
 async def run_operator(
     settings: OperatorSettings,
     namespaces: Sequence[str],
     health_port: int,
     stop_flag: asyncio.Event | None = None,
+    resync_seconds: float = 300.0,
 ) -> None:
     global _reconciler
     client = KubeClient.from_environment()
     _reconciler = Reconciler(client, settings, _post_event)
+    _resync.update(namespaces=list(namespaces), period=resync_seconds)
     try:
         await _reconciler.prime_children(namespaces)
         await kopf.operator(
@@ -128,4 +163,7 @@ async def run_operator(
             stop_flag=stop_flag,
         )
     finally:
+        task = _resync.pop("task", None)
+        if isinstance(task, asyncio.Task):
+            task.cancel()
         await client.close()

@@ -43,3 +43,10 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     # Events for `kubectl describe`.
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
+
+# Cluster-scoped reads, granted by a ClusterRole in either scope (a Role cannot grant a
+# cluster-scoped resource): which volume backs a claim, to mount an entity shared from
+# another namespace only through a claim on the same volume (docs/OPERATOR.md).
+VOLUME_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["list", "watch"]},
+]

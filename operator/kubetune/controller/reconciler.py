@@ -10,7 +10,9 @@ and never makes a second child.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import posixpath
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -66,6 +68,13 @@ class World:
     claims: dict[tuple[str, str], str] = field(default_factory=dict)
     # Model (namespace, name) -> uid of the job that produced it (label), "" for one made by hand.
     producers: dict[tuple[str, str], str] = field(default_factory=dict)
+    claim_volumes: dict[tuple[str, str], str] = field(default_factory=dict)  # claim -> PersistentVolume
+    volumes: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # PersistentVolume -> backing
+
+    def backing(self, namespace: str, claim: str) -> tuple[str, ...] | None:
+        """What the claim's volume stores its files on; None if unbound or not comparable."""
+        volume = self.claim_volumes.get((namespace, claim))
+        return self.volumes.get(volume) if volume else None
 
     def lookup(self, kind: str, namespace: str, name: str) -> EntityRecord | None:
         spec = self.entities.get((kind, namespace, name))
@@ -73,6 +82,34 @@ class World:
             return None
         pvc = (spec.get("storage") or {}).get("pvc") or {}
         return entity_record(kind, namespace, name, spec, self.claims.get((namespace, pvc.get("claimName", ""))))
+
+
+def volume_backing(spec: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """A PersistentVolume's storage, comparable across volumes: two claims bound to volumes
+    with the same backing see the same files. None for kinds we cannot compare."""
+    if csi := spec.get("csi"):
+        return ("csi", str(csi.get("driver", "")), str(csi.get("volumeHandle", "")))
+    if nfs := spec.get("nfs"):
+        return ("nfs", str(nfs.get("server", "")), posixpath.normpath(str(nfs.get("path", "/"))))
+    if host := spec.get("hostPath"):
+        return ("hostPath", posixpath.normpath(str(host.get("path", "/"))))
+    if local := spec.get("local"):
+        # The same path on another node is another disk: the node affinity is part of it.
+        affinity = json.dumps(spec.get("nodeAffinity"), sort_keys=True)
+        return ("local", posixpath.normpath(str(local.get("path", "/"))), affinity)
+    return None
+
+
+def describe_backing(backing: tuple[str, ...] | None) -> str:
+    if backing is None:
+        return "a volume kubetune cannot compare (CSI, NFS, hostPath and local volumes can be)"
+    kind, *rest = backing
+    return {
+        "csi": lambda: f"CSI driver {rest[0]}, volume handle {rest[1]}",
+        "nfs": lambda: f"NFS {rest[0]}:{rest[1]}",
+        "hostPath": lambda: f"host path {rest[0]}",
+        "local": lambda: f"local path {rest[0]}",
+    }[kind]()
 
 
 def _job_key(child: Mapping[str, Any]) -> JobKey | None:
@@ -191,24 +228,52 @@ class Reconciler:
         """Before the watches start: list the children that exist, so that a job's first
         pass knows its child without trusting status (and makes no create request for a
         child that is already there). Children the watches deliver later update this."""
-        for plural_path in ("/apis/batch/v1", f"/apis/{c.PYTORCHJOB_API_VERSION}"):
-            plural = "jobs" if plural_path.endswith("batch/v1") else "pytorchjobs"
+        listed, _ = await self._list_children(namespaces)
+        self.children.update(listed)
+
+    async def _list_children(self, namespaces: Sequence[str]) -> tuple[dict[JobKey, dict[str, Any]], set[str]]:
+        """Every child of ours, by job, and the child kinds that could be listed (a kind
+        whose CRD is not installed is left out)."""
+        children: dict[JobKey, dict[str, Any]] = {}
+        kinds: set[str] = set()
+        for kind, collection in (("Job", "/apis/batch/v1"), ("PyTorchJob", f"/apis/{c.PYTORCHJOB_API_VERSION}")):
+            plural = "jobs" if kind == "Job" else "pytorchjobs"
             targets: list[str | None] = [*namespaces] or [None]
-            for namespace in targets:
-                where = f"{plural_path}/namespaces/{namespace}/{plural}" if namespace else f"{plural_path}/{plural}"
-                try:
+            try:
+                for namespace in targets:
+                    where = f"{collection}/namespaces/{namespace}/{plural}" if namespace else f"{collection}/{plural}"
                     listed = await self.client.list(where, label_selector=f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}")
-                except ApiError as err:
-                    if err.status == 404:  # the kind is not installed (yet)
-                        continue
-                    raise
-                kind = "Job" if plural == "jobs" else "PyTorchJob"
-                for item in listed.get("items") or []:
-                    # List items of built-in kinds carry no apiVersion or kind of their own.
-                    item = {**item, "apiVersion": listed.get("apiVersion"), "kind": kind}
-                    key = _job_key(item)
-                    if key is not None:
-                        self.children[key] = item
+                    for item in listed.get("items") or []:
+                        # List items of built-in kinds carry no apiVersion or kind of their own.
+                        item = {**item, "apiVersion": listed.get("apiVersion"), "kind": kind}
+                        key = _job_key(item)
+                        if key is not None:
+                            children[key] = item
+            except ApiError as err:
+                if err.status == 404:  # the kind is not installed (yet)
+                    continue
+                raise
+            kinds.add(kind)
+        return children, kinds
+
+    async def resync(self, namespaces: Sequence[str]) -> int:
+        """Level-based pass over every job, with the children listed afresh: a watch event
+        that never arrived (a dropped stream, a child finished or deleted unseen) cannot
+        leave a job behind. Costs one LIST per child kind and namespace, then work in
+        memory; a job whose status is right is not written. Returns the jobs passed."""
+        listed, kinds = await self._list_children(namespaces)
+        keys = list(self.jobs)
+        for key in keys:
+            async with self._lock(key):
+                if key not in self.jobs:
+                    continue
+                cached = self.children.get(key)
+                if key in listed:
+                    self.children[key] = listed[key]
+                elif cached is not None and cached.get("kind") in kinds:
+                    del self.children[key]  # gone, and its DELETED event was missed
+                await self._guarded(key, partial(self._reconcile, key))
+        return len(keys)
 
     def _spec(self, key: JobKey) -> JobSpec | str:
         """The validated spec, once per generation (pydantic on every pod event adds up)."""
@@ -449,6 +514,27 @@ class Reconciler:
                         waiting=True,
                     )
                 )
+        for role, record in entities.items():
+            claim = record.spec["storage"]["pvc"]["claimName"]
+            if record.namespace == namespace or (namespace, claim) not in self.world.claims:
+                continue
+            # Consent is given for the entity's files, not for whatever claim of that name
+            # this namespace has: mount it only through a claim on the same volume.
+            theirs, mine = self.world.backing(record.namespace, claim), self.world.backing(namespace, claim)
+            if theirs is not None and mine == theirs:
+                continue
+            where = f"{record.kind} {record.namespace}/{record.name} ({role}) is on {describe_backing(theirs)}"
+            state = "is not bound to a volume yet" if mine is None else "is bound to another volume"
+            problems.append(
+                ReferenceProblem(
+                    "spec",
+                    "ClaimNotShared",
+                    f"PersistentVolumeClaim {claim} in namespace {namespace} {state}: {where}; a job mounts another "
+                    f"namespace's entity only through a claim on the same volume, so bind {claim} here to a "
+                    "PersistentVolume with that backing",
+                    waiting=True,
+                )
+            )
         return problems
 
     def _pending(
@@ -628,11 +714,26 @@ class Reconciler:
             await self._write_entity_status(body["kind"], meta["namespace"], meta["name"], body.get("status"))
         await self.retry_waiting()
 
-    async def on_claim(self, namespace: str, name: str, phase: str | None) -> None:
+    async def on_volume(self, name: str, spec: Mapping[str, Any] | None) -> None:
+        if spec is None:
+            self.world.volumes.pop(name, None)
+        else:
+            backing = volume_backing(spec)
+            if name in self.world.volumes and self.world.volumes[name] == backing:
+                return
+            self.world.volumes[name] = backing
+        await self.retry_waiting()
+
+    async def on_claim(self, namespace: str, name: str, phase: str | None, volume: str | None = None) -> None:
         if phase is None:
             self.world.claims.pop((namespace, name), None)
+            self.world.claim_volumes.pop((namespace, name), None)
         else:
             self.world.claims[(namespace, name)] = phase
+            if volume:
+                self.world.claim_volumes[(namespace, name)] = volume
+            else:
+                self.world.claim_volumes.pop((namespace, name), None)
         for (kind, ns, ename), spec in list(self.world.entities.items()):
             pvc = (spec.get("storage") or {}).get("pvc") or {}
             if ns == namespace and pvc.get("claimName") == name:
