@@ -1415,6 +1415,14 @@ class LocalCluster:
             f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
         ]
 
+    def _owns_real_node(self) -> bool:
+        """Whether the machine-wide parts of the real node (bridge, iptables rules, cgroup
+        root, sysctls) are this cluster's to clean up: no other cluster has claimed them."""
+        try:
+            return REAL_NODE_OWNER.read_text().strip() == str(self.base_dir)
+        except FileNotFoundError:
+            return True
+
     def _claim_real_node(self, binaries: dict[str, Path]) -> None:
         """One real node per machine. Refuse when another cluster's node runs; clean up
         after one whose processes are gone (a killed test run) before starting ours."""
@@ -1733,12 +1741,15 @@ class LocalCluster:
                     proc.popen.wait(timeout=5)
         self.procs = {}
         if self.real_node:
-            problems = _cleanup_node_host(
-                self.node_dir, binary_path("kube-proxy", self.cache), Path(shutil.which("ip") or "/usr/sbin/ip")
-            )
-            with contextlib.suppress(OSError):
-                if REAL_NODE_OWNER.read_text().strip() == str(self.base_dir):
-                    REAL_NODE_OWNER.unlink()
+            if self._owns_real_node():
+                problems = _cleanup_node_host(
+                    self.node_dir, binary_path("kube-proxy", self.cache), Path(shutil.which("ip") or "/usr/sbin/ip")
+                )
+                REAL_NODE_OWNER.unlink(missing_ok=True)
+            else:
+                # Another cluster runs the machine's real node (this one was refused):
+                # its bridge, rules and cgroups are not ours to remove.
+                problems = [f"still mounted: {m}" for m in _unmount_all(self.node_dir)]
             if problems:
                 # Never delete the state directory through a mount that is still there.
                 raise ClusterError(
