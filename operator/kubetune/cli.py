@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import sys
 from pathlib import Path
@@ -71,9 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ensure_login_name() -> None:
+    """Give kopf a user name to build its identity from. Without POD_ID, kopf names the
+    operator `getpass.getuser()@host/...`; getuser() reads LOGNAME, USER, LNAME and
+    USERNAME and then the passwd database. The operator image runs as uid 65532, which
+    has no passwd entry (nor in python:3.11-slim) and no such variable in a pod, so
+    the operator pod crashed at start with "getpwuid(): uid not found: 65532"."""
+    if os.environ.get("POD_ID"):
+        return
+    try:
+        getpass.getuser()
+    except (KeyError, OSError):  # KeyError up to Python 3.12, OSError from 3.13
+        os.environ["USER"] = f"uid-{os.getuid()}"
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+
+    ensure_login_name()
 
     # kopf and aiohttp load only for this command: validate/schema stay quick.
     from kubetune.controller.builders import OperatorSettings

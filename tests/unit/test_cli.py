@@ -126,3 +126,32 @@ def test_schema_yaml_output() -> None:
     result = kubetune("schema", "automodel")
     assert result.returncode == 0
     assert yaml.safe_load(result.stdout)["properties"]["parallelism"]["properties"]["num_nodes"]["default"] == 1
+
+
+# The user's environment as a pod has it: no login variables, a uid without a passwd
+# entry (the real lookup raises this KeyError for uid 65532 in the operator image).
+_NO_PASSWD_ENTRY = """
+import os, pwd
+def missing(uid):
+    raise KeyError(f"getpwuid(): uid not found: {uid}")
+pwd.getpwuid = missing
+from kopf._core.engines.peering import detect_own_id
+"""
+
+
+def _pod_like(code: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOGNAME", "USER", "LNAME", "USERNAME", "POD_ID")}
+    env["PYTHONPATH"] = str(ROOT / "operator")
+    return subprocess.run([sys.executable, "-c", _NO_PASSWD_ENTRY + code], capture_output=True, text=True, env=env)
+
+
+def test_operator_identity_without_passwd_entry() -> None:
+    """kopf's identity needs a user name; the operator supplies one where the passwd
+    database has none, as in its image (uid 65532)."""
+    crash = _pod_like("print(detect_own_id(manual=False))")
+    assert crash.returncode != 0 and "uid not found" in crash.stderr, "the environment does not reproduce the crash"
+    fixed = _pod_like(
+        "from kubetune.cli import ensure_login_name\nensure_login_name()\nprint(detect_own_id(manual=False))"
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    assert fixed.stdout.startswith(f"uid-{os.getuid()}@"), fixed.stdout
