@@ -57,7 +57,9 @@ COMPONENTS = (
 )
 KUBERNETES_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 # The real node's processes, started after the control plane; down() stops them first.
-NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy", "coredns")
+# api-forward: the API server listens on 127.0.0.1 only; it carries the node IP's
+# connections there, so pods reach the `kubernetes` Service (hack/cluster/tcpforward.py).
+NODE_COMPONENTS = ("api-forward", "containerd", "kubelet", "kube-proxy", "coredns")
 
 ADMIN_USER = "kubetune-admin"
 TEST_USER = "kubetune-tester"
@@ -573,10 +575,13 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 """
 
 
-def real_node_manifests() -> dict[str, object]:
+def real_node_manifests(api_port: int) -> dict[str, object]:
     """Cluster objects the real node needs: CoreDNS's read access and its Service
     (kube-dns at CLUSTER_DNS_IP, served by CoreDNS on the node IP, so the
-    EndpointSlice is written here, not by a selector), and the local-volume class."""
+    EndpointSlice is written here, not by a selector), the `kubernetes` Service's
+    endpoint (the node IP, where api-forward listens on the API server's port; the API
+    server's own endpoint reconciler is off because 127.0.0.1 is no valid endpoint),
+    and the local-volume class."""
     dns_labels = {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}
     items: list[dict[str, object]] = [
         {
@@ -624,6 +629,21 @@ def real_node_manifests() -> dict[str, object]:
                 {"name": "dns", "port": 53, "protocol": "UDP"},
                 {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
             ],
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kubernetes-node",
+                "namespace": "default",
+                "labels": {
+                    "kubernetes.io/service-name": "kubernetes",
+                    "endpointslice.kubernetes.io/managed-by": "localcluster.kubetune.io",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": api_port, "protocol": "TCP"}],
         },
         {
             "apiVersion": "storage.k8s.io/v1",
@@ -1456,6 +1476,11 @@ class LocalCluster:
         _run([ip, "addr", "add", f"{NODE_IP}/{POD_CIDR.split('/')[1]}", "dev", CNI_BRIDGE])
         _run([ip, "link", "set", CNI_BRIDGE, "up"])
         _make_cgroup_root()
+        api_port = self.ports["kube-apiserver"]
+        self._spawn(
+            "api-forward",
+            [sys.executable, str(HERE / "tcpforward.py"), f"{NODE_IP}:{api_port}", f"127.0.0.1:{api_port}"],
+        )
         (nd / "cni" / "10-kubetune.conflist").write_text(json.dumps(cni_config(nd / "cni-ipam"), indent=2) + "\n")
 
         sock = nd / "containerd.sock"
@@ -1471,7 +1496,7 @@ class LocalCluster:
         # No registry here: the node's images come from a tarball (the pause image too).
         _run([*ctr, "images", "import", str(images.tarball)], timeout=120)
 
-        self.kubectl("apply", "-f", "-", input=json.dumps(real_node_manifests()))
+        self.kubectl("apply", "-f", "-", input=json.dumps(real_node_manifests(self.ports["kube-apiserver"])))
         kubelet_kc = write_kubeconfig(
             nd / "kubelet.kubeconfig",
             self.server,

@@ -162,7 +162,12 @@ def test_restricted_pod_runs_with_configmap_token_and_emptydir(cluster: LocalClu
         'echo "token=$(cat /var/run/secrets/kubetune/token)"; '
         "echo scratch > /scratch/file && echo emptydir=$(cat /scratch/file); "
         "if touch /probe 2>/dev/null; then echo root=writable; else echo root=read-only; fi; "
-        "grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status"
+        "grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status; "
+        # The API server through the `kubernetes` Service the kubelet names in the
+        # environment (kube-proxy, then api-forward). Busybox has no TLS client: plain
+        # HTTP to the TLS port gets Go's own answer, which only the API server gives here.
+        "echo api=$(printf 'GET /version HTTP/1.0\\r\\n\\r\\n' "
+        "| nc -w 3 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT | grep -o 'HTTP request to an HTTPS server')"
     )
     pod = real_node_pod(
         "restricted",
@@ -219,6 +224,7 @@ def test_restricted_pod_runs_with_configmap_token_and_emptydir(cluster: LocalClu
     assert "CapEff:\t0000000000000000" in text, text
     assert "NoNewPrivs:\t1" in text, text
     assert "Seccomp:\t2" in text, text  # 2 = filter: the runtime's default profile is on
+    assert out["api"] == "HTTP request to an HTTPS server", text
     # The projected token is a real one the API server issued for this pod.
     payload = out["token"].split(".")[1]
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
