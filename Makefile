@@ -11,6 +11,7 @@ help:
 	@echo "make test           install what the tests need (cached) and run lint, types and every test tier"
 	@echo "make crds           regenerate crds/ and helm/kubetune/crds/ from the pydantic models"
 	@echo "make cluster-up     start the local control plane (etcd, apiserver, kwok, training-operator)"
+	@echo "                    NODES=real: also a real kubelet node where pods run (root; see hack/cluster/README.md)"
 	@echo "make cluster-down   stop it and remove its state"
 	@echo "make bench          operator and trainer benchmarks -> bench/results/"
 	@echo "make images         build the operator and trainer images (needs Docker)"
@@ -27,8 +28,9 @@ crds:
 cluster-build:
 	bash hack/cluster/build.sh
 
+# NODES=real: also the real node (kubelet + containerd); default NODES=kwok (fake nodes only).
 cluster-up:
-	bash hack/cluster/up.sh
+	NODES=$(NODES) bash hack/cluster/up.sh
 
 cluster-down:
 	bash hack/cluster/down.sh

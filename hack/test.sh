@@ -4,7 +4,9 @@
 #   lint      ruff + mypy
 #   unit      schema, rules, CRDs, CLI, builders, chart (helm lint/template), images
 #   cluster   CRDs, CEL and the operator on a real control plane (etcd, kube-apiserver,
-#             controller-manager, scheduler, kwok, training-operator) on loopback
+#             controller-manager, scheduler, kwok, training-operator) on loopback, plus
+#             pods that really run on its real node (kubelet, containerd, kube-proxy,
+#             CoreDNS; tests/cluster/test_real_node.py; needs root)
 #   training  real training on CPU: the Automodel loop (single process and torchrun),
 #             the Unsloth trainer, and `kubetune run` for both
 # `hack/test.sh STAGE...` runs some of them.
@@ -24,7 +26,7 @@ for stage in "${stages[@]}"; do
       bash hack/run-in-venv.sh dev mypy
       MYPYPATH=operator:tests:hack/cluster:tests/unit bash hack/run-in-venv.sh dev mypy --strict \
         --ignore-missing-imports --explicit-package-bases tests/support tests/cluster tests/unit \
-        hack/cluster/localcluster.py hack/cluster/wrapmod.py bench/operator_bench.py
+        hack/cluster/localcluster.py hack/cluster/wrapmod.py hack/cluster/tcpforward.py bench/operator_bench.py
       # The trainer package needs torch's types, which only the test environment has;
       # unsloth is absent there, so its type: ignore lines are not "unused".
       bash hack/run-in-venv.sh test mypy --strict --ignore-missing-imports --no-warn-unused-ignores \
@@ -38,6 +40,8 @@ for stage in "${stages[@]}"; do
     cluster)
       run "cluster tests: a real control plane on loopback"
       bash hack/cluster/build.sh
+      # test_real_node.py makes the session's cluster start the real node too.
+      bash hack/cluster/node-deps.sh
       bash hack/run-in-venv.sh dev python -m pytest tests/cluster -q
       ;;
     training)

@@ -46,8 +46,15 @@ components=(
   "kube-apiserver|${KUBERNETES_VERSION}|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-apiserver|selinux,notest,grpcnotrace|${k8s_ldflags}|staging"
   "kube-controller-manager|${KUBERNETES_VERSION}|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-controller-manager|selinux,notest,grpcnotrace|${k8s_ldflags}|staging"
   "kube-scheduler|${KUBERNETES_VERSION}|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-scheduler|selinux,notest,grpcnotrace|${k8s_ldflags}|staging"
+  # The real node (NODES=real / LocalCluster(real_node=True)): same module and version
+  # as the control plane, so the node and the API server never skew.
+  "kubelet|${KUBERNETES_VERSION}|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kubelet|selinux,notest,grpcnotrace|${k8s_ldflags}|staging"
+  "kube-proxy|${KUBERNETES_VERSION}|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-proxy|selinux,notest,grpcnotrace|${k8s_ldflags}|staging"
   "kwok|${KWOK_VERSION}|sigs.k8s.io/kwok|sigs.k8s.io/kwok/cmd/kwok||-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION}|"
   "training-operator|${TRAINING_OPERATOR_VERSION}|github.com/kubeflow/training-operator|github.com/kubeflow/training-operator/cmd/training-operator.v1||-s -w|"
+  # Cluster DNS for the real node's pods. Its module has no replace lines; the
+  # wrapper still keeps its dependency pins apart from Kubernetes'.
+  "coredns|${COREDNS_VERSION}|github.com/coredns/coredns|github.com/coredns/coredns||-s -w -X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}|"
   "helm|${HELM_VERSION}|helm.sh/helm/v3|helm.sh/helm/v3/cmd/helm||@helm@|"
 )
 

@@ -3,6 +3,11 @@ kube-controller-manager, kube-scheduler, kwok (fake GPU nodes and pod lifecycle)
 and the Kubeflow training-operator, run as plain processes from binaries that
 hack/cluster/build.sh compiled into $KUBETUNE_CACHE/bin.
 
+Optionally (real_node=True, KUBETUNE_REAL_NODE=1, `make cluster-up NODES=real`)
+also one real node, kubetune-real-0: containerd + runc (Debian's), a kubelet,
+kube-proxy and CoreDNS, with a CNI bridge network, so pods really run. It needs
+root and the packages of hack/cluster/node-deps.sh; see hack/cluster/README.md.
+
 Standard library only, so that `make cluster-up` runs with any python3 >= 3.11.
 
 CLI:   python3 hack/cluster/localcluster.py up|down|status
@@ -19,14 +24,18 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -47,6 +56,10 @@ COMPONENTS = (
     "training-operator",
 )
 KUBERNETES_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# The real node's processes, started after the control plane; down() stops them first.
+# api-forward: the API server listens on 127.0.0.1 only; it carries the node IP's
+# connections there, so pods reach the `kubernetes` Service (hack/cluster/tcpforward.py).
+NODE_COMPONENTS = ("api-forward", "containerd", "kubelet", "kube-proxy", "coredns")
 
 ADMIN_USER = "kubetune-admin"
 TEST_USER = "kubetune-tester"
@@ -57,6 +70,32 @@ FAKE_EXIT_CODE_ANNOTATION = "kubetune.io/fake-exit-code"
 GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
 CPU_NODES = ("kwok-cpu-0",)
 STORAGE_CLASS = "kubetune-local"
+
+# The real node. One per machine: its bridge, pod network and cgroup root are
+# machine-wide names (a second cluster asking for one gets a ClusterError).
+REAL_NODE = "kubetune-real-0"
+REAL_NODE_LABEL = "kubetune.io/node-kind"  # = "real"; kwok nodes carry no such label
+# Only pods that tolerate this taint run there, so the kwok tests' pods never land
+# on a node that really runs them.
+REAL_NODE_TAINT = {"key": "kubetune.io/real-node", "value": "true", "effect": "NoSchedule"}
+REAL_NODE_GPUS = 4  # fake nvidia.com/gpu capacity; the trainers fall back to CPU
+REAL_STORAGE_CLASS = "kubetune-real-local"  # static local PVs: LocalCluster.real_node_volume
+CNI_BRIDGE = "kt-cni0"
+POD_CIDR = "10.244.0.0/24"
+# The bridge's own address is the node's InternalIP: reachable from the host (the
+# API server's `kubectl logs`/exec calls) and from every pod (CoreDNS listens there).
+NODE_IP = "10.244.0.1"
+CLUSTER_DNS_IP = "10.96.0.10"
+CLUSTER_DOMAIN = "cluster.local"
+CGROUP_ROOT = "kubetune-node"  # every pod's cgroup lives below /<this> in each hierarchy
+REAL_NODE_ENV = "KUBETUNE_REAL_NODE"
+BUSYBOX = Path("/bin/busybox")  # from Debian's busybox-static: one static binary
+CONTAINERD_MINOR = "1.6"  # Debian 12's; the config below is containerd's version-2 format
+CNI_BIN_DIR = Path("/usr/lib/cni")  # where Debian's containernetworking-plugins puts them
+# Which cluster's state directory runs the machine's one real node.
+REAL_NODE_OWNER = Path("/run/kubetune-real-node.owner")
+COREDNS_USER = "kubetune:coredns"
+NODE_DEPS_HINT = "install them with `bash hack/cluster/node-deps.sh` (apt-get; idempotent)"
 
 # Generous: the first start on 2 busy cores takes ~20 s; these are deadlines for
 # failing with a useful message, not expectations.
@@ -98,6 +137,9 @@ def component_versions(versions: dict[str, str]) -> dict[str, str]:
         "kube-apiserver": versions["KUBERNETES_VERSION"],
         "kube-controller-manager": versions["KUBERNETES_VERSION"],
         "kube-scheduler": versions["KUBERNETES_VERSION"],
+        "kubelet": versions["KUBERNETES_VERSION"],
+        "kube-proxy": versions["KUBERNETES_VERSION"],
+        "coredns": versions["COREDNS_VERSION"],
         "kwok": versions["KWOK_VERSION"],
         "training-operator": versions["TRAINING_OPERATOR_VERSION"],
         "helm": versions["HELM_VERSION"],
@@ -361,6 +403,423 @@ def write_kubeconfig(
     return path
 
 
+# ---------------------------------------------------------------- the real node's images
+
+
+@dataclass(frozen=True)
+class LocalImages:
+    """The images the real node has without a registry: `busybox` (sh and the usual
+    applets, default command `sh`) and `pause` (the pod sandbox: sleeps)."""
+
+    tarball: Path
+    busybox: str
+    pause: str
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, kind: bytes, mode: int, data: bytes = b"", link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime, info.linkname = kind, mode, 0, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def local_images(cache: Path) -> LocalImages:
+    """A docker-archive tarball (what `ctr images import` reads) holding two images made
+    of one layer: Debian's static busybox and a symlink per applet. Built once per
+    busybox package version into $KUBETUNE_CACHE/images/; the same bytes every time
+    (mtime 0, sorted entries), so the image ids are stable."""
+    if not BUSYBOX.is_file():
+        raise ClusterError(f"{BUSYBOX} is missing (Debian package busybox-static); {NODE_DEPS_HINT}")
+    version = _run(["dpkg-query", "-W", "-f=${Version}", "busybox-static"]).stdout.strip()
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", version.split(":")[-1])  # no epoch
+    images = LocalImages(
+        cache / "images" / f"busybox-{tag}.tar", f"kubetune.local/busybox:{tag}", f"kubetune.local/pause:{tag}"
+    )
+    if images.tarball.is_file():
+        return images
+    applets = _run([str(BUSYBOX), "--list-full"]).stdout.split()
+    layer_buf = io.BytesIO()
+    with tarfile.open(fileobj=layer_buf, mode="w", format=tarfile.GNU_FORMAT) as layer:
+        for d in ("bin", "dev", "etc", "proc", "sbin", "sys", "usr", "usr/bin", "usr/sbin", "var"):
+            _tar_add(layer, d, tarfile.DIRTYPE, 0o755)
+        _tar_add(layer, "tmp", tarfile.DIRTYPE, 0o1777)
+        _tar_add(layer, "bin/busybox", tarfile.REGTYPE, 0o755, BUSYBOX.read_bytes())
+        for applet in sorted(set(applets) - {"bin/busybox"}):
+            _tar_add(layer, applet, tarfile.SYMTYPE, 0o777, link="/bin/busybox")
+    layer_bytes = layer_buf.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    configs = {
+        images.busybox: {"Env": env, "Cmd": ["sh"]},
+        # The sandbox's process only holds the pod's namespaces; the runtime kills it
+        # with SIGKILL, so it need not handle signals as the real pause binary does.
+        images.pause: {"Env": env, "Entrypoint": ["/bin/sleep", "2147483647"]},
+    }
+    manifest = []
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        _tar_add(archive, "layer.tar", tarfile.REGTYPE, 0o644, layer_bytes)
+        for ref, config in configs.items():
+            blob = json.dumps(
+                {
+                    "architecture": "amd64",
+                    "os": "linux",
+                    "config": config,
+                    "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+                },
+                sort_keys=True,
+            ).encode()
+            name = hashlib.sha256(blob).hexdigest() + ".json"
+            _tar_add(archive, name, tarfile.REGTYPE, 0o644, blob)
+            manifest.append({"Config": name, "RepoTags": [ref], "Layers": ["layer.tar"]})
+        _tar_add(archive, "manifest.json", tarfile.REGTYPE, 0o644, json.dumps(manifest).encode())
+    images.tarball.parent.mkdir(parents=True, exist_ok=True)
+    tmp = images.tarball.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(out.getvalue())
+    tmp.replace(images.tarball)
+    return images
+
+
+def _mounts_under(root: Path) -> list[str]:
+    """Mount points at or below `root`, deepest first (as /proc/self/mountinfo names them)."""
+    prefix = str(root).rstrip("/") + "/"
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == str(root) or point.startswith(prefix):
+            points.append(point)
+    return sorted(set(points), key=lambda x: x.count("/"), reverse=True)
+
+
+def _unmount_all(root: Path) -> list[str]:
+    """Unmount everything below root (the kubelet's volume mounts, containerd's
+    rootfs overlays and network namespaces); returns what is still mounted."""
+    for _ in range(3):
+        points = _mounts_under(root)
+        if not points:
+            return []
+        for point in points:
+            if subprocess.run(["umount", point], capture_output=True, check=False).returncode != 0:
+                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return _mounts_under(root)
+
+
+# ---------------------------------------------------------------- the real node's host setup
+
+
+def cni_config(ipam_dir: Path) -> dict[str, object]:
+    """The pod network: one Linux bridge (pre-created by _start_real_node with the node
+    IP as its gateway address), host-local addresses, portmap for hostPorts.
+    containerd adds the loopback plugin itself. No ipMasq: pods talk only to each
+    other and to the node, never beyond this machine."""
+    return {
+        "cniVersion": "0.4.0",
+        "name": "kubetune",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": CNI_BRIDGE,
+                "isGateway": True,
+                "ipMasq": False,
+                # A pod reaching itself through a Service comes back over its own port.
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    # Its allocations live and die with the cluster's state directory.
+                    "dataDir": str(ipam_dir),
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+
+
+def containerd_config(node_dir: Path, sock: Path, sandbox_image: str) -> str:
+    """containerd 1.6 (config version 2) with every path below node_dir, so nothing of
+    a system containerd is shared and down() can unmount and delete it all."""
+    cri = 'plugins."io.containerd.grpc.v1.cri"'
+    return f"""version = 2
+root = "{node_dir / "containerd"}"
+state = "{node_dir / "containerd-state"}"
+# Not needed by a CRI node; `opt` would write /opt/containerd.
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
+
+[grpc]
+  address = "{sock}"
+
+[{cri}]
+  sandbox_image = "{sandbox_image}"
+  # Root here lacks CAP_SYS_RESOURCE: without this every sandbox fails with runc's
+  # "failed to update /proc/self/oom_score_adj: Permission denied" (the kubelet
+  # asks -998 for sandboxes); with it, runc never lowers a score below its own.
+  restrict_oom_score_adj = true
+  # Pod network namespaces under our state dir, not /var/run/netns: down() finds them.
+  netns_mounts_under_state_dir = true
+  [{cri}.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [{cri}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [{cri}.containerd.runtimes.runc.options]
+        # The kubelet's cgroupDriver is cgroupfs; both must agree.
+        SystemdCgroup = false
+  [{cri}.cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{node_dir / "cni"}"
+    max_conf_num = 1
+"""
+
+
+def real_node_manifests(api_port: int) -> dict[str, object]:
+    """Cluster objects the real node needs: CoreDNS's read access and its Service
+    (kube-dns at CLUSTER_DNS_IP, served by CoreDNS on the node IP, so the
+    EndpointSlice is written here, not by a selector), the `kubernetes` Service's
+    endpoint (the node IP, where api-forward listens on the API server's port; the API
+    server's own endpoint reconciler is off because 127.0.0.1 is no valid endpoint),
+    and the local-volume class."""
+    dns_labels = {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}
+    items: list[dict[str, object]] = [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "kubetune:coredns"},
+            "rules": [
+                {"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "kubetune:coredns"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubetune:coredns"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": COREDNS_USER}],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": dns_labels},
+            "spec": {
+                "clusterIP": CLUSTER_DNS_IP,
+                "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+                ],
+            },
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kube-dns-node",
+                "namespace": "kube-system",
+                "labels": {
+                    "kubernetes.io/service-name": "kube-dns",
+                    "endpointslice.kubernetes.io/managed-by": "localcluster.kubetune.io",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}, "nodeName": REAL_NODE}],
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            ],
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kubernetes-node",
+                "namespace": "default",
+                "labels": {
+                    "kubernetes.io/service-name": "kubernetes",
+                    "endpointslice.kubernetes.io/managed-by": "localcluster.kubetune.io",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": api_port, "protocol": "TCP"}],
+        },
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": REAL_STORAGE_CLASS},
+            # Static PVs only (LocalCluster.real_node_volume), each pre-bound to its claim.
+            "provisioner": "kubernetes.io/no-provisioner",
+            "reclaimPolicy": "Retain",
+            "volumeBindingMode": "Immediate",
+        },
+    ]
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def _cgroup_mounts() -> list[Path]:
+    """Every cgroup hierarchy's mount point (v1 controllers, name=systemd, unified)."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fstype = line.split(" - ", 1)[1].split()[0]
+        if fstype in ("cgroup", "cgroup2"):
+            points.append(Path(line.split()[4]))
+    return points
+
+
+def _make_cgroup_root() -> None:
+    """The kubelet's cgroupRoot must exist in every hierarchy. A new v1 cpuset group
+    starts with no CPUs and memory nodes; give it the parent's."""
+    for mount in _cgroup_mounts():
+        root = mount / CGROUP_ROOT
+        root.mkdir(exist_ok=True)
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if (root / name).exists() and not (root / name).read_text().strip():
+                (root / name).write_text((mount / name).read_text())
+
+
+def _kill_cgroup_tree() -> list[str]:
+    """SIGKILL every process below /CGROUP_ROOT (all of the node's containers, and
+    nothing else) and remove the groups; returns those that would not go."""
+    for _ in range(50):
+        pids: set[int] = set()
+        for mount in _cgroup_mounts():
+            for procs in (mount / CGROUP_ROOT).rglob("cgroup.procs") if (mount / CGROUP_ROOT).is_dir() else ():
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(x) for x in procs.read_text().split())
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    left = []
+    for mount in _cgroup_mounts():
+        root = mount / CGROUP_ROOT
+        if not root.is_dir():
+            continue
+        for dirpath, _dirs, _files in os.walk(root, topdown=False):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                left.append(dirpath)
+    return left
+
+
+# Host settings the node changes: the kubelet sets the first five (protectKernelDefaults
+# would make it refuse to start instead), the CNI bridge plugin turns on forwarding.
+# _start_real_node records them; _cleanup_node_host puts them back.
+NODE_SYSCTLS = (
+    "vm/overcommit_memory",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+    "net/ipv4/ip_forward",
+)
+# Chains the kubelet itself adds (kube-proxy --cleanup removes only kube-proxy's):
+# (table, chain, the built-in chains that jump to it).
+KUBELET_CHAINS = (
+    ("filter", "KUBE-FIREWALL", ("INPUT", "OUTPUT")),
+    ("filter", "KUBE-KUBELET-CANARY", ()),
+    ("nat", "KUBE-KUBELET-CANARY", ()),
+    ("mangle", "KUBE-KUBELET-CANARY", ()),
+    ("mangle", "KUBE-IPTABLES-HINT", ()),
+)
+
+
+def _save_sysctls(path: Path) -> None:
+    if path.exists():  # keep the values from before the first start
+        return
+    values = {name: (Path("/proc/sys") / name).read_text().strip() for name in NODE_SYSCTLS}
+    path.write_text(json.dumps(values, indent=2) + "\n")
+
+
+def _restore_sysctls(path: Path) -> list[str]:
+    problems = []
+    with contextlib.suppress(FileNotFoundError):
+        for name, value in json.loads(path.read_text()).items():
+            try:
+                (Path("/proc/sys") / name).write_text(value + "\n")
+            except OSError as err:
+                problems.append(f"could not restore sysctl {name}={value}: {err}")
+    return problems
+
+
+def _remove_kubelet_chains() -> list[str]:
+    problems = []
+    for tool in ("iptables", "ip6tables"):
+        exe = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+        if exe is None:
+            continue
+        for table, chain, parents in KUBELET_CHAINS:
+            if subprocess.run([exe, "-t", table, "-S", chain], capture_output=True, check=False).returncode != 0:
+                continue  # not there
+            for parent in parents:
+                while (
+                    subprocess.run(
+                        [exe, "-t", table, "-D", parent, "-j", chain], capture_output=True, check=False
+                    ).returncode
+                    == 0
+                ):
+                    pass
+            subprocess.run([exe, "-t", table, "-F", chain], capture_output=True, check=False)
+            result = subprocess.run([exe, "-t", table, "-X", chain], capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                problems.append(f"{tool} -t {table} -X {chain}: {result.stderr.strip()}")
+    return problems
+
+
+def _cleanup_node_host(node_dir: Path, kube_proxy: Path, ip: Path) -> list[str]:
+    """Undo what a real node did to the host, also after a crash: its containers'
+    processes and shims, mounts under node_dir, kube-proxy's iptables rules, the
+    bridge, the cgroups, the kubelet's /var/log/containers links. Idempotent;
+    returns what could not be undone."""
+    problems: list[str] = []
+    sock = str(node_dir / "containerd.sock")
+    # Shims outlive containerd by design; ours name our socket on their command line.
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if (
+                argv
+                and Path(argv[0].decode(errors="replace")).name.startswith("containerd-shim")
+                and sock.encode() in argv
+            ):
+                os.kill(int(entry.name), signal.SIGKILL)
+    problems += [f"cgroup {d} still has processes" for d in _kill_cgroup_tree()]
+    if node_dir.is_dir():
+        problems += [f"still mounted: {m}" for m in _unmount_all(node_dir)]
+    # kube-proxy's own cleanup removes exactly its KUBE-* chains and rules.
+    result = subprocess.run([str(kube_proxy), "--cleanup"], capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        problems.append(f"{kube_proxy} --cleanup failed: {result.stderr.strip()[-500:]}")
+    problems += _remove_kubelet_chains()
+    if Path(f"/sys/class/net/{CNI_BRIDGE}").exists():
+        result = subprocess.run([str(ip), "link", "del", CNI_BRIDGE], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            problems.append(f"ip link del {CNI_BRIDGE}: {result.stderr.strip()}")
+    logs = Path("/var/log/containers")
+    if logs.is_dir():
+        for link in logs.iterdir():
+            with contextlib.suppress(OSError):
+                if link.is_symlink() and os.readlink(link).startswith(str(node_dir) + "/"):
+                    link.unlink()
+    problems += _restore_sysctls(node_dir / "host-sysctls.json")
+    # runc's and the shims' state roots, when nothing else uses them.
+    for leftover in ("/run/containerd/runc/k8s.io", "/run/containerd/runc", "/run/containerd/s", "/run/containerd"):
+        with contextlib.suppress(OSError):
+            os.rmdir(leftover)
+    # libcni's result cache, keyed by our network's name.
+    for cached in Path("/var/lib/cni/results").glob("kubetune-*") if Path("/var/lib/cni/results").is_dir() else ():
+        with contextlib.suppress(OSError):
+            cached.unlink()
+    return problems
+
+
 # ---------------------------------------------------------------- processes
 
 
@@ -397,9 +856,12 @@ class LocalCluster:
     or <repo>/.cluster): certs in pki/, logs in logs/<component>.log, pids in pids/,
     kubeconfigs at the top."""
 
-    def __init__(self, base_dir: Path | None = None, cache: Path | None = None) -> None:
+    def __init__(self, base_dir: Path | None = None, cache: Path | None = None, real_node: bool | None = None) -> None:
+        """real_node: also start the real node (None: KUBETUNE_REAL_NODE=1 turns it on;
+        a running cluster's state file wins, so `down` stops what `up` started)."""
         self.base_dir = (base_dir or default_base_dir()).resolve()
         self.cache = cache or default_cache()
+        self.real_node = os.environ.get(REAL_NODE_ENV, "") == "1" if real_node is None else real_node
         self.pki = Pki(self.base_dir / "pki")
         self.logs_dir = self.base_dir / "logs"
         self.pids_dir = self.base_dir / "pids"
@@ -431,6 +893,7 @@ class LocalCluster:
         if not self.state_file.exists():
             return
         state = json.loads(self.state_file.read_text())
+        self.real_node = bool(state.get("real_node", False)) or self.real_node
         self.ports = {k: int(v) for k, v in state.get("ports", {}).items()}
         for name, p in state.get("procs", {}).items():
             self.procs[name] = Proc(name, int(p["pid"]), int(p["start_ticks"]), Path(p["log"]))
@@ -442,18 +905,29 @@ class LocalCluster:
                 n: {"pid": p.pid, "start_ticks": p.start_ticks, "log": str(p.log)} for n, p in self.procs.items()
             },
             "versions": read_versions(),
+            "real_node": self.real_node,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         tmp.replace(self.state_file)
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The processes this cluster runs, in start order."""
+        return COMPONENTS + (NODE_COMPONENTS if self.real_node else ())
+
+    @property
+    def node_dir(self) -> Path:
+        """The real node's state: configs, containerd root/state, kubelet root, pod logs, volumes."""
+        return self.base_dir / "node"
+
     # -- health
     def dead_components(self) -> list[str]:
-        return [name for name in COMPONENTS if name not in self.procs or not self.procs[name].alive()]
+        return [name for name in self.components if name not in self.procs or not self.procs[name].alive()]
 
     def check_alive(self) -> None:
         """Raise ComponentDied naming the log of every component that is not running."""
-        dead = [n for n in COMPONENTS if n in self.procs and not self.procs[n].alive()]
+        dead = [n for n in self.components if n in self.procs and not self.procs[n].alive()]
         if not dead:
             return
         parts = []
@@ -582,7 +1056,13 @@ class LocalCluster:
         binaries = self._binaries()
         started = time.monotonic()
         # A fresh start must not inherit the etcd data, certificates or logs of an
-        # earlier cluster in the same directory.
+        # earlier cluster in the same directory; a crashed real node may have left
+        # mounts there, and rmtree must not reach through them.
+        if self.base_dir.is_dir() and _unmount_all(self.base_dir):
+            raise ClusterError(
+                f"{self.base_dir} still has mounts below it ({', '.join(_mounts_under(self.base_dir))}); "
+                "unmount them (umount -R) before starting a cluster there"
+            )
         shutil.rmtree(self.base_dir, ignore_errors=True)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         for sub in (self.logs_dir, self.pids_dir):
@@ -599,7 +1079,8 @@ class LocalCluster:
         )
 
     def _binaries(self) -> dict[str, Path]:
-        found = {c: binary_path(c, self.cache) for c in COMPONENTS}
+        built = COMPONENTS + (("kubelet", "kube-proxy", "coredns") if self.real_node else ())
+        found = {c: binary_path(c, self.cache) for c in built}
         missing = [str(p) for p in found.values() if not p.is_file()]
         if missing:
             raise ClusterError(
@@ -607,6 +1088,40 @@ class LocalCluster:
                 + ", ".join(missing)
                 + "\nbuild them with `make cluster-build` (bash hack/cluster/build.sh; ~40 min cold, cached after)"
             )
+        if self.real_node:
+            found.update(self._host_binaries())
+        return found
+
+    def _host_binaries(self) -> dict[str, Path]:
+        """The real node's programs from Debian packages (hack/cluster/node-deps.sh), after
+        checking what the node needs of the host: root, overlayfs, the packages."""
+        if os.geteuid() != 0:
+            raise ClusterError(
+                "the real node (real_node=True / KUBETUNE_REAL_NODE=1 / NODES=real) needs root: "
+                "containerd, the kubelet's mounts and the CNI bridge do; run as root or without it"
+            )
+        found: dict[str, Path] = {}
+        for name in ("containerd", "containerd-shim-runc-v2", "ctr", "runc", "iptables", "conntrack", "ip"):
+            exe = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
+            if exe is None:
+                raise ClusterError(f"{name} is not on PATH; the real node needs it; {NODE_DEPS_HINT}")
+            found[name] = Path(exe)
+        for plugin in ("bridge", "host-local", "loopback", "portmap"):
+            if not (CNI_BIN_DIR / plugin).is_file():
+                raise ClusterError(
+                    f"CNI plugin {CNI_BIN_DIR / plugin} is missing (package containernetworking-plugins); "
+                    + NODE_DEPS_HINT
+                )
+        version = _run([str(found["containerd"]), "--version"]).stdout.split()
+        if len(version) < 3 or not version[2].lstrip("v").startswith(CONTAINERD_MINOR + "."):
+            raise ClusterError(
+                f"{found['containerd']} reports {' '.join(version)!r}; the real node's containerd config "
+                f"(localcluster.py, containerd_config) is written for containerd {CONTAINERD_MINOR}.x, Debian 12's"
+            )
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
+            if "overlay" not in Path("/proc/filesystems").read_text():
+                raise ClusterError("the kernel has no overlay filesystem (containerd's snapshotter needs it)")
         return found
 
     def _pytorchjob_crd(self) -> Path:
@@ -646,6 +1161,18 @@ class LocalCluster:
             "to-metrics",
             "to-probe",
             "to-webhook",
+            *(
+                (
+                    "kubelet",
+                    "kubelet-healthz",
+                    "kube-proxy-healthz",
+                    "kube-proxy-metrics",
+                    "coredns-health",
+                    "coredns-ready",
+                )
+                if self.real_node
+                else ()
+            ),
         ):
             self.ports[comp] = free_port()
         self._make_pki()
@@ -692,6 +1219,7 @@ class LocalCluster:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 # The "kubernetes" Service cannot point at a loopback address.
                 "--endpoint-reconciler-type=none",
+                *self._apiserver_node_args(),
                 "--allow-privileged=true",
                 "--profiling=false",
             ],
@@ -796,6 +1324,8 @@ class LocalCluster:
         )
         probe = f"http://127.0.0.1:{self.ports['to-probe']}/readyz"
         self.wait_for("training-operator /readyz", lambda: _http_ok(probe), timeout, logs=("training-operator",))
+        if self.real_node:
+            self._start_real_node(binaries, timeout)
 
     def _control_plane_component_args(self, name: str, binaries: dict[str, Path]) -> list[str]:
         """Binary, identity (system:<name>, a client cert of the cluster CA) and serving flags
@@ -847,6 +1377,9 @@ class LocalCluster:
         write_kubeconfig(
             self.tester_kubeconfig, server, self.pki.ca_crt, TEST_USER, cert=self.pki.issue("tester", TEST_USER)
         )
+        if self.real_node:
+            # The API server's identity towards the kubelet (logs, exec, port-forward).
+            self.pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",))
 
     def _install_training_operator_webhook(self) -> None:
         """Register the training-operator's PyTorchJob validating webhook as its
@@ -889,6 +1422,300 @@ class LocalCluster:
             "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [secret, webhook]})
         )
 
+    # -- the real node
+    def _apiserver_node_args(self) -> list[str]:
+        if not self.real_node:
+            return []
+        pki = self.pki.dir
+        return [
+            # Else the API server dials the node by its name for logs/exec, and no DNS
+            # on this machine resolves kubetune-real-0.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+        ]
+
+    def _owns_real_node(self) -> bool:
+        """Whether the machine-wide parts of the real node (bridge, iptables rules, cgroup
+        root, sysctls) are this cluster's to clean up: no other cluster has claimed them."""
+        try:
+            return REAL_NODE_OWNER.read_text().strip() == str(self.base_dir)
+        except FileNotFoundError:
+            return True
+
+    def _claim_real_node(self, binaries: dict[str, Path]) -> None:
+        """One real node per machine. Refuse when another cluster's node runs; clean up
+        after one whose processes are gone (a killed test run) before starting ours."""
+        if REAL_NODE_OWNER.exists():
+            other = Path(REAL_NODE_OWNER.read_text().strip())
+            if other != self.base_dir:
+                previous = LocalCluster(other, self.cache)
+                kubelet = previous.procs.get("kubelet")
+                if kubelet is not None and kubelet.alive():
+                    raise ClusterError(
+                        f"the local cluster in {other} already runs the real node (one per machine: the bridge "
+                        f"{CNI_BRIDGE}, the pod network {POD_CIDR} and the cgroup /{CGROUP_ROOT} are machine-wide); "
+                        f"stop it with `python3 hack/cluster/localcluster.py --dir {other} down`"
+                    )
+                _cleanup_node_host(previous.node_dir, binaries["kube-proxy"], binaries["ip"])
+        _cleanup_node_host(self.node_dir, binaries["kube-proxy"], binaries["ip"])
+        REAL_NODE_OWNER.parent.mkdir(parents=True, exist_ok=True)
+        REAL_NODE_OWNER.write_text(f"{self.base_dir}\n")
+
+    def _start_real_node(self, binaries: dict[str, Path], timeout: float) -> None:
+        self._claim_real_node(binaries)
+        nd = self.node_dir
+        for sub in ("cni", "cni-ipam", "containerd", "containerd-state", "kubelet", "pod-logs", "volumes"):
+            (nd / sub).mkdir(parents=True, exist_ok=True)
+        images = local_images(self.cache)
+        _save_sysctls(nd / "host-sysctls.json")
+        # The bridge exists before any pod so that its address (the node IP) is there
+        # for the kubelet's server and CoreDNS; the CNI bridge plugin adopts it.
+        ip = str(binaries["ip"])
+        _run([ip, "link", "add", CNI_BRIDGE, "type", "bridge"])
+        _run([ip, "addr", "add", f"{NODE_IP}/{POD_CIDR.split('/')[1]}", "dev", CNI_BRIDGE])
+        _run([ip, "link", "set", CNI_BRIDGE, "up"])
+        _make_cgroup_root()
+        api_port = self.ports["kube-apiserver"]
+        self._spawn(
+            "api-forward",
+            [sys.executable, str(HERE / "tcpforward.py"), f"{NODE_IP}:{api_port}", f"127.0.0.1:{api_port}"],
+        )
+        (nd / "cni" / "10-kubetune.conflist").write_text(json.dumps(cni_config(nd / "cni-ipam"), indent=2) + "\n")
+
+        sock = nd / "containerd.sock"
+        (nd / "containerd.toml").write_text(containerd_config(nd, sock, images.pause))
+        self._spawn("containerd", [str(binaries["containerd"]), f"--config={nd / 'containerd.toml'}"])
+        ctr = [str(binaries["ctr"]), f"--address={sock}", "--namespace=k8s.io"]
+        self.wait_for(
+            "containerd to answer on " + str(sock),
+            lambda: subprocess.run([*ctr, "version"], capture_output=True, check=False).returncode == 0,
+            timeout,
+            logs=("containerd",),
+        )
+        # No registry here: the node's images come from a tarball (the pause image too).
+        _run([*ctr, "images", "import", str(images.tarball)], timeout=120)
+
+        self.kubectl("apply", "-f", "-", input=json.dumps(real_node_manifests(self.ports["kube-apiserver"])))
+        kubelet_kc = write_kubeconfig(
+            nd / "kubelet.kubeconfig",
+            self.server,
+            self.pki.ca_crt,
+            f"system:node:{REAL_NODE}",
+            # The Node authorizer gives system:node:<name> in system:nodes its own node and pods.
+            cert=self.pki.issue("kubelet", f"system:node:{REAL_NODE}", ("system:nodes",)),
+        )
+        (nd / "kubelet.json").write_text(json.dumps(self._kubelet_config(sock), indent=2) + "\n")
+        self._spawn(
+            "kubelet",
+            [
+                str(binaries["kubelet"]),
+                f"--config={nd / 'kubelet.json'}",
+                f"--kubeconfig={kubelet_kc}",
+                f"--hostname-override={REAL_NODE}",
+                f"--node-ip={NODE_IP}",
+                f"--root-dir={nd / 'kubelet'}",
+                f"--cert-dir={nd / 'kubelet-pki'}",
+                f"--node-labels={REAL_NODE_LABEL}=real",
+                "--v=1",
+            ],
+        )
+        self.wait_for(
+            f"the kubelet to register node {REAL_NODE}",
+            lambda: self.kubectl("get", "node", REAL_NODE, check=False).returncode == 0,
+            timeout,
+            logs=("kubelet", "containerd"),
+        )
+        # Extended resources are advertised by patching the node's status; the kubelet
+        # then keeps them and derives allocatable (no device plugin involved).
+        self.kubectl(
+            "patch",
+            "node",
+            REAL_NODE,
+            "--subresource=status",
+            "--type=json",
+            "-p",
+            json.dumps([{"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": str(REAL_NODE_GPUS)}]),
+        )
+
+        proxy_kc = write_kubeconfig(
+            nd / "kube-proxy.kubeconfig",
+            self.server,
+            self.pki.ca_crt,
+            "system:kube-proxy",
+            # The bootstrap binding system:node-proxier names this user.
+            cert=self.pki.issue("kube-proxy", "system:kube-proxy"),
+        )
+        (nd / "kube-proxy.json").write_text(json.dumps(self._kube_proxy_config(proxy_kc), indent=2) + "\n")
+        self._spawn("kube-proxy", [str(binaries["kube-proxy"]), f"--config={nd / 'kube-proxy.json'}", "--v=1"])
+
+        dns_kc = write_kubeconfig(
+            nd / "coredns.kubeconfig",
+            self.server,
+            self.pki.ca_crt,
+            COREDNS_USER,
+            cert=self.pki.issue("coredns", COREDNS_USER),
+        )
+        (nd / "Corefile").write_text(
+            f""".:53 {{
+    bind {NODE_IP}
+    errors
+    health 127.0.0.1:{self.ports["coredns-health"]}
+    ready 127.0.0.1:{self.ports["coredns-ready"]}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {dns_kc} {COREDNS_USER}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+    cache 5
+    # No forward plugin: names outside the cluster are refused, never sent off this machine.
+}}
+"""
+        )
+        self._spawn("coredns", [str(binaries["coredns"]), f"-conf={nd / 'Corefile'}"])
+
+        self.wait_for(
+            f"node {REAL_NODE} Ready with nvidia.com/gpu {REAL_NODE_GPUS} allocatable",
+            self._real_node_ready,
+            timeout,
+            logs=("kubelet", "containerd"),
+        )
+        healthz = f"http://127.0.0.1:{self.ports['kube-proxy-healthz']}/healthz"
+        self.wait_for("kube-proxy /healthz", lambda: _http_ok(healthz), timeout, logs=("kube-proxy",))
+        ready = f"http://127.0.0.1:{self.ports['coredns-ready']}/ready"
+        self.wait_for("CoreDNS /ready", lambda: _http_ok(ready), timeout, logs=("coredns",))
+
+    def _real_node_ready(self) -> bool:
+        node = self.get_json("node", REAL_NODE)
+        status: dict[str, object] = node.get("status", {})  # type: ignore[assignment]
+        conditions: list[dict[str, str]] = status.get("conditions") or []  # type: ignore[assignment]
+        allocatable: dict[str, str] = status.get("allocatable") or {}  # type: ignore[assignment]
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+        return ready and allocatable.get("nvidia.com/gpu") == str(REAL_NODE_GPUS)
+
+    def _kubelet_config(self, sock: Path) -> dict[str, object]:
+        nd = self.node_dir
+        return {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": NODE_IP,
+            "port": self.ports["kubelet"],
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": self.ports["kubelet-healthz"],
+            "containerRuntimeEndpoint": f"unix://{sock}",
+            # This machine: cgroup v1 hierarchies (+ a cgroup2 `unified` mount), no
+            # systemd as init, no swap accounting; kubelet 1.36 refuses v1 unless told.
+            "cgroupDriver": "cgroupfs",
+            "failCgroupV1": False,
+            "failSwapOn": False,
+            "cgroupRoot": f"/{CGROUP_ROOT}",
+            "podLogsDir": str(nd / "pod-logs"),
+            "volumePluginDir": str(nd / "volume-plugins"),
+            "registerWithTaints": [REAL_NODE_TAINT],
+            "clusterDNS": [CLUSTER_DNS_IP],
+            "clusterDomain": CLUSTER_DOMAIN,
+            # Pods get only the cluster DNS; the host's resolvers are never handed out.
+            "resolvConf": "",
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(self.pki.ca_crt)},
+            },
+            "authorization": {"mode": "Webhook"},
+            # A shared test machine's disk may be fuller than the defaults allow; the
+            # node must not evict test pods or delete the imported images for it.
+            "evictionHard": {
+                "memory.available": "100Mi",
+                "nodefs.available": "1%",
+                "imagefs.available": "1%",
+                "nodefs.inodesFree": "1%",
+            },
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "maxPods": 30,
+            "nodeStatusUpdateFrequency": "10s",
+        }
+
+    def _kube_proxy_config(self, kubeconfig: Path) -> dict[str, object]:
+        return {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(kubeconfig)},
+            "hostnameOverride": REAL_NODE,
+            "bindAddress": NODE_IP,
+            "healthzBindAddress": f"127.0.0.1:{self.ports['kube-proxy-healthz']}",
+            "metricsBindAddress": f"127.0.0.1:{self.ports['kube-proxy-metrics']}",
+            "mode": "iptables",
+            "clusterCIDR": POD_CIDR,
+            # This kernel has no br_netfilter, so a reply from a pod on the same bridge
+            # would bypass the DNAT's reverse translation; masquerading every Service
+            # connection sends replies back through the host.
+            "iptables": {"masqueradeAll": True, "localhostNodePorts": False},
+            # Leave the host's conntrack table size alone (a shared VM).
+            "conntrack": {"maxPerCore": 0, "min": 0},
+            "nodePortAddresses": [f"{NODE_IP}/32"],
+        }
+
+    def real_node_volume(self, namespace: str, claim: str, size: str = "10Gi") -> Path:
+        """A local directory on the real node as a PersistentVolume pre-bound to the
+        claim namespace/claim (class kubetune-real-local; the claim may be created
+        before or after). Returns the directory, so a test can put files there
+        before a pod reads them and read back what the pod wrote. World-writable:
+        the pods run as uid 65532 and local volumes get no ownership change."""
+        if not self.real_node:
+            raise ClusterError("real_node_volume needs the real node: LocalCluster(real_node=True) or NODES=real")
+        path = self.node_dir / "volumes" / f"{namespace}-{claim}"
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777)
+        pv = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"real-{namespace}-{claim}"[:253], "labels": {REAL_NODE_LABEL: "real"}},
+            "spec": {
+                "capacity": {"storage": size},
+                # The kubelet does not enforce access modes for local volumes; the
+                # operator's claims ask for any of these.
+                "accessModes": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": REAL_STORAGE_CLASS,
+                "local": {"path": str(path)},
+                "claimRef": {"namespace": namespace, "name": claim},
+                "nodeAffinity": {
+                    "required": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [REAL_NODE]}
+                                ]
+                            }
+                        ]
+                    }
+                },
+            },
+        }
+        self.kubectl("apply", "-f", "-", input=json.dumps(pv))
+        return path
+
+    @property
+    def busybox_image(self) -> str:
+        """The busybox image imported into the real node (imagePullPolicy: Never or IfNotPresent)."""
+        return local_images(self.cache).busybox
+
+    def _drain_real_node(self) -> None:
+        """Delete the real node's pods while its kubelet and the API server run, so the
+        kubelet stops their containers and tears their network down (CNI DEL); what
+        is left after that is killed by _cleanup_node_host."""
+        alive = [n for n in ("kube-apiserver", "kubelet") if n in self.procs and self.procs[n].alive()]
+        if len(alive) < 2:
+            return
+        selector = f"--field-selector=spec.nodeName={REAL_NODE}"
+        with contextlib.suppress(ClusterError, OSError, subprocess.SubprocessError, KeyError):
+            self.kubectl("delete", "pods", "-A", selector, "--grace-period=1", "--wait=false", timeout=30)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.get_json("pods", "-A", selector)["items"]:
+                time.sleep(0.5)
+
     def _crd_established(self, name: str) -> bool:
         crd = self.get_json("crd", name)
         conditions = crd.get("status", {}).get("conditions") or []  # type: ignore[attr-defined]
@@ -918,7 +1745,9 @@ class LocalCluster:
                         ticks = _proc_start_ticks(pid)
                         if ticks is not None and _is_our_binary(pid, self.cache):
                             procs[pidfile.stem] = Proc(pidfile.stem, pid, ticks, self.log_path(pidfile.stem))
-        order = [n for n in reversed(COMPONENTS) if n in procs] + [n for n in procs if n not in COMPONENTS]
+        if self.real_node:
+            self._drain_real_node()
+        order = [n for n in reversed(self.components) if n in procs] + [n for n in procs if n not in self.components]
         # One at a time, clients first and etcd last: an API server whose etcd is
         # already gone hangs in its graceful shutdown.
         for name in order:
@@ -936,6 +1765,23 @@ class LocalCluster:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.popen.wait(timeout=5)
         self.procs = {}
+        if self.real_node:
+            if self._owns_real_node():
+                problems = _cleanup_node_host(
+                    self.node_dir, binary_path("kube-proxy", self.cache), Path(shutil.which("ip") or "/usr/sbin/ip")
+                )
+                REAL_NODE_OWNER.unlink(missing_ok=True)
+            else:
+                # Another cluster runs the machine's real node (this one was refused):
+                # its bridge, rules and cgroups are not ours to remove.
+                problems = [f"still mounted: {m}" for m in _unmount_all(self.node_dir)]
+            if problems:
+                # Never delete the state directory through a mount that is still there.
+                raise ClusterError(
+                    "the real node left things behind (state kept in "
+                    + f"{self.base_dir}):\n  "
+                    + "\n  ".join(problems)
+                )
         if remove_state:
             shutil.rmtree(self.base_dir, ignore_errors=True)
         else:
@@ -948,7 +1794,7 @@ class LocalCluster:
         if not self.procs:
             return f"no cluster in {self.base_dir}"
         lines = [f"cluster in {self.base_dir}: server {self.server}"]
-        for name in COMPONENTS:
+        for name in self.components:
             proc = self.procs.get(name)
             state = "missing" if proc is None else ("running" if proc.alive() else "DEAD")
             pid = "" if proc is None else f" pid {proc.pid}"
@@ -961,7 +1807,8 @@ def _is_our_binary(pid: int, cache: Path) -> bool:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return False
-    return exe.startswith(str(cache / "bin"))
+    # containerd is Debian's (the real node); the rest are build.sh's.
+    return exe.startswith(str(cache / "bin")) or exe == "/usr/bin/containerd"
 
 
 def _signal_group(proc: Proc, sig: signal.Signals) -> None:

@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
 # make cluster-up: build (cached) and start the local control plane; idempotent.
+# NODES=real (make cluster-up NODES=real) also starts the real node, kubetune-real-0
+# (kubelet + containerd, pods really run; root): see hack/cluster/README.md.
 # State in ${KUBETUNE_CLUSTER_DIR:-<repo>/.cluster}; then: export KUBECONFIG=.cluster/kubeconfig
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+case "${NODES:-kwok}" in
+  kwok) ;;
+  real)
+    bash "${here}/node-deps.sh"
+    export KUBETUNE_REAL_NODE=1
+    ;;
+  *)
+    echo "up.sh: NODES=${NODES} is not a node kind; use NODES=kwok (default: fake kwok nodes only)" \
+      "or NODES=real (the kwok nodes plus a real kubelet node)" >&2
+    exit 2
+    ;;
+esac
 bash "${here}/build.sh" >&2
 exec python3 "${here}/localcluster.py" up

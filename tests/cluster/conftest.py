@@ -7,6 +7,11 @@ KUBETUNE_TEST_CLUSTER_DIR to the directory of a cluster that is already running
 nothing runs there, a cluster is started in that directory and stopped at the end.
 Either way the fixture fails, naming the component's log, when a component dies.
 
+When any collected test is marked `real_node` (tests/cluster/test_real_node.py), or
+KUBETUNE_REAL_NODE=1, the fresh cluster also starts the real node (a kubelet with
+containerd; needs root and hack/cluster/node-deps.sh). A reused cluster without one
+makes those tests fail, not skip.
+
 `namespace` (function): a fresh namespace, ready for pods, deleted afterwards.
 """
 
@@ -26,6 +31,7 @@ sys.path.insert(0, str(REPO / "hack" / "cluster"))
 from localcluster import ClusterError, LocalCluster  # noqa: E402
 
 _session_cluster: list[LocalCluster] = []
+_wants_real_node: list[bool] = []
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -33,6 +39,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.cluster)
+        if item.get_closest_marker("real_node") is not None:
+            _wants_real_node.append(True)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +54,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
             existing.check_alive()
             return
     base = Path(reuse_dir) if reuse_dir else tmp_path_factory.mktemp("cluster")
-    instance = LocalCluster(base)
+    # None defers to KUBETUNE_REAL_NODE; a real_node test in the session turns it on.
+    instance = LocalCluster(base, real_node=True if _wants_real_node else None)
     _session_cluster.append(instance)
     try:
         instance.up()
