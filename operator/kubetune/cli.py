@@ -90,7 +90,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     # kopf and aiohttp load only for this command: validate/schema stay quick.
     from kubetune.controller.builders import OperatorSettings
-    from kubetune.controller.handlers import run_operator
+    from kubetune.controller.handlers import Leadership, run_operator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
@@ -109,7 +109,16 @@ def cmd_operator(args: argparse.Namespace) -> int:
         output_claim=args.output_claim,
     )
     ensure_identity()
-    asyncio.run(run_operator(settings, namespaces, args.health_port, resync_seconds=args.resync_seconds))
+    leadership = (
+        Leadership(
+            args.leader_election_namespace or os.environ.get("POD_NAMESPACE") or "kubetune-system", args.lease_seconds
+        )
+        if args.leader_elect
+        else None
+    )
+    asyncio.run(
+        run_operator(settings, namespaces, args.health_port, resync_seconds=args.resync_seconds, leadership=leadership)
+    )
     return 0
 
 
@@ -185,6 +194,21 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         default=300.0,
         help="pass over every job this often with its child listed afresh, so a missed watch event "
         "never leaves a job behind (0: never; default 300)",
+    )
+    p.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="work only while holding a Lease, so that several replicas are safe (one leads, the others wait)",
+    )
+    p.add_argument(
+        "--leader-election-namespace",
+        help="namespace of the Lease kubetune-operator (default: $POD_NAMESPACE, else kubetune-system)",
+    )
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=15.0,
+        help="how long a silent leader keeps the Lease before another replica takes over (default 15)",
     )
     p.set_defaults(func=cmd_operator)
 

@@ -7,7 +7,9 @@ own ServiceAccount with exactly the chart's RBAC rules."""
 from __future__ import annotations
 
 import json
+import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -758,3 +760,64 @@ def test_operator_restarted_during_200_jobs_loses_none(cluster: Any, operator: O
     made = {(m["metadata"].get("labels") or {}).get("kubetune.io/job-name") for m in models}
     assert made >= {name for name, phase in expected.items() if phase == "Succeeded"}
     assert finished_unseen > 0  # the test did make the operator catch up on something
+
+
+def test_two_replicas_one_leads_and_the_other_takes_over(
+    cluster: Any, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """replicas: 2 is safe. Two operators with --leader-elect: one holds the Lease and
+    works, the other waits; the leader is killed (SIGKILL, no goodbye) while jobs are
+    being created, the other takes the Lease over and every job converges, each with
+    exactly one child."""
+    operator.stop()
+    prepare(cluster, namespace)
+    lease = "kubetune-operator"
+    cluster.kubectl("delete", "lease", lease, "-n", "kubetune-system", "--ignore-not-found")
+    args = [
+        "--all-namespaces",
+        "--leader-elect",
+        "--leader-election-namespace",
+        "kubetune-system",
+        "--lease-seconds",
+        "4",
+    ]
+    first = OperatorProcess(operator.kubeconfig, tmp_path / "first.log", args).start()
+    second: OperatorProcess | None = None
+    try:
+
+        def holder() -> str:
+            result = cluster.kubectl("get", "lease", lease, "-n", "kubetune-system", "-o", "json", check=False)
+            return str(json.loads(result.stdout)["spec"]["holderIdentity"]) if result.returncode == 0 else ""
+
+        deadline = time.monotonic() + 30
+        while not holder():
+            first.check_alive()
+            assert time.monotonic() < deadline, f"no leader; log {first.log_path}"
+            time.sleep(0.3)
+        leader = holder()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        second = OperatorProcess(
+            operator.kubeconfig, tmp_path / "second.log", [*args, "--health-port", str(port)]
+        ).start()
+        time.sleep(2)
+        assert "waits for lease" in second.log_path.read_text(), "the second replica did not wait"
+        # A waiting replica is alive: its liveness probe must pass, or the kubelet restarts it in a loop.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            assert answer.status == 200
+        apply(cluster, namespace, text="\n---\n".join(job("AutomodelJob", f"ha{i}", LORA) for i in range(10)))
+        first.kill()
+        apply(cluster, namespace, text="\n---\n".join(job("AutomodelJob", f"ha{i}", LORA) for i in range(10, 20)))
+        for i in range(20):
+            wait_phase(cluster, second, "automodeljob", f"ha{i}", namespace, {"Succeeded"}, timeout=120)
+        assert holder() not in ("", leader)
+        children = json.loads(cluster.kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout)["items"]
+        owners = sorted(c["metadata"]["labels"]["kubetune.io/job-name"] for c in children)
+        assert owners == sorted(f"ha{i}" for i in range(20))
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        cluster.kubectl("delete", "lease", lease, "-n", "kubetune-system", "--ignore-not-found", check=False)
+        operator.start()

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.controller.rbac import OPERATOR_RULES, VOLUME_RULES
+from kubetune.controller.rbac import LEADER_ELECTION_RULES, OPERATOR_RULES, VOLUME_RULES
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NAMESPACE = "kubetune-system"
@@ -59,6 +59,7 @@ def grant_operator(cluster: Any, namespace: str | None = None) -> Path:
     else:
         objects = _role_and_binding("Role", "kubetune-operator", OPERATOR_RULES, subject, namespace)
     objects += _role_and_binding("ClusterRole", "kubetune-operator-volumes-test", VOLUME_RULES, subject)
+    objects += _role_and_binding("Role", "kubetune-operator-leader", LEADER_ELECTION_RULES, subject, OPERATOR_NAMESPACE)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
     return Path(cluster.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA))
 

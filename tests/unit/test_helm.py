@@ -293,7 +293,7 @@ def test_rendered_rules_are_operator_rules(scope_docs: tuple[str, list[dict[str,
     scope, docs = scope_docs
     roles = [
         r for r in of_kind(docs, "ClusterRole" if scope == "cluster" else "Role")
-        if not r["metadata"]["name"].endswith("-volumes")
+        if not r["metadata"]["name"].endswith(("-volumes", "-leader"))
     ]  # fmt: skip
     assert roles, f"no {'ClusterRole' if scope == 'cluster' else 'Role'} rendered"
     for role in roles:
@@ -328,8 +328,9 @@ def test_no_wildcard_rbac(scope_docs: tuple[str, list[dict[str, Any]]]) -> None:
 
 
 def _without_volume_reads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chart's documents less the volume-read ClusterRole and binding, which both scopes have."""
-    return [d for d in docs if not (d["kind"].startswith("ClusterRole") and d["metadata"]["name"].endswith("-volumes"))]
+    """The chart's documents less what both scopes have: the volume-read ClusterRole and the
+    leader-election Role, with their bindings."""
+    return [d for d in docs if not ("Role" in d["kind"] and d["metadata"]["name"].endswith(("-volumes", "-leader")))]
 
 
 def test_cluster_scope_renders_cluster_role_and_all_namespaces() -> None:
@@ -547,6 +548,9 @@ def test_container_args_follow_the_values() -> None:
         "--image-pull-policy=IfNotPresent",
         "--output-claim=kubetune-output",
         "--health-port=8080",
+        "--leader-elect",
+        f"--leader-election-namespace={NAMESPACE}",
+        "--lease-seconds=15",
     ]
     digest = "sha256:" + "a" * 64
     docs = render(
@@ -560,6 +564,7 @@ def test_container_args_follow_the_values() -> None:
         "--set", "operator.healthPort=9090",
         "--set", "operator.extraArgs={--verbose}",
         "--set", "operator.image.tag=abc",
+        "--set", "operator.leaseSeconds=30",
     )  # fmt: skip
     assert container_args(docs) == [
         "operator",
@@ -569,6 +574,9 @@ def test_container_args_follow_the_values() -> None:
         "--image-pull-policy=Never",
         "--output-claim=results",
         "--health-port=9090",
+        "--leader-elect",
+        f"--leader-election-namespace={NAMESPACE}",
+        "--lease-seconds=30",
         "--verbose",
     ]
     (container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
@@ -769,3 +777,19 @@ def test_operator_pod_names_its_kopf_identity() -> None:
     assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
     extra = only(render("--set", "operator.extraEnv[0].name=A", "--set", "operator.extraEnv[0].value=b"), "Deployment")
     assert {"name": "A", "value": "b"} in extra["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def test_every_replica_elects_a_leader(scope_docs: tuple[str, list[dict[str, Any]]]) -> None:
+    """Several replicas are safe: each runs with --leader-elect on a Lease in the release
+    namespace, which a Role there (LEADER_ELECTION_RULES) lets it use."""
+    from kubetune.controller.rbac import LEADER_ELECTION_RULES
+
+    _, docs = scope_docs
+    args = container_args(docs)
+    assert "--leader-elect" in args and f"--leader-election-namespace={NAMESPACE}" in args
+    assert "--lease-seconds=15" in args
+    [role] = [r for r in of_kind(docs, "Role") if r["metadata"]["name"].endswith("-leader")]
+    assert role["metadata"]["namespace"] == NAMESPACE and role["rules"] == LEADER_ELECTION_RULES
+    assert yaml.safe_load((CHART / "files" / "operator-leader-rules.yaml").read_text()) == LEADER_ELECTION_RULES
+    two = only(render("--set", "operator.replicas=2"), "Deployment")
+    assert two["spec"]["replicas"] == 2

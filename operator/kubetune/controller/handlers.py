@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
+from aiohttp import web
 
 from kubetune import constants as c
 from kubetune.api.resources import FILESET, JOB_RESOURCES, MODEL
 from kubetune.controller.builders import OperatorSettings
 from kubetune.controller.kubeclient import KubeClient
+from kubetune.controller.leader import LeaderElection
 from kubetune.controller.reconciler import JobKey, Reconciler
 
 registry = kopf.OperatorRegistry()
@@ -141,18 +146,61 @@ async def resync_forever(reconciler: Reconciler, namespaces: Sequence[str], peri
         log.info("resync: %d jobs in %.0f ms", count, (time.monotonic() - started) * 1000)
 
 
+async def _serve_health(port: int) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"leader": False, "waiting": "for the leader lease"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
+@dataclass(frozen=True)
+class Leadership:
+    """--leader-elect: where the Lease lives and how long a silent leader keeps it."""
+
+    namespace: str
+    lease_seconds: float = 15.0
+
+
 async def run_operator(
     settings: OperatorSettings,
     namespaces: Sequence[str],
     health_port: int,
     stop_flag: asyncio.Event | None = None,
     resync_seconds: float = 300.0,
+    leadership: Leadership | None = None,
 ) -> None:
     global _reconciler
     client = KubeClient.from_environment()
     _reconciler = Reconciler(client, settings, _post_event)
     _resync.update(namespaces=list(namespaces), period=resync_seconds)
+    lost = asyncio.Event()
+    holding: asyncio.Task[None] | None = None
     try:
+        if leadership is not None:
+            identity = os.environ.get("POD_ID") or f"{socket.gethostname()}-{os.getpid()}"
+            election = LeaderElection(
+                client,
+                leadership.namespace,
+                identity,
+                lease_seconds=leadership.lease_seconds,
+                renew_deadline_seconds=leadership.lease_seconds * 2 / 3,
+                retry_seconds=max(0.5, leadership.lease_seconds / 7),
+            )
+            # A candidate watches nothing until it leads, but answers its liveness probe meanwhile
+            # (kopf serves /healthz only once it runs), or the kubelet would restart it in a loop.
+            waiting = await _serve_health(health_port) if health_port else None
+            try:
+                await election.acquire()
+            finally:
+                if waiting is not None:
+                    await waiting.cleanup()
+            holding = asyncio.create_task(election.hold(lost))
+            stop_flag = lost
         await _reconciler.prime_children(namespaces)
         await kopf.operator(
             registry=registry,
@@ -166,4 +214,9 @@ async def run_operator(
         task = _resync.pop("task", None)
         if isinstance(task, asyncio.Task):
             task.cancel()
+        if holding is not None:
+            holding.cancel()
         await client.close()
+    if lost.is_set():
+        # Another replica may lead now: stop at once, and let the restart be a candidate again.
+        raise SystemExit("kubetune operator: lost the leader lease; exiting so that a restart waits its turn")

@@ -74,6 +74,7 @@ PLURALS = {
     "Fileset": "filesets",
     "AutomodelJob": "automodeljobs",
     "UnslothJob": "unslothjobs",
+    "Lease": "leases",
 }
 
 
@@ -172,6 +173,10 @@ class KubeClient:
         meta = obj["metadata"]
         path = collection_path(obj["apiVersion"], PLURALS[obj["kind"]], meta["namespace"])
         return await self.request("POST", path, obj, "application/json", params={"fieldManager": c.FIELD_MANAGER})
+
+    async def replace(self, path: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT: refused with 409 when obj's metadata.resourceVersion is no longer current."""
+        return await self.request("PUT", path, obj, "application/json", params={"fieldManager": c.FIELD_MANAGER})
 
     async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         return await self.request(

@@ -50,3 +50,8 @@ OPERATOR_RULES: list[dict[str, Any]] = [
 VOLUME_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["list", "watch"]},
 ]
+
+# In the operator's own namespace (a Role in either scope): the Lease of --leader-elect.
+LEADER_ELECTION_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
+]
