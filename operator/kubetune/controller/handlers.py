@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -178,7 +179,20 @@ async def run_operator(
     client = KubeClient.from_environment()
     _reconciler = Reconciler(client, settings, _post_event)
     _resync.update(namespaces=list(namespaces), period=resync_seconds)
-    lost = asyncio.Event()
+    stop = stop_flag or asyncio.Event()
+    new_kinds: list[str] = []
+
+    def restart_for(kinds: list[str]) -> None:
+        if new_kinds:
+            return  # already stopping (kopf takes a moment; resync passes may come meanwhile)
+        logging.getLogger("kubetune.operator").warning(
+            "%s installed after the operator started: restarting to watch it", ", ".join(kinds)
+        )
+        new_kinds.extend(kinds)
+        stop.set()
+
+    _reconciler.on_new_child_kind = restart_for
+    election: LeaderElection | None = None
     holding: asyncio.Task[None] | None = None
     try:
         if leadership is not None:
@@ -199,8 +213,7 @@ async def run_operator(
             finally:
                 if waiting is not None:
                     await waiting.cleanup()
-            holding = asyncio.create_task(election.hold(lost))
-            stop_flag = lost
+            holding = asyncio.create_task(election.hold(stop))
         await _reconciler.prime_children(namespaces)
         await kopf.operator(
             registry=registry,
@@ -208,7 +221,7 @@ async def run_operator(
             clusterwide=not namespaces,
             namespaces=list(namespaces),
             liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
-            stop_flag=stop_flag,
+            stop_flag=stop,
         )
     finally:
         task = _resync.pop("task", None)
@@ -217,6 +230,9 @@ async def run_operator(
         if holding is not None:
             holding.cancel()
         await client.close()
-    if lost.is_set():
+    if election is not None and election.lost:
         # Another replica may lead now: stop at once, and let the restart be a candidate again.
         raise SystemExit("kubetune operator: lost the leader lease; exiting so that a restart waits its turn")
+    if new_kinds:
+        # The same process, started afresh (a pod keeps its name, its restart count stays 0).
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

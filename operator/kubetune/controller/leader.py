@@ -42,6 +42,7 @@ class LeaderElection:
     renew_deadline_seconds: float = 10.0  # a leader that cannot renew for this long stops
     retry_seconds: float = 2.0
     _observed: tuple[str, float] | None = field(default=None, init=False)  # (record, when first seen here)
+    lost: bool = field(default=False, init=False)  # set when hold() gave the lease up
 
     @property
     def path(self) -> str:
@@ -128,5 +129,6 @@ class LeaderElection:
                     log.warning("leader election: renewing failed (%s); retrying", err)
                     continue
                 log.error("%s could not renew lease %s/%s: %s", self.identity, self.namespace, self.name, err)
+            self.lost = True
             lost.set()
             return

@@ -145,6 +145,8 @@ class Reconciler:
         self._retries: dict[JobKey, asyncio.Task[None]] = {}
         self._specs: dict[JobKey, tuple[tuple[Any, Any], JobSpec | str]] = {}
         self._refusals: dict[JobKey, int] = {}  # refusals in a row (quota, admission), for the backoff
+        self.child_kinds: set[str] | None = None  # the child kinds installed when the operator started
+        self.on_new_child_kind: Callable[[list[str]], None] = lambda kinds: None
         self._outputs_made: dict[JobKey, str] = {}  # output Model created (or found) by this process
 
     def _lock(self, key: JobKey) -> asyncio.Lock:
@@ -228,8 +230,9 @@ class Reconciler:
         """Before the watches start: list the children that exist, so that a job's first
         pass knows its child without trusting status (and makes no create request for a
         child that is already there). Children the watches deliver later update this."""
-        listed, _ = await self._list_children(namespaces)
+        listed, kinds = await self._list_children(namespaces)
         self.children.update(listed)
+        self.child_kinds = kinds
 
     async def _list_children(self, namespaces: Sequence[str]) -> tuple[dict[JobKey, dict[str, Any]], set[str]]:
         """Every child of ours, by job, and the child kinds that could be listed (a kind
@@ -262,6 +265,11 @@ class Reconciler:
         leave a job behind. Costs one LIST per child kind and namespace, then work in
         memory; a job whose status is right is not written. Returns the jobs passed."""
         listed, kinds = await self._list_children(namespaces)
+        if self.child_kinds is not None and kinds - self.child_kinds:
+            # A child kind installed after the start (the training-operator's PyTorchJob CRD):
+            # kopf resolves the resources it watches once, so the operator must restart.
+            self.on_new_child_kind(sorted(kinds - self.child_kinds))
+            return 0
         keys = list(self.jobs)
         for key in keys:
             async with self._lock(key):
@@ -420,7 +428,14 @@ class Reconciler:
             if err.refusal is not None:
                 # A quota or a policy said no: that may change (quota frees, an admin edits
                 # the policy), so the job shows why and asks again on a slow backoff.
-                await self._refused(key, err, generation, now)
+                await self._refused(key, err.refusal, err.message, generation, now)
+                return
+            if err.status == 404 and child["kind"] == "PyTorchJob":
+                message = (
+                    f"the PyTorchJob kind ({c.PYTORCHJOB_API_VERSION}) is not installed: install the Kubeflow "
+                    "training-operator; the operator notices it within --resync-seconds and restarts to watch it"
+                )
+                await self._refused(key, "PyTorchJobNotInstalled", message, generation, now)
                 return
             if is_transient(err):
                 raise
@@ -435,16 +450,16 @@ class Reconciler:
         await self._pass_suspend(key, spec, self.children[key], generation)
         await self._write_status(key, await self._status_from_child(key, spec, generation, now))
 
-    async def _refused(self, key: JobKey, err: ApiError, generation: int | None, now: str) -> None:
+    async def _refused(self, key: JobKey, reason: str, why: str, generation: int | None, now: str) -> None:
         refusals = self._refusals[key] = self._refusals.get(key, 0) + 1
         delay = min(REFUSED_RETRY_MAX_S, REFUSED_RETRY_FIRST_S * 2 ** (refusals - 1))
         current = self.jobs[key].get("status") or {}
-        message = f"{err.message} (asking again in {delay:.0f} s)"
+        message = f"{why} (asking again in {delay:.0f} s)"
         conditions = st.owned_conditions(
             current.get("conditions"),
             [
                 (st.COND_REFERENCES, True, "Resolved", "every reference resolved"),
-                (st.COND_CREATED, False, str(err.refusal), message),
+                (st.COND_CREATED, False, reason, message),
             ],
             generation,
             now,
@@ -453,7 +468,7 @@ class Reconciler:
         await self._write_status(key, {**update, "output": None, "startTime": None, "completionTime": None})
         log.warning("%s %s/%s: %s", *key, message)
         if refusals == 1 and key in self.jobs:
-            self.post_event(_body_ref(self.jobs[key]), "Warning", str(err.refusal), err.message)
+            self.post_event(_body_ref(self.jobs[key]), "Warning", reason, why)
         self._retry_later(key, delay)
 
     async def _status_from_child(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> dict[str, Any]:
