@@ -216,3 +216,10 @@ def test_failed_child_completion_time_is_stable() -> None:
         }
     }
     assert st.batch_job_state(child).completion_time == "t9"
+
+
+def test_child_state_reads_either_kind() -> None:
+    running = [{"type": "Running", "status": "True", "reason": "PyTorchJobRunning"}]
+    assert st.child_state({"kind": "PyTorchJob", "status": {"conditions": running}}).phase == st.RUNNING
+    assert st.child_state({"kind": "Job", "status": {"ready": 1}}).phase == st.RUNNING
+    assert st.child_state({"kind": "Job", "spec": {"suspend": True}}).phase == st.SUSPENDED

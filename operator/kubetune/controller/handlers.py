@@ -26,7 +26,7 @@ from kubetune.api.resources import FILESET, JOB_RESOURCES, MODEL
 from kubetune.controller.builders import OperatorSettings
 from kubetune.controller.kubeclient import KubeClient
 from kubetune.controller.leader import LeaderElection
-from kubetune.controller.reconciler import JobKey, Reconciler
+from kubetune.controller.reconciler import Reconciler, job_key_of
 
 registry = kopf.OperatorRegistry()
 _reconciler: Reconciler | None = None
@@ -40,11 +40,6 @@ def _rec() -> Reconciler:
 
 def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     kopf.event(cast(Any, dict(body)), type=type_, reason=reason, message=message[:1024])
-
-
-def _job_key(labels: Mapping[str, str], namespace: str | None) -> JobKey | None:
-    name, kind = labels.get(c.LABEL_JOB_NAME), labels.get(c.LABEL_JOB_KIND)
-    return (kind, namespace, name) if name and kind and namespace else None
 
 
 _MANAGED = {c.LABEL_MANAGED_BY: c.MANAGED_BY}
@@ -68,14 +63,14 @@ async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     await _rec().on_job(dict(body))
 
 
-async def on_child_event(body: kopf.Body, type: str | None, namespace: str | None, **_: Any) -> None:
-    key = _job_key(body["metadata"].get("labels") or {}, namespace)
+async def on_child_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    key = job_key_of(body)
     if key is not None:
         await _rec().on_child(key, dict(body), deleted=type == "DELETED")
 
 
-async def on_pod_event(body: kopf.Body, type: str | None, namespace: str | None, **_: Any) -> None:
-    key = _job_key(body["metadata"].get("labels") or {}, namespace)
+async def on_pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    key = job_key_of(body)
     if key is not None:
         await _rec().on_pod(key, dict(body), deleted=type == "DELETED")
 

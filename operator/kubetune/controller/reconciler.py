@@ -38,7 +38,7 @@ from kubetune.controller.builders import (
     suspend_patch,
     total_gpus,
 )
-from kubetune.controller.kubeclient import ApiError, KubeClient, object_path
+from kubetune.controller.kubeclient import PLURALS, ApiError, KubeClient, object_path
 from kubetune.controller.references import EntityRecord, JobSpec, ReferenceProblem, resolve_references
 
 log = logging.getLogger("kubetune.operator")
@@ -112,12 +112,26 @@ def describe_backing(backing: tuple[str, ...] | None) -> str:
     }[kind]()
 
 
-def _job_key(child: Mapping[str, Any]) -> JobKey | None:
-    """The job a child or pod belongs to, from the labels the builders put on it."""
+def job_key_of(child: Mapping[str, Any]) -> JobKey | None:
+    """The job a child or pod belongs to, from the labels the builders put on it (an
+    unknown kind label is nobody's: it would name no resource)."""
     meta = child.get("metadata") or {}
     labels = meta.get("labels") or {}
     name, kind, namespace = labels.get(c.LABEL_JOB_NAME), labels.get(c.LABEL_JOB_KIND), meta.get("namespace")
     return (kind, namespace, name) if name and kind in BY_KIND and namespace else None
+
+
+def _pending_status(conditions: list[dict[str, Any]], generation: int | None) -> dict[str, Any]:
+    """A job with no child: nothing of a child's (or a forger's) may remain in its status."""
+    return {
+        "phase": st.PENDING,
+        "conditions": conditions,
+        "observedGeneration": generation,
+        "child": None,
+        "output": None,
+        "startTime": None,
+        "completionTime": None,
+    }
 
 
 def _body_ref(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,7 +254,7 @@ class Reconciler:
         children: dict[JobKey, dict[str, Any]] = {}
         kinds: set[str] = set()
         for kind, collection in (("Job", "/apis/batch/v1"), ("PyTorchJob", f"/apis/{c.PYTORCHJOB_API_VERSION}")):
-            plural = "jobs" if kind == "Job" else "pytorchjobs"
+            plural = PLURALS[kind]
             targets: list[str | None] = [*namespaces] or [None]
             try:
                 for namespace in targets:
@@ -249,7 +263,7 @@ class Reconciler:
                     for item in listed.get("items") or []:
                         # List items of built-in kinds carry no apiVersion or kind of their own.
                         item = {**item, "apiVersion": listed.get("apiVersion"), "kind": kind}
-                        key = _job_key(item)
+                        key = job_key_of(item)
                         if key is not None:
                             children[key] = item
             except ApiError as err:
@@ -464,8 +478,7 @@ class Reconciler:
             generation,
             now,
         )
-        update = {"phase": st.PENDING, "conditions": conditions, "observedGeneration": generation, "child": None}
-        await self._write_status(key, {**update, "output": None, "startTime": None, "completionTime": None})
+        await self._write_status(key, _pending_status(conditions, generation))
         log.warning("%s %s/%s: %s", *key, message)
         if refusals == 1 and key in self.jobs:
             self.post_event(_body_ref(self.jobs[key]), "Warning", reason, why)
@@ -473,10 +486,8 @@ class Reconciler:
 
     async def _status_from_child(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> dict[str, Any]:
         """Every status field but the trainer's `progress`, from the child and its pods."""
-        resource = BY_KIND[key[0]]
-        child = self.children[key]
-        ref = child_ref(resource, key[2], spec)
-        state = st.pytorchjob_state(child) if ref["kind"] == "PyTorchJob" else st.batch_job_state(child)
+        ref = child_ref(BY_KIND[key[0]], key[2], spec)
+        state = st.child_state(self.children[key])
         blocker = next(iter(sorted((self.blockers.get(key) or {}).values())), None)
         current = self.jobs[key].get("status") or {}
         update: dict[str, Any] = {
@@ -487,7 +498,7 @@ class Reconciler:
             "output": None,
         }
         if state.phase == st.SUCCEEDED:
-            update["output"] = await self._create_output_model(key)
+            update["output"] = {"model": await self._create_output_model(key, spec), "format": output_format(spec)}
         return update
 
     async def _pass_suspend(self, key: JobKey, spec: JobSpec, child: Mapping[str, Any], generation: int | None) -> None:
@@ -498,10 +509,9 @@ class Reconciler:
         passed = annotations.get(c.ANNOTATION_SPEC_GENERATION)
         if passed == str(generation):
             return
-        ref = child_ref(BY_KIND[key[0]], key[2], spec)
-        state = st.pytorchjob_state(child) if ref["kind"] == "PyTorchJob" else st.batch_job_state(child)
-        if state.phase in st.TERMINAL:
+        if st.child_state(child).phase in st.TERMINAL:
             return  # nothing left to suspend or resume
+        ref = child_ref(BY_KIND[key[0]], key[2], spec)
         path = object_path({**ref, "metadata": {"namespace": key[1], "name": ref["name"]}})
         if passed is None:
             # Made by a version that did not record it: adopt the child as it is.
@@ -560,15 +570,7 @@ class Reconciler:
         conditions = st.owned_conditions(
             current.get("conditions"), [(st.COND_REFERENCES, False, first.reason, message)], generation, now
         )
-        return {
-            "phase": st.PENDING,
-            "conditions": conditions,
-            "observedGeneration": generation,
-            "child": None,
-            "output": None,
-            "startTime": None,
-            "completionTime": None,
-        }
+        return _pending_status(conditions, generation)
 
     async def _fail(self, key: JobKey, reason: str, message: str, generation: int | None, now: str) -> None:
         self.waiting.discard(key)
@@ -644,56 +646,57 @@ class Reconciler:
     async def on_pod(self, key: JobKey, pod: Mapping[str, Any], deleted: bool) -> None:
         name = pod["metadata"]["name"]
         blocker = None if deleted else st.pod_blocker(pod)
-        pods = self.blockers.setdefault(key, {})
-        if (pods.get(name) == blocker) or (blocker is None and name not in pods):
-            if not pods:
-                self.blockers.pop(key, None)
-            return
+        pods = self.blockers.get(key) or {}
+        if pods.get(name) == blocker:
+            return  # nothing new (also: a pod that never had a blocker and has none now)
         if blocker is None:
             pods.pop(name, None)
         else:
             pods[name] = blocker
-        if not pods:
+        if pods:
+            self.blockers[key] = pods
+        else:
             self.blockers.pop(key, None)
         async with self._lock(key):
             if key in self.jobs and key in self.children:
                 await self._guarded(key, partial(self._reconcile, key))
 
-    async def _create_output_model(self, key: JobKey) -> dict[str, str]:
+    async def _create_output_model(self, key: JobKey, spec: JobSpec) -> str:
+        """The output Model's name, created once per process (every later pass of a finished
+        job, resyncs included, only looks it up here)."""
+        made = self._outputs_made.get(key)
+        if made is not None:
+            return made
         body = self.jobs[key]
-        resource = BY_KIND[key[0]]
-        spec = resource.spec_model.model_validate(body["spec"])
-        resolution = resolve_references(spec, key[1], self.world.lookup)  # type: ignore[arg-type]
+        resolution = resolve_references(spec, key[1], self.world.lookup)
+        annotations = (self.children[key].get("metadata") or {}).get("annotations") or {}
         inputs = JobInputs(
-            resource,
+            BY_KIND[key[0]],
             key[2],
             key[1],
             body["metadata"]["uid"],
-            spec,  # type: ignore[arg-type]
+            spec,
             resolution.entities,
             self.settings,
+            output_model=annotations.get(c.ANNOTATION_OUTPUT_MODEL),
         )
-        annotations = (self.children[key].get("metadata") or {}).get("annotations") or {}
-        inputs = replace(inputs, output_model=annotations.get(c.ANNOTATION_OUTPUT_MODEL))
-        made = self._outputs_made.get(key)
+        made = await self._create_model_once(inputs)
         if made is None:
+            # Taken meanwhile by a Model this job did not make (two jobs finishing with one
+            # name): keep the result under a name of its own rather than lose it.
+            preferred = output_model_name(inputs)
+            inputs = replace(inputs, output_model=fallback_output_model_name(preferred, inputs.uid))
             made = await self._create_model_once(inputs)
             if made is None:
-                # Taken meanwhile by a Model this job did not make (two jobs finishing with one
-                # name): keep the result under a name of its own rather than lose it.
-                preferred = output_model_name(inputs)
-                inputs = replace(inputs, output_model=fallback_output_model_name(preferred, inputs.uid))
-                made = await self._create_model_once(inputs)
-                if made is None:
-                    raise ApiError(409, {"message": f"Model {output_model_name(inputs)} is taken"}, "POST", "models")
-                self.post_event(
-                    _body_ref(self.jobs[key]),
-                    "Warning",
-                    "OutputNameTaken",
-                    f"Model {preferred} was made by another job meanwhile; the output is Model {made}",
-                )
-            self._outputs_made[key] = made
-        return {"model": made, "format": output_format(inputs.spec)}
+                raise ApiError(409, {"message": f"Model {output_model_name(inputs)} is taken"}, "POST", "models")
+            self.post_event(
+                _body_ref(body),
+                "Warning",
+                "OutputNameTaken",
+                f"Model {preferred} was made by another job meanwhile; the output is Model {made}",
+            )
+        self._outputs_made[key] = made
+        return made
 
     async def _create_model_once(self, inputs: JobInputs) -> str | None:
         """Create the output Model; its name, or None when the name holds a Model of

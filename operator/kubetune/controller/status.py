@@ -128,6 +128,11 @@ def pytorchjob_state(job: Mapping[str, Any]) -> ChildState:
     return ChildState(PENDING, "Created", "waiting for the PyTorchJob's pods to start", start)
 
 
+def child_state(child: Mapping[str, Any]) -> ChildState:
+    """The state of either child kind (its `kind` says which)."""
+    return pytorchjob_state(child) if child.get("kind") == "PyTorchJob" else batch_job_state(child)
+
+
 _WAITING_REASONS = frozenset(
     {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
 )
