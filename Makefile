@@ -12,9 +12,10 @@ help:
 	@echo "make crds           regenerate crds/ and helm/kubetune/crds/ from the pydantic models"
 	@echo "make cluster-up     start the local control plane (etcd, apiserver, kwok, training-operator)"
 	@echo "                    NODES=real: also a real kubelet node where pods run (root; see hack/cluster/README.md)"
+	@echo "                    NODES=real-only: the real node alone, untainted (the end-to-end tier's cluster)"
 	@echo "make cluster-down   stop it and remove its state"
 	@echo "make bench          operator and trainer benchmarks -> bench/results/"
-	@echo "make images         build the operator and trainer images (needs Docker)"
+	@echo "make images         build the operator and trainer images (Docker, or buildah without a daemon)"
 
 test:
 	bash hack/test.sh
@@ -28,7 +29,8 @@ crds:
 cluster-build:
 	bash hack/cluster/build.sh
 
-# NODES=real: also the real node (kubelet + containerd); default NODES=kwok (fake nodes only).
+# NODES=real: also the real node (kubelet + containerd); default NODES=kwok (fake nodes only);
+# NODES=real-only: the real node alone, untainted, no kwok nodes.
 cluster-up:
 	NODES=$(NODES) bash hack/cluster/up.sh
 

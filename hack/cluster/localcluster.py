@@ -12,6 +12,7 @@ Standard library only, so that `make cluster-up` runs with any python3 >= 3.11.
 
 CLI:   python3 hack/cluster/localcluster.py up|down|status
        python3 hack/cluster/localcluster.py kubeconfig USER [--group G ...]
+       python3 hack/cluster/localcluster.py volume NAMESPACE CLAIM [--size 10Gi]
 Python:
        cluster = LocalCluster(Path("/tmp/x"))
        cluster.up()
@@ -59,7 +60,9 @@ KUBERNETES_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-schedu
 # The real node's processes, started after the control plane; down() stops them first.
 # api-forward: the API server listens on 127.0.0.1 only; it carries the node IP's
 # connections there, so pods reach the `kubernetes` Service (hack/cluster/tcpforward.py).
-NODE_COMPONENTS = ("api-forward", "containerd", "kubelet", "kube-proxy", "coredns")
+# registry: the node's image registry (Debian's docker-registry, distribution 2.8), where
+# hack/images.sh pushes what it builds and from which the node pulls.
+NODE_COMPONENTS = ("api-forward", "registry", "containerd", "kubelet", "kube-proxy", "coredns")
 
 ADMIN_USER = "kubetune-admin"
 TEST_USER = "kubetune-tester"
@@ -89,12 +92,21 @@ CLUSTER_DNS_IP = "10.96.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 CGROUP_ROOT = "kubetune-node"  # every pod's cgroup lives below /<this> in each hierarchy
 REAL_NODE_ENV = "KUBETUNE_REAL_NODE"
+# KUBETUNE_KWOK_NODES=0 (`make cluster-up NODES=real-only`): no kwok nodes, and the
+# real node carries no taint: the cluster looks like a one-node GPU cluster, so the
+# chart and the operator's pods run there unchanged (the end-to-end tier).
+KWOK_NODES_ENV = "KUBETUNE_KWOK_NODES"
 BUSYBOX = Path("/bin/busybox")  # from Debian's busybox-static: one static binary
 CONTAINERD_MINOR = "1.6"  # Debian 12's; the config below is containerd's version-2 format
 CNI_BIN_DIR = Path("/usr/lib/cni")  # where Debian's containernetworking-plugins puts them
 # Which cluster's state directory runs the machine's one real node.
 REAL_NODE_OWNER = Path("/run/kubetune-real-node.owner")
 COREDNS_USER = "kubetune:coredns"
+# The real node's registry, on loopback at a fixed port so that image references
+# (`KUBETUNE_REGISTRY=127.0.0.1:5111/kubetune make images`) stay the same between runs.
+# Not Debian's default 5000: the docker-registry package may run a registry there.
+REGISTRY_PORT = int(os.environ.get("KUBETUNE_REGISTRY_PORT", "5111"))
+REGISTRY_BINARY = Path("/usr/bin/docker-registry")
 NODE_DEPS_HINT = "install them with `bash hack/cluster/node-deps.sh` (apt-get; idempotent)"
 
 # Generous: the first start on 2 busy cores takes ~20 s; these are deadlines for
@@ -537,17 +549,22 @@ def cni_config(ipam_dir: Path) -> dict[str, object]:
     }
 
 
-def containerd_config(node_dir: Path, sock: Path, sandbox_image: str) -> str:
-    """containerd 1.6 (config version 2) with every path below node_dir, so nothing of
-    a system containerd is shared and down() can unmount and delete it all."""
+def containerd_config(
+    node_dir: Path, sock: Path, sandbox_image: str, root: Path, registry: str, with_cri: bool = True
+) -> str:
+    """containerd 1.6 (config version 2): state, socket and network namespaces below
+    node_dir, the root (images) at `root` (containerd_root), nothing of a system
+    containerd shared. `registry` (host:port, plain HTTP) is the node's registry.
+    with_cri=False: without the CRI plugin, for _forget_old_containers."""
+    disabled = "" if with_cri else ', "io.containerd.grpc.v1.cri"'
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return f"""version = 2
-root = "{node_dir / "containerd"}"
+root = "{root}"
 state = "{node_dir / "containerd-state"}"
 # Not needed by a CRI node; `opt` would write /opt/containerd.
 disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"{disabled}]
 
 [grpc]
   address = "{sock}"
@@ -572,10 +589,13 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{node_dir / "cni"}"
     max_conf_num = 1
+  # The node's registry speaks plain HTTP on loopback (as Docker allows for 127.0.0.0/8).
+  [{cri}.registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
 """
 
 
-def real_node_manifests(api_port: int) -> dict[str, object]:
+def real_node_manifests(api_port: int, default_class: bool = False) -> dict[str, object]:
     """Cluster objects the real node needs: CoreDNS's read access and its Service
     (kube-dns at CLUSTER_DNS_IP, served by CoreDNS on the node IP, so the
     EndpointSlice is written here, not by a selector), the `kubernetes` Service's
@@ -648,7 +668,12 @@ def real_node_manifests(api_port: int) -> dict[str, object]:
         {
             "apiVersion": "storage.k8s.io/v1",
             "kind": "StorageClass",
-            "metadata": {"name": REAL_STORAGE_CLASS},
+            "metadata": {
+                "name": REAL_STORAGE_CLASS,
+                # Alone (no kwok nodes), the node's local volumes are what a claim without
+                # a class gets, as on a cluster whose default class is node-local.
+                "annotations": {"storageclass.kubernetes.io/is-default-class": str(default_class).lower()},
+            },
             # Static PVs only (LocalCluster.real_node_volume), each pre-bound to its claim.
             "provisioner": "kubernetes.io/no-provisioner",
             "reclaimPolicy": "Retain",
@@ -771,7 +796,21 @@ def _remove_kubelet_chains() -> list[str]:
     return problems
 
 
-def _cleanup_node_host(node_dir: Path, kube_proxy: Path, ip: Path) -> list[str]:
+def containerd_root(cache: Path) -> Path:
+    """The real node's containerd root (content store, unpacked layers, metadata), kept
+    between clusters in the machine's cache: the trainer images are gigabytes, and
+    unpacking them again for every cluster would cost minutes. One real node per
+    machine, so one containerd at a time uses it."""
+    return cache / "node-containerd"
+
+
+def registry_root(cache: Path) -> Path:
+    """The real node's registry storage, kept between clusters like containerd_root:
+    a warm `hack/images.sh --push` sends only the layers that changed."""
+    return cache / "node-registry"
+
+
+def _cleanup_node_host(node_dir: Path, kube_proxy: Path, ip: Path, ctr_root: Path | None = None) -> list[str]:
     """Undo what a real node did to the host, also after a crash: its containers'
     processes and shims, mounts under node_dir, kube-proxy's iptables rules, the
     bridge, the cgroups, the kubelet's /var/log/containers links. Idempotent;
@@ -791,8 +830,10 @@ def _cleanup_node_host(node_dir: Path, kube_proxy: Path, ip: Path) -> list[str]:
             ):
                 os.kill(int(entry.name), signal.SIGKILL)
     problems += [f"cgroup {d} still has processes" for d in _kill_cgroup_tree()]
-    if node_dir.is_dir():
-        problems += [f"still mounted: {m}" for m in _unmount_all(node_dir)]
+    for root in (node_dir, ctr_root):
+        # The sandboxes' /dev/shm mounts live below containerd's root.
+        if root is not None and root.is_dir():
+            problems += [f"still mounted: {m}" for m in _unmount_all(root)]
     # kube-proxy's own cleanup removes exactly its KUBE-* chains and rules.
     result = subprocess.run([str(kube_proxy), "--cleanup"], capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
@@ -856,12 +897,21 @@ class LocalCluster:
     or <repo>/.cluster): certs in pki/, logs in logs/<component>.log, pids in pids/,
     kubeconfigs at the top."""
 
-    def __init__(self, base_dir: Path | None = None, cache: Path | None = None, real_node: bool | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        cache: Path | None = None,
+        real_node: bool | None = None,
+        kwok_nodes: bool | None = None,
+    ) -> None:
         """real_node: also start the real node (None: KUBETUNE_REAL_NODE=1 turns it on;
-        a running cluster's state file wins, so `down` stops what `up` started)."""
+        a running cluster's state file wins, so `down` stops what `up` started).
+        kwok_nodes: the fake kwok nodes (None: on unless KUBETUNE_KWOK_NODES=0). Without
+        them the real node is untainted, the only node, and real_node is required."""
         self.base_dir = (base_dir or default_base_dir()).resolve()
         self.cache = cache or default_cache()
         self.real_node = os.environ.get(REAL_NODE_ENV, "") == "1" if real_node is None else real_node
+        self.kwok_nodes = os.environ.get(KWOK_NODES_ENV, "") != "0" if kwok_nodes is None else kwok_nodes
         self.pki = Pki(self.base_dir / "pki")
         self.logs_dir = self.base_dir / "logs"
         self.pids_dir = self.base_dir / "pids"
@@ -894,6 +944,7 @@ class LocalCluster:
             return
         state = json.loads(self.state_file.read_text())
         self.real_node = bool(state.get("real_node", False)) or self.real_node
+        self.kwok_nodes = bool(state.get("kwok_nodes", True))
         self.ports = {k: int(v) for k, v in state.get("ports", {}).items()}
         for name, p in state.get("procs", {}).items():
             self.procs[name] = Proc(name, int(p["pid"]), int(p["start_ticks"]), Path(p["log"]))
@@ -906,6 +957,7 @@ class LocalCluster:
             },
             "versions": read_versions(),
             "real_node": self.real_node,
+            "kwok_nodes": self.kwok_nodes,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -1053,6 +1105,11 @@ class LocalCluster:
             return
         if self.procs:
             self.down()
+        if not self.kwok_nodes and not self.real_node:
+            raise ClusterError(
+                f"no nodes: {KWOK_NODES_ENV}=0 (NODES=real-only) leaves only the real node; turn it on too "
+                f"({REAL_NODE_ENV}=1 or real_node=True)"
+            )
         binaries = self._binaries()
         started = time.monotonic()
         # A fresh start must not inherit the etcd data, certificates or logs of an
@@ -1274,15 +1331,9 @@ class LocalCluster:
         )
 
         manifests = HERE / "manifests"
-        self.kubectl(
-            "apply",
-            "-f",
-            str(manifests / "nodes.yaml"),
-            "-f",
-            str(manifests / "storage.yaml"),
-            "-f",
-            str(manifests / "kubeflow.yaml"),
-        )
+        # The kwok nodes and the kwok-provisioned default class go together.
+        kwok_manifests = ["-f", str(manifests / "nodes.yaml"), "-f", str(manifests / "storage.yaml")]
+        self.kubectl("apply", *(kwok_manifests if self.kwok_nodes else []), "-f", str(manifests / "kubeflow.yaml"))
         self.kubectl(
             "apply", "--server-side", "--field-manager=kubetune-localcluster", "-f", str(self._pytorchjob_crd())
         )
@@ -1315,7 +1366,8 @@ class LocalCluster:
             env={"KUBECONFIG": str(to_kc), "MY_POD_NAMESPACE": "kubeflow", "TMPDIR": "/tmp"},
         )
 
-        self.wait_for("kwok to mark every node Ready", self._nodes_ready, timeout, logs=("kwok",))
+        if self.kwok_nodes:
+            self.wait_for("kwok to mark every node Ready", self._nodes_ready, timeout, logs=("kwok",))
         self.wait_for(
             "ServiceAccount default/default",
             lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0,
@@ -1457,15 +1509,17 @@ class LocalCluster:
                         f"{CNI_BRIDGE}, the pod network {POD_CIDR} and the cgroup /{CGROUP_ROOT} are machine-wide); "
                         f"stop it with `python3 hack/cluster/localcluster.py --dir {other} down`"
                     )
-                _cleanup_node_host(previous.node_dir, binaries["kube-proxy"], binaries["ip"])
-        _cleanup_node_host(self.node_dir, binaries["kube-proxy"], binaries["ip"])
+                _cleanup_node_host(
+                    previous.node_dir, binaries["kube-proxy"], binaries["ip"], containerd_root(self.cache)
+                )
+        _cleanup_node_host(self.node_dir, binaries["kube-proxy"], binaries["ip"], containerd_root(self.cache))
         REAL_NODE_OWNER.parent.mkdir(parents=True, exist_ok=True)
         REAL_NODE_OWNER.write_text(f"{self.base_dir}\n")
 
     def _start_real_node(self, binaries: dict[str, Path], timeout: float) -> None:
         self._claim_real_node(binaries)
         nd = self.node_dir
-        for sub in ("cni", "cni-ipam", "containerd", "containerd-state", "kubelet", "pod-logs", "volumes"):
+        for sub in ("cni", "cni-ipam", "containerd-state", "kubelet", "pod-logs", "volumes"):
             (nd / sub).mkdir(parents=True, exist_ok=True)
         images = local_images(self.cache)
         _save_sysctls(nd / "host-sysctls.json")
@@ -1483,8 +1537,11 @@ class LocalCluster:
         )
         (nd / "cni" / "10-kubetune.conflist").write_text(json.dumps(cni_config(nd / "cni-ipam"), indent=2) + "\n")
 
+        self._start_registry(timeout)
+        root = containerd_root(self.cache)
+        self._forget_old_containers(binaries, root, images.pause, timeout)
         sock = nd / "containerd.sock"
-        (nd / "containerd.toml").write_text(containerd_config(nd, sock, images.pause))
+        (nd / "containerd.toml").write_text(containerd_config(nd, sock, images.pause, root, self.registry))
         self._spawn("containerd", [str(binaries["containerd"]), f"--config={nd / 'containerd.toml'}"])
         ctr = [str(binaries["ctr"]), f"--address={sock}", "--namespace=k8s.io"]
         self.wait_for(
@@ -1493,10 +1550,16 @@ class LocalCluster:
             timeout,
             logs=("containerd",),
         )
-        # No registry here: the node's images come from a tarball (the pause image too).
+        # The sandbox (pause) and busybox images come from a tarball, so that the node
+        # works before anything is pushed to its registry.
         _run([*ctr, "images", "import", str(images.tarball)], timeout=120)
 
-        self.kubectl("apply", "-f", "-", input=json.dumps(real_node_manifests(self.ports["kube-apiserver"])))
+        self.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(real_node_manifests(self.ports["kube-apiserver"], default_class=not self.kwok_nodes)),
+        )
         kubelet_kc = write_kubeconfig(
             nd / "kubelet.kubeconfig",
             self.server,
@@ -1585,6 +1648,79 @@ class LocalCluster:
         ready = f"http://127.0.0.1:{self.ports['coredns-ready']}/ready"
         self.wait_for("CoreDNS /ready", lambda: _http_ok(ready), timeout, logs=("coredns",))
 
+    @property
+    def registry(self) -> str:
+        """host:port of the real node's registry (plain HTTP on loopback): push with
+        `KUBETUNE_REGISTRY=<this>/kubetune bash hack/images.sh --push`; the node pulls
+        `<this>/kubetune/<image>:<tag>` from it."""
+        return f"127.0.0.1:{REGISTRY_PORT}"
+
+    def _start_registry(self, timeout: float) -> None:
+        if not REGISTRY_BINARY.is_file():
+            raise ClusterError(f"{REGISTRY_BINARY} is missing (Debian package docker-registry); {NODE_DEPS_HINT}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", REGISTRY_PORT)) == 0:
+                raise ClusterError(
+                    f"port {REGISTRY_PORT} on 127.0.0.1 is taken, and the real node's registry listens there; "
+                    "free it, or set KUBETUNE_REGISTRY_PORT to another port"
+                )
+        storage = registry_root(self.cache)
+        storage.mkdir(parents=True, exist_ok=True)
+        config = {  # JSON is YAML: distribution reads it as its config file
+            "version": 0.1,
+            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
+            "http": {"addr": self.registry},
+        }
+        (self.node_dir / "registry.yml").write_text(json.dumps(config, indent=2) + "\n")
+        self._spawn("registry", [str(REGISTRY_BINARY), "serve", str(self.node_dir / "registry.yml")])
+        self.wait_for(
+            f"the node's registry on {self.registry}",
+            lambda: _http_ok(f"http://{self.registry}/v2/"),
+            timeout,
+            logs=("registry",),
+        )
+
+    def _forget_old_containers(self, binaries: dict[str, Path], root: Path, pause: str, timeout: float) -> None:
+        """containerd_root outlives clusters; the containers of an earlier node (its pods
+        died with it) would come back as sandboxes whose network and state are gone.
+        Remove them with a containerd that has no CRI plugin, before the node's own
+        containerd (and its CRI plugin) reads them. Images and layers stay."""
+        if not (root / "io.containerd.metadata.v1.bolt" / "meta.db").is_file():
+            return
+        scratch = self.node_dir / "containerd-cleanup"
+        scratch.mkdir(parents=True, exist_ok=True)
+        sock = scratch / "containerd.sock"
+        config = scratch / "containerd.toml"
+        config.write_text(containerd_config(scratch, sock, pause, root, self.registry, with_cri=False))
+        ctr = [str(binaries["ctr"]), f"--address={sock}", "--namespace=k8s.io"]
+        log = (self.logs_dir / "containerd-cleanup.log").open("ab")
+        proc = subprocess.Popen([str(binaries["containerd"]), f"--config={config}"], stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + timeout
+            while subprocess.run([*ctr, "version"], capture_output=True, check=False).returncode != 0:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"containerd on {root} did not start to remove old containers; see "
+                        f"{self.logs_dir / 'containerd-cleanup.log'}"
+                    )
+                time.sleep(0.2)
+            old = _run([*ctr, "containers", "list", "--quiet"]).stdout.split()
+            if old:
+                _run([*ctr, "containers", "delete", *old], timeout=120)
+        finally:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+        # The CRI plugin's per-sandbox and per-container directories of those containers.
+        for sub in ("sandboxes", "containers"):
+            shutil.rmtree(root / "io.containerd.grpc.v1.cri" / sub, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
     def _real_node_ready(self) -> bool:
         node = self.get_json("node", REAL_NODE)
         status: dict[str, object] = node.get("status", {})  # type: ignore[assignment]
@@ -1612,7 +1748,9 @@ class LocalCluster:
             "cgroupRoot": f"/{CGROUP_ROOT}",
             "podLogsDir": str(nd / "pod-logs"),
             "volumePluginDir": str(nd / "volume-plugins"),
-            "registerWithTaints": [REAL_NODE_TAINT],
+            # Keeps the kwok tiers' pods off a node that really runs them; alone, the
+            # node takes every pod, as a GPU cluster's node does.
+            "registerWithTaints": [REAL_NODE_TAINT] if self.kwok_nodes else [],
             "clusterDNS": [CLUSTER_DNS_IP],
             "clusterDomain": CLUSTER_DOMAIN,
             # Pods get only the cluster DNS; the host's resolvers are never handed out.
@@ -1768,7 +1906,10 @@ class LocalCluster:
         if self.real_node:
             if self._owns_real_node():
                 problems = _cleanup_node_host(
-                    self.node_dir, binary_path("kube-proxy", self.cache), Path(shutil.which("ip") or "/usr/sbin/ip")
+                    self.node_dir,
+                    binary_path("kube-proxy", self.cache),
+                    Path(shutil.which("ip") or "/usr/sbin/ip"),
+                    containerd_root(self.cache),
                 )
                 REAL_NODE_OWNER.unlink(missing_ok=True)
             else:
@@ -1807,8 +1948,8 @@ def _is_our_binary(pid: int, cache: Path) -> bool:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return False
-    # containerd is Debian's (the real node); the rest are build.sh's.
-    return exe.startswith(str(cache / "bin")) or exe == "/usr/bin/containerd"
+    # containerd and the registry are Debian's (the real node); the rest are build.sh's.
+    return exe.startswith(str(cache / "bin")) or exe in ("/usr/bin/containerd", str(REGISTRY_BINARY))
 
 
 def _signal_group(proc: Proc, sig: signal.Signals) -> None:
@@ -1856,6 +1997,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     kc = sub.add_parser("kubeconfig", help="print the path of a new kubeconfig for USER in GROUPs")
     kc.add_argument("user")
     kc.add_argument("--group", action="append", default=[])
+    vol = sub.add_parser(
+        "volume",
+        help="make a directory on the real node a PersistentVolume pre-bound to NAMESPACE/CLAIM; print it",
+    )
+    vol.add_argument("namespace")
+    vol.add_argument("claim")
+    vol.add_argument("--size", default="10Gi")
     args = parser.parse_args(argv)
     cluster = LocalCluster(args.dir)
     try:
@@ -1879,6 +2027,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not cluster.is_running():
                 raise ClusterError(f"no running cluster in {cluster.base_dir}; run `make cluster-up` first")
             print(cluster.user_kubeconfig(args.user, args.group))
+        elif args.cmd == "volume":
+            if not cluster.is_running():
+                raise ClusterError(f"no running cluster in {cluster.base_dir}; run `make cluster-up NODES=real` first")
+            print(cluster.real_node_volume(args.namespace, args.claim, args.size))
     except ClusterError as err:
         print(f"localcluster: {err}", file=sys.stderr)
         return 1
