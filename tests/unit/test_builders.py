@@ -104,7 +104,11 @@ def test_child_shape(example: str, kind: str, pods: int, gpus_per_pod: int) -> N
         assert template["metadata"]["labels"][c.LABEL_JOB_NAME] == inputs.name
     if kind == "PyTorchJob":
         assert child["spec"]["nprocPerNode"] == str(gpus_per_pod)
-        assert ("Worker" in child["spec"]["pytorchReplicaSpecs"]) == (pods > 1)
+        # Workers only: a Master would bring the training-operator's init container,
+        # which Pod Security "restricted" refuses; the rendezvous is torchrun's c10d.
+        assert list(child["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+        assert child["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == pods
+        assert child["spec"]["elasticPolicy"] == {"minReplicas": pods, "maxReplicas": pods, "rdzvBackend": "c10d"}
     for obj in objects:
         assert obj["metadata"]["ownerReferences"] == [
             {

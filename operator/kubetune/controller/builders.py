@@ -292,17 +292,10 @@ def _image(inputs: JobInputs) -> str:
 def _command(inputs: JobInputs) -> list[str]:
     module = f"kubetune_trainer.{backend(inputs.resource)}"
     if uses_pytorchjob(inputs.spec):
-        # torchrun takes --nnodes/--nproc-per-node/--node-rank from the PET_* variables
-        # the training-operator injects; the rendezvous address from MASTER_ADDR/PORT.
-        return [
-            "torchrun",
-            "--master-addr=$(MASTER_ADDR)",
-            "--master-port=$(MASTER_PORT)",
-            "-m",
-            module,
-            "--config",
-            c.CONFIG_PATH,
-        ]
+        # torchrun reads its whole launch from the PET_* variables the training-operator
+        # sets for an elastic PyTorchJob: --nnodes (min:max), --nproc-per-node, and a c10d
+        # rendezvous on worker 0's headless-service name (build_pytorchjob).
+        return ["torchrun", "-m", module, "--config", c.CONFIG_PATH]
     return ["python", "-m", module, "--config", c.CONFIG_PATH]
 
 
@@ -427,16 +420,20 @@ def build_pytorchjob(inputs: JobInputs) -> dict[str, Any]:
     names = child_names(inputs.resource, inputs.name)
     template = build_pod_template(inputs, c.PYTORCHJOB_CONTAINER, "ExitCode")
     restart = template["spec"].pop("restartPolicy")
-    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": restart, "template": template}}
-    workers = inputs.spec.parallelism.num_nodes - 1
-    if workers:
-        replicas["Worker"] = {"replicas": workers, "restartPolicy": restart, "template": template}
+    nodes = inputs.spec.parallelism.num_nodes
+    # Workers only, with a fixed-size elastic policy: torchrun's c10d rendezvous on
+    # worker 0 waits for its peers itself. A Master replica would make the
+    # training-operator inject its `init-pytorch` container into every Worker (an
+    # nslookup loop in alpine, with no security context), which Pod Security
+    # "restricted" refuses and an air-gapped cluster cannot pull.
+    replicas = {"Worker": {"replicas": nodes, "restartPolicy": restart, "template": template}}
     return {
         "apiVersion": c.PYTORCHJOB_API_VERSION,
         "kind": "PyTorchJob",
         "metadata": _child_metadata(inputs, names.child),
         "spec": {
             "nprocPerNode": str(inputs.spec.parallelism.num_gpus_per_node),
+            "elasticPolicy": {"minReplicas": nodes, "maxReplicas": nodes, "rdzvBackend": "c10d"},
             "runPolicy": {
                 "backoffLimit": PYTORCHJOB_BACKOFF_LIMIT,
                 "cleanPodPolicy": "None",

@@ -91,32 +91,30 @@ def test_two_processes_match_one(
 def test_two_nodes_via_pytorchjob_environment(
     make_job: Callable[..., Job], reference_losses: dict[str, list[float]]
 ) -> None:
-    """2 "nodes" x 1 process on localhost, started the way the training-operator starts pods."""
+    """2 "nodes" x 1 process on localhost, started the way the training-operator starts the
+    Worker pods of the operator's elastic PyTorchJob (builders.build_pytorchjob): the pod
+    command `torchrun -m kubetune_trainer.automodel --config ...` with only the PET_*
+    variables, a c10d rendezvous on worker 0 (here 127.0.0.1), no MASTER_ADDR and no rank."""
     expected = _reference(make_job, reference_losses, "lora")
     job = make_job(spec({"num_nodes": 2, "num_gpus_per_node": 1}), name="two-nodes")
-    port = str(free_port())
-    command = [sys.executable, "-m", "kubetune_trainer.automodel", "--config", str(job.config)]
-    processes = []
-    for node_rank in (0, 1):
-        env = trainer_env(
-            {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "PET_NNODES": "2",
-                "PET_NPROC_PER_NODE": "1",
-                "PET_NODE_RANK": str(node_rank),
-                # What the operator sets for non-torchrun launchers; torchrun must override them.
-                "WORLD_SIZE": "2",
-                "RANK": str(node_rank),
-            }
-        )
-        processes.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
+    env = trainer_env(
+        {
+            "PET_NNODES": "2:2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_RDZV_BACKEND": "c10d",
+            "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        }
+    )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "-m", "kubetune_trainer.automodel", "--config", str(job.config)
+    ]  # fmt: skip
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-4000:]
-    assert "--nnodes=2" in outputs[0] and "--node-rank=0" in outputs[0] and "--node-rank=1" in outputs[1]
     got = curve(job)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=DISTRIBUTED_RTOL, atol=0.0)
     assert (job.output / "adapter" / "adapter_model.safetensors").exists()
