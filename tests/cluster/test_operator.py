@@ -636,6 +636,35 @@ def test_quota_refusal_is_shown_and_asked_again(cluster: Any, operator: Operator
     assert done["status"]["phase"] == "Succeeded"
 
 
+def test_refused_pod_creation_is_shown(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+    """The child is made but its controller may not make the pods (here a pod quota of 0;
+    as well Pod Security or a webhook): only the child's FailedCreate events say so. The
+    job shows it (Pending, Running=False PodCreationRefused, the API's words) instead of
+    waiting in silence, and runs once the refusal is gone."""
+    prepare(cluster, namespace)
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    apply(cluster, namespace, text=yaml.safe_dump(quota))
+    deadline = time.monotonic() + 30  # the quota controller fills status.hard before it is enforced
+    while not (get(cluster, "resourcequota", "no-pods", namespace).get("status") or {}).get("hard"):
+        assert time.monotonic() < deadline, "the ResourceQuota never got its status"
+        time.sleep(0.3)
+    apply(cluster, namespace, text=job("AutomodelJob", "no-pods", LORA))
+    body = wait_condition_reason(
+        cluster, operator, "automodeljob", "no-pods", namespace, "Running", "PodCreationRefused", timeout=90
+    )
+    assert body["status"]["phase"] == "Pending"
+    message = condition(body, "Running")["message"]
+    assert "cannot create its pods" in message and "exceeded quota" in message, message
+    cluster.kubectl("delete", "resourcequota", "no-pods", "-n", namespace)
+    done = wait_phase(cluster, operator, "automodeljob", "no-pods", namespace, {"Succeeded", "Failed"}, timeout=150)
+    assert done["status"]["phase"] == "Succeeded"
+
+
 def test_outputs_never_collide(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
     """An AutomodelJob and an UnslothJob of one name, and a job deleted and applied again
     while its old children are still being removed, each train into their own directory

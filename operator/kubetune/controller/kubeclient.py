@@ -166,8 +166,11 @@ class KubeClient:
     async def get(self, path: str) -> dict[str, Any]:
         return await self.request("GET", path)
 
-    async def list(self, path: str, label_selector: str | None = None) -> dict[str, Any]:
-        return await self.request("GET", path, params={"labelSelector": label_selector} if label_selector else None)
+    async def list(
+        self, path: str, label_selector: str | None = None, field_selector: str | None = None
+    ) -> dict[str, Any]:
+        params = {"labelSelector": label_selector, "fieldSelector": field_selector}
+        return await self.request("GET", path, params={k: v for k, v in params.items() if v} or None)
 
     async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -40,8 +40,8 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
     # Why a pod does not start (unschedulable, image pull) and whether a claim is bound.
     {"apiGroups": [""], "resources": ["pods", "persistentvolumeclaims"], "verbs": ["list", "watch"]},
-    # Events for `kubectl describe`.
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # Events for `kubectl describe`; list: a child's FailedCreate (its pods refused).
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["list", "create", "patch"]},
 ]
 
 # Cluster-scoped reads, granted by a ClusterRole in either scope (a Role cannot grant a

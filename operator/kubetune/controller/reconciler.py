@@ -487,8 +487,11 @@ class Reconciler:
     async def _status_from_child(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> dict[str, Any]:
         """Every status field but the trainer's `progress`, from the child and its pods."""
         ref = child_ref(BY_KIND[key[0]], key[2], spec)
-        state = st.child_state(self.children[key])
+        child = self.children[key]
+        state = st.child_state(child)
         blocker = next(iter(sorted((self.blockers.get(key) or {}).values())), None)
+        if state.phase == st.PENDING and blocker is None and not st.child_has_pods(child):
+            blocker = await self._creation_refusal(key, child)
         current = self.jobs[key].get("status") or {}
         update: dict[str, Any] = {
             **st.status_from_child(current, state, generation, now, blocker, f"created {ref['kind']} {ref['name']}"),
@@ -500,6 +503,24 @@ class Reconciler:
         if state.phase == st.SUCCEEDED:
             update["output"] = {"model": await self._create_output_model(key, spec), "format": output_format(spec)}
         return update
+
+    async def _creation_refusal(self, key: JobKey, child: Mapping[str, Any]) -> tuple[str, str] | None:
+        """A child without pods: did its controller's pod creation get refused (a quota,
+        Pod Security, a webhook)? Only its Events say so, and nothing is watched that
+        changes when one is posted, so look again in POD_CREATION_CHECK_S while the
+        child still has no pods."""
+        uid = (child.get("metadata") or {}).get("uid")
+        if not uid:
+            return None
+        self._retry_later(key, POD_CREATION_CHECK_S)
+        try:
+            events = await self.client.list(
+                f"/api/v1/namespaces/{key[1]}/events", field_selector=f"involvedObject.uid={uid},reason=FailedCreate"
+            )
+        except ApiError as err:
+            log.warning("%s %s/%s: cannot list the child's events: %s", *key, err)
+            return None
+        return st.creation_refusal(child, events.get("items") or [])
 
     async def _pass_suspend(self, key: JobKey, spec: JobSpec, child: Mapping[str, Any], generation: int | None) -> None:
         """After the child exists only `suspend` may change (CEL): pass a new generation on,
@@ -806,6 +827,8 @@ RETRY_MAX_S = 60.0
 # A refusal (quota, admission policy) changes only when someone acts: ask less often.
 REFUSED_RETRY_FIRST_S = 5.0
 REFUSED_RETRY_MAX_S = 600.0
+# A child without pods is looked at again this often, for a refused pod creation.
+POD_CREATION_CHECK_S = 10.0
 
 
 def is_transient(err: BaseException) -> bool:

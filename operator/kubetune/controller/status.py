@@ -154,6 +154,35 @@ def pod_blocker(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def child_has_pods(child: Mapping[str, Any]) -> bool:
+    """Whether the child's controller has made any pod yet (running, done or failed)."""
+    status = child.get("status") or {}
+    if child.get("kind") == "PyTorchJob":
+        counts = [
+            v for rs in (status.get("replicaStatuses") or {}).values() for k, v in rs.items() if k != "selector"
+        ]
+    else:
+        counts = [status.get(k) for k in ("active", "ready", "succeeded", "failed", "terminating")]
+    return any(isinstance(n, int) and n > 0 for n in counts)
+
+
+def creation_refusal(child: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """Why the child's controller could not make a pod (a quota, Pod Security, an
+    admission webhook), from its newest FailedCreate event, in the API's words; None if
+    it has no such event."""
+    refused = [e for e in events if e.get("reason") == "FailedCreate"]
+    if not refused:
+        return None
+
+    def when(event: Mapping[str, Any]) -> str:
+        return str(event.get("lastTimestamp") or event.get("eventTime") or "")
+
+    newest = max(refused, key=when)
+    name = (child.get("metadata") or {}).get("name", "")
+    what = f"{child.get('kind', 'the child')} {name}"
+    return "PodCreationRefused", f"{what} cannot create its pods: {newest.get('message')}"
+
+
 def owned_conditions(
     current: Sequence[Mapping[str, Any]] | None,
     wanted: Sequence[tuple[str, bool, str, str]],
