@@ -109,6 +109,57 @@ def test_status_from_child_pending_with_blocker_then_running_then_succeeded() ->
     assert not st.changed({**pending, **running, **done}, done)
 
 
+def test_failed_job_shows_the_trainers_reason() -> None:
+    """The trainer's one-line reason (its termination message, copied by the kubelet into
+    the container status) leads the Failed condition; the child's words follow."""
+    pod = {
+        "metadata": {"name": "j-automodel-x"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "finishedAt": "t9",
+                            "message": "warning first\n/data/rows.jsonl line 6: not valid JSON (Expecting value)\n",
+                        }
+                    },
+                }
+            ]
+        },
+    }
+    found = st.trainer_exit(pod)
+    assert found == ("t9", "/data/rows.jsonl line 6: not valid JSON (Expecting value) (exit code 1)")
+    assert st.trainer_exit({"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0}}}]}}) is None
+    failed = st.status_from_child(
+        {}, st.ChildState(st.FAILED, "PodFailurePolicy", "exit code 1 matching FailJob rule"), 1, "t9",
+        trainer_reason=found[1] if found else None,
+    )  # fmt: skip
+    cond = st.find_condition(failed["conditions"], st.COND_FAILED)
+    assert cond is not None and cond["reason"] == "PodFailurePolicy"
+    assert cond["message"].startswith("/data/rows.jsonl line 6: not valid JSON"), cond["message"]
+    assert cond["message"].endswith("exit code 1 matching FailJob rule")
+
+
+def test_child_without_pods_shows_a_refused_creation() -> None:
+    job = {"kind": "Job", "metadata": {"name": "j-automodel"}, "status": {}}
+    assert not st.child_has_pods(job)
+    assert st.child_has_pods({**job, "status": {"failed": 1}})
+    torch = {"kind": "PyTorchJob", "status": {"replicaStatuses": {"Worker": {"active": 1, "selector": "x"}}}}
+    assert st.child_has_pods(torch)
+    events = [
+        {"reason": "FailedCreate", "lastTimestamp": "t1", "message": "old"},
+        {"reason": "FailedCreate", "lastTimestamp": "t2", "message": 'pods "x" is forbidden: exceeded quota'},
+        {"reason": "SuccessfulCreate", "lastTimestamp": "t3", "message": "created"},
+    ]
+    assert st.creation_refusal(job, events) == (
+        "PodCreationRefused",
+        'Job j-automodel cannot create its pods: pods "x" is forbidden: exceeded quota',
+    )
+    assert st.creation_refusal(job, events[2:]) is None
+
+
 def _world(**entities: Any) -> World:
     world = World()
     for key, spec in entities.items():

@@ -152,6 +152,8 @@ class Reconciler:
         self.jobs: dict[JobKey, dict[str, Any]] = {}  # latest body seen or written
         self.children: dict[JobKey, Mapping[str, Any]] = {}
         self.blockers: dict[JobKey, dict[str, tuple[str, str]]] = {}  # pod name -> blocker
+        # pod name -> (finishedAt, the trainer's reason) of pods that failed
+        self.trainer_exits: dict[JobKey, dict[str, tuple[str, str]]] = {}
         self.waiting: set[JobKey] = set()
         self.entity_ready: dict[tuple[str, str, str], bool] = {}  # what the entity's status says now
         self._locks: dict[JobKey, asyncio.Lock] = {}
@@ -212,6 +214,7 @@ class Reconciler:
             self.jobs,
             self.children,
             self.blockers,
+            self.trainer_exits,
             self._locks,
             self._failures,
             self._specs,
@@ -494,7 +497,15 @@ class Reconciler:
             blocker = await self._creation_refusal(key, child)
         current = self.jobs[key].get("status") or {}
         update: dict[str, Any] = {
-            **st.status_from_child(current, state, generation, now, blocker, f"created {ref['kind']} {ref['name']}"),
+            **st.status_from_child(
+                current,
+                state,
+                generation,
+                now,
+                blocker,
+                f"created {ref['kind']} {ref['name']}",
+                max((self.trainer_exits.get(key) or {}).values(), default=(None, None))[1],
+            ),
             "observedGeneration": generation,
             "gpus": total_gpus(spec),
             "child": ref,
@@ -666,9 +677,17 @@ class Reconciler:
 
     async def on_pod(self, key: JobKey, pod: Mapping[str, Any], deleted: bool) -> None:
         name = pod["metadata"]["name"]
+        exit_ = st.trainer_exit(pod)
+        exits = self.trainer_exits.setdefault(key, {})
+        # Kept after the pod is deleted: the reason outlives a pod cleaned up by a retry.
+        new_exit = exit_ is not None and exits.get(name) != exit_
+        if exit_ is not None:
+            exits[name] = exit_
+        elif not exits:
+            self.trainer_exits.pop(key, None)
         blocker = None if deleted else st.pod_blocker(pod)
         pods = self.blockers.get(key) or {}
-        if pods.get(name) == blocker:
+        if pods.get(name) == blocker and not new_exit:
             return  # nothing new (also: a pod that never had a blocker and has none now)
         if blocker is None:
             pods.pop(name, None)

@@ -154,13 +154,24 @@ def pod_blocker(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def trainer_exit(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(finishedAt, reason) of a pod whose container ended with a non-zero exit code and a
+    termination message: the trainer's one-line reason (its /dev/termination-log; the
+    kubelet falls back to the log's tail), which says more than the child's own words
+    ("failed with exit code 1 matching FailJob rule")."""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        done = (container.get("state") or {}).get("terminated") or {}
+        lines = [line.strip() for line in str(done.get("message") or "").splitlines() if line.strip()]
+        if done.get("exitCode") and lines:
+            return str(done.get("finishedAt") or ""), f"{lines[-1]} (exit code {done['exitCode']})"
+    return None
+
+
 def child_has_pods(child: Mapping[str, Any]) -> bool:
     """Whether the child's controller has made any pod yet (running, done or failed)."""
     status = child.get("status") or {}
     if child.get("kind") == "PyTorchJob":
-        counts = [
-            v for rs in (status.get("replicaStatuses") or {}).values() for k, v in rs.items() if k != "selector"
-        ]
+        counts = [v for rs in (status.get("replicaStatuses") or {}).values() for k, v in rs.items() if k != "selector"]
     else:
         counts = [status.get(k) for k in ("active", "ready", "succeeded", "failed", "terminating")]
     return any(isinstance(n, int) and n > 0 for n in counts)
@@ -218,12 +229,16 @@ def status_from_child(
     now: str,
     blocker: tuple[str, str] | None = None,
     created: str = "created the workload",
+    trainer_reason: str | None = None,
 ) -> dict[str, Any]:
     """The job's phase, conditions and times, computed whole from its child's state
-    (and a pod's blocker): nothing of `current` but condition timestamps survives."""
+    (and a pod's blocker, or the trainer's reason for failing): nothing of `current` but
+    condition timestamps survives."""
     phase, reason, message = state.phase, state.reason, state.message
     if phase == PENDING and blocker is not None:
         reason, message = blocker
+    if phase == FAILED and trainer_reason is not None:
+        message = f"{trainer_reason}; {message}"
     wanted = [
         (COND_REFERENCES, True, "Resolved", "every reference resolved"),
         (COND_CREATED, True, "Created", created),
