@@ -1673,6 +1673,16 @@ class LocalCluster:
             "http": {"addr": self.registry},
         }
         (self.node_dir / "registry.yml").write_text(json.dumps(config, indent=2) + "\n")
+        # The storage outlives clusters and every build pushes the same tags again: drop
+        # the layers only superseded manifests still use, before serving.
+        with self.log_path("registry").open("ab") as log:
+            subprocess.run(
+                [str(REGISTRY_BINARY), "garbage-collect", "--delete-untagged", str(self.node_dir / "registry.yml")],
+                stdout=log,
+                stderr=log,
+                timeout=600,
+                check=False,
+            )
         self._spawn("registry", [str(REGISTRY_BINARY), "serve", str(self.node_dir / "registry.yml")])
         self.wait_for(
             f"the node's registry on {self.registry}",
