@@ -9,13 +9,30 @@
 #             CoreDNS; tests/cluster/test_real_node.py; needs root)
 #   training  real training on CPU: the Automodel loop (single process and torchrun),
 #             the Unsloth trainer, and `kubetune run` for both
+#   e2e       the user's path on the real node alone (NODES=real-only): the images built
+#             without Docker and pulled from the node's registry, `helm install`, jobs
+#             applied with kubectl and trained in pods (the README's e2e blocks; root)
 # `hack/test.sh STAGE...` runs some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(lint unit cluster training)
+[ ${#stages[@]} -gt 0 ] || stages=(lint unit cluster training e2e)
 
 run() { echo; echo "=== $* ($(date -u +%H:%M:%S)) ==="; }
+
+# The e2e tier's images take many minutes to build on a cold machine (pip downloads and
+# gigabyte layers: I/O more than CPU), so when e2e is among the stages they are built in
+# the background while the other stages run; the e2e stage waits for that build. Warm
+# (buildah's layer cache), the build takes seconds either way.
+images_log=""
+images_pid=""
+if [[ " ${stages[*]} " == *" e2e "* ]]; then
+  bash hack/cluster/node-deps.sh --images
+  images_log=$(mktemp -t kubetune-images.XXXXXX)
+  KUBETUNE_REGISTRY=127.0.0.1:5111/kubetune bash hack/images.sh --standin-base >"$images_log" 2>&1 &
+  images_pid=$!
+  echo "hack/test.sh: building the e2e images in the background (log: $images_log)"
+fi
 
 for stage in "${stages[@]}"; do
   case "$stage" in
@@ -25,7 +42,7 @@ for stage in "${stages[@]}"; do
       bash hack/run-in-venv.sh dev ruff format --check operator tests hack bench trainer-images e2e examples
       bash hack/run-in-venv.sh dev mypy
       MYPYPATH=operator:tests:hack/cluster:tests/unit bash hack/run-in-venv.sh dev mypy --strict \
-        --ignore-missing-imports --explicit-package-bases tests/support tests/cluster tests/unit \
+        --ignore-missing-imports --explicit-package-bases tests/support tests/cluster tests/unit tests/e2e \
         hack/cluster/localcluster.py hack/cluster/wrapmod.py hack/cluster/tcpforward.py bench/operator_bench.py
       # The trainer package needs torch's types, which only the test environment has;
       # unsloth is absent there, so its type: ignore lines are not "unused".
@@ -51,6 +68,17 @@ for stage in "${stages[@]}"; do
       run "training tests: the Unsloth trainer, on CPU"
       bash hack/run-in-venv.sh unsloth python -m pytest tests/training/unsloth -q
       ;;
-    *) echo "hack/test.sh: unknown stage '$stage' (lint, unit, cluster, training)" >&2; exit 2 ;;
+    e2e)
+      run "e2e: the user's path on the real node (images, helm install, jobs in pods)"
+      bash hack/cluster/build.sh
+      if ! wait "$images_pid"; then
+        tail -40 "$images_log"
+        echo "hack/test.sh: building the images failed; the whole log is $images_log" >&2
+        exit 1
+      fi
+      grep '^hack/images.sh: built' "$images_log"
+      bash hack/run-in-venv.sh test python -m pytest tests/e2e -q -s --durations=0
+      ;;
+    *) echo "hack/test.sh: unknown stage '$stage' (lint, unit, cluster, training, e2e)" >&2; exit 2 ;;
   esac
 done

@@ -41,7 +41,26 @@ def test_e2e_manifests_validate_offline() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT / "operator")},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 kubetune resource(s) valid" in result.stderr
+    assert "11 kubetune resource(s) valid" in result.stderr
+
+
+def test_local_e2e_jobs_use_the_examples_entities() -> None:
+    """The real-node tier's jobs (README blocks e2e:seed/e2e:watch) name the Model and
+    Filesets of examples/entities.yaml, which e2e/seed-local.sh fills."""
+    docs = _docs(E2E / "manifests" / "smollm2-jobs.yaml") + _docs(E2E / "manifests" / "smollm2-tier-jobs.yaml")
+    entities = {(d["kind"], d["metadata"]["name"]) for d in _docs(ROOT / "examples" / "entities.yaml")}
+    entities |= {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in ("Model", "Fileset")}
+    jobs = [d for d in docs if d["kind"].endswith("Job")]
+    assert len(jobs) == 5
+    for job in jobs:
+        spec = job["spec"]
+        model = spec["model"] if job["kind"] == "AutomodelJob" else spec["model"]["name"]
+        data = spec["dataset"]
+        refs = [("Model", model)] + [
+            ("Fileset", data[k]) for k in ("training", "validation", "path", "validation_path") if k in data
+        ]
+        for ref in refs:
+            assert ref in entities, f"{job['metadata']['name']} refers to {ref}, not in examples/entities.yaml"
 
 
 def test_e2e_manifests_refer_to_each_other() -> None:

@@ -1,0 +1,290 @@
+"""The user's path, for real: images built here and pulled by the node from its registry,
+the chart's operator running as a pod, jobs applied with kubectl and trained in pods on the
+real node, in namespaces that enforce Pod Security "restricted". The README's blocks
+(`<!-- e2e:... -->`) are what runs; nothing in between is faked. No GPU: the node advertises
+fake `nvidia.com/gpu` and the trainers train on the CPU, as under `kubetune run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from localcluster import REAL_NODE, LocalCluster
+
+REPO = Path(__file__).resolve().parents[2]
+
+NAMESPACE = "team-a"  # the README's
+SYSTEM_NAMESPACE = "kubetune-system"
+ReadmeRunner = Callable[[str], subprocess.CompletedProcess[str]]
+
+
+def get(cluster: LocalCluster, *args: str) -> dict[str, Any]:
+    return cluster.get_json(*args)
+
+
+@pytest.fixture(scope="session")
+def installed(cluster: LocalCluster, readme: ReadmeRunner) -> None:
+    """README block e2e:install: images built and pushed, chart installed, operator Ready."""
+    readme("install")
+
+
+@pytest.fixture(scope="session")
+def seeded(installed: None, readme: ReadmeRunner) -> None:
+    """README block e2e:seed: the team namespace, its volumes with SmolLM2 and chat rows, entities."""
+    readme("seed")
+
+
+def trainer_pods(cluster: LocalCluster, job: str) -> list[dict[str, Any]]:
+    pods = get(cluster, "pods", "-n", NAMESPACE, "-l", f"kubetune.io/job-name={job}")
+    return list(pods["items"])
+
+
+def describe_failure(cluster: LocalCluster, kind: str, job: str) -> str:
+    parts = [cluster.kubectl("describe", "-n", NAMESPACE, kind, job, check=False).stdout[-4000:]]
+    for pod in trainer_pods(cluster, job):
+        name = pod["metadata"]["name"]
+        log = cluster.kubectl("logs", "-n", NAMESPACE, name, "--tail=60", check=False).stdout
+        parts.append(f"--- pod {name}\n{log}")
+    parts.append(
+        "--- operator\n"
+        + cluster.kubectl("logs", "-n", SYSTEM_NAMESPACE, "deploy/kubetune", "--tail=60", check=False).stdout
+    )
+    return "\n".join(parts)
+
+
+def test_operator_runs_from_its_image_under_restricted(cluster: LocalCluster, installed: None) -> None:
+    """The chart's operator pod: from the image built here, on the real node, Ready, never
+    restarted, in a namespace that enforces "restricted"."""
+    ns = get(cluster, "namespace", SYSTEM_NAMESPACE)
+    assert ns["metadata"]["labels"].get("pod-security.kubernetes.io/enforce") == "restricted"
+    pods = get(cluster, "pods", "-n", SYSTEM_NAMESPACE, "-l", "app.kubernetes.io/name=kubetune")["items"]
+    assert pods, "the chart made no operator pod"
+    for pod in pods:
+        assert pod["spec"]["nodeName"] == REAL_NODE
+        image = pod["spec"]["containers"][0]["image"]
+        assert image.startswith("127.0.0.1:5111/kubetune/kubetune-operator:"), image
+        statuses = pod["status"]["containerStatuses"]
+        assert all(s["ready"] for s in statuses), statuses
+        assert all(s["restartCount"] == 0 for s in statuses), statuses
+        # The image the node pulled is the one in the registry (no stale tag).
+        assert statuses[0]["imageID"].startswith("127.0.0.1:5111/kubetune/kubetune-operator@sha256:"), statuses
+
+
+def test_automodel_lora_trains_in_a_pod(cluster: LocalCluster, seeded: None, readme: ReadmeRunner) -> None:
+    """README block e2e:watch: an AutomodelJob (LoRA on SmolLM2-135M) trains in a real pod;
+    `kubectl get` shows its progress moving; it ends Succeeded with its output Model; the
+    adapter on the output claim is trained (non-zero LoRA B) and generates."""
+    job = "smollm2-lora-e2e"
+    seen: list[str] = []
+    done = threading.Event()
+
+    def watch_progress() -> None:
+        while not done.is_set():
+            out = cluster.kubectl(
+                "get", "-n", NAMESPACE, "automodeljob", job, "--no-headers", "-o",
+                "custom-columns=PHASE:.status.phase,PROGRESS:.status.progress.summary",
+                check=False,
+            ).stdout.strip()  # fmt: skip
+            if out and (not seen or seen[-1] != out):
+                seen.append(out)
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch_progress, daemon=True)
+    watcher.start()
+    try:
+        readme("watch")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{describe_failure(cluster, 'automodeljob', job)}") from None
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    running = [s for s in seen if s.startswith("Running")]
+    progress = {s.split(None, 1)[1] for s in running if len(s.split(None, 1)) == 2 and "<none>" not in s}
+    assert len(progress) >= 2, f"the progress column never moved while Running: {seen}"
+
+    pods = trainer_pods(cluster, job)
+    assert pods and all(p["spec"]["nodeName"] == REAL_NODE for p in pods), "the trainer did not run on the real node"
+    model = get(cluster, "models.kubetune.io", "-n", NAMESPACE, "smollm2-lora-e2e-adapter")
+    assert model["spec"]["format"] == "adapter"
+    claim_dir = cluster.node_dir / "volumes" / f"{NAMESPACE}-kubetune-output"
+    adapter = claim_dir / model["spec"]["storage"]["pvc"]["path"]
+    assert (adapter / "adapter_config.json").is_file(), f"no adapter at {adapter}: {sorted(claim_dir.rglob('*'))[:20]}"
+    # Written as the pod's uid, not as root or as a uid baked into the image.
+    uid = pods[0]["spec"]["securityContext"]["runAsUser"]
+    assert (adapter / "adapter_config.json").stat().st_uid == uid
+
+    base = cluster.node_dir / "volumes" / f"{NAMESPACE}-models" / "smollm2-135m-instruct"
+    check = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_GENERATE, str(base), str(adapter)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    report = json.loads(check.stdout.strip().splitlines()[-1])
+    assert report["lora_b_abs_sum"] > 0, f"the adapter's LoRA B matrices are all zero: it was never trained: {report}"
+    assert report["new_tokens"] > 0, report
+
+
+# Runs in the test environment (torch, transformers, peft): the adapter loads onto the base
+# model and generates.
+LOAD_AND_GENERATE = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, adapter = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(base)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32), adapter)
+b = sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
+text = tok.apply_chat_template([{"role": "user", "content": "Convert to JSON: name=Ana age=30 city=Lima"}],
+                               tokenize=False, add_generation_prompt=True)
+ids = tok(text, return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+print(json.dumps({"lora_b_abs_sum": b, "new_tokens": int(out.shape[1] - ids["input_ids"].shape[1]),
+                  "text": tok.decode(out[0, ids["input_ids"].shape[1]:])}))
+"""
+
+
+# ---------------------------------------------------------------- the tier's other jobs
+
+TIER_JOBS = REPO / "e2e" / "manifests" / "smollm2-tier-jobs.yaml"
+
+
+def apply_tier_document(cluster: LocalCluster, kind: str, name: str) -> None:
+    docs = [d for d in yaml.safe_load_all(TIER_JOBS.read_text()) if d]
+    doc = next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None)
+    assert doc is not None, f"{TIER_JOBS} has no {kind} {name}"
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(doc))
+
+
+def wait_finished(cluster: LocalCluster, kind: str, job: str, timeout: float = 1500) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        obj = get(cluster, kind, "-n", NAMESPACE, job)
+        if obj.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            return obj
+        time.sleep(3)
+    raise AssertionError(f"{kind} {job} did not finish in {timeout:.0f}s\n{describe_failure(cluster, kind, job)}")
+
+
+def output_dir(cluster: LocalCluster, obj: dict[str, Any]) -> Path:
+    """The job's directory on the output claim (`<name>/<uid>`, builders.output_subpath)."""
+    claim = cluster.node_dir / "volumes" / f"{NAMESPACE}-kubetune-output"
+    return claim / str(obj["metadata"]["name"]) / str(obj["metadata"]["uid"])
+
+
+def metric_rows(directory: Path) -> list[dict[str, Any]]:
+    path = directory / "metrics.jsonl"
+    assert path.is_file(), f"no {path}"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_curve(rows: list[dict[str, Any]]) -> list[float]:
+    """Train losses, validation losses and gradient norms, as tests/training's parity checks compare."""
+    train = [float(r["loss"]) for r in rows if "loss" in r]
+    val = [float(r["val_loss"]) for r in rows if "val_loss" in r]
+    return train + val + [float(r["grad_norm"]) for r in rows if "grad_norm" in r]
+
+
+# The same global batch over 2 ranks changes only the order of float32 sums; the trainer's
+# own parity tests (tests/training/automodel/test_distributed.py) use the same bound.
+DISTRIBUTED_RTOL = 1e-5
+
+
+def test_two_pods_train_one_model_over_the_pod_network(cluster: LocalCluster, seeded: None) -> None:
+    """2 nodes x 1 GPU: a PyTorchJob with two Worker pods (no init container, so "restricted"
+    admits them) that rendezvous through worker 0's Service name (CoreDNS, kube-proxy) and
+    train one model over gloo: the losses equal the one-pod job's (smollm2-lora-e2e)."""
+    single = get(cluster, "automodeljob", "-n", NAMESPACE, "smollm2-lora-e2e")
+    assert single.get("status", {}).get("phase") == "Succeeded", "needs smollm2-lora-e2e (the README's job) first"
+    expected = loss_curve(metric_rows(output_dir(cluster, single)))
+
+    job = "smollm2-lora-2pods"
+    apply_tier_document(cluster, "AutomodelJob", job)
+    obj = wait_finished(cluster, "automodeljob", job)
+    assert obj["status"]["phase"] == "Succeeded", describe_failure(cluster, "automodeljob", job)
+    children = get(cluster, "pytorchjobs", "-n", NAMESPACE, "-l", f"kubetune.io/job-name={job}")["items"]
+    assert len(children) == 1
+    pods = trainer_pods(cluster, job)
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+    for pod in pods:
+        assert pod["spec"]["nodeName"] == REAL_NODE
+        assert not pod["spec"].get("initContainers"), "an init container: the training-operator's init-pytorch?"
+        assert pod["status"]["phase"] == "Succeeded"
+    got = loss_curve(metric_rows(output_dir(cluster, obj)))
+    assert len(got) == len(expected), (got, expected)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True))
+    print(f"2 pods vs 1 pod: max relative difference {worst:.2e} over {len(got)} values")
+    assert worst <= DISTRIBUTED_RTOL, f"2 pods {got} vs 1 pod {expected}"
+
+
+def test_unsloth_lora_trains_in_a_pod(cluster: LocalCluster, seeded: None) -> None:
+    """An UnslothJob from the Unsloth image: Succeeded, its adapter on the output claim."""
+    job = "smollm2-unsloth-lora"
+    apply_tier_document(cluster, "UnslothJob", job)
+    obj = wait_finished(cluster, "unslothjob", job)
+    assert obj["status"]["phase"] == "Succeeded", describe_failure(cluster, "unslothjob", job)
+    pods = trainer_pods(cluster, job)
+    assert pods and all(p["spec"]["nodeName"] == REAL_NODE for p in pods)
+    assert pods[0]["spec"]["containers"][0]["image"].startswith("127.0.0.1:5111/kubetune/trainer-unsloth:")
+    model = get(cluster, "models.kubetune.io", "-n", NAMESPACE, "smollm2-unsloth-adapter")
+    claim = cluster.node_dir / "volumes" / f"{NAMESPACE}-kubetune-output"
+    adapter = claim / model["spec"]["storage"]["pvc"]["path"]
+    assert (adapter / "adapter_config.json").is_file(), f"no adapter at {adapter}"
+    assert [r["step"] for r in metric_rows(output_dir(cluster, obj)) if "loss" in r][-1] == 3
+
+
+def test_deleted_trainer_pod_is_replaced_and_resumes(cluster: LocalCluster, seeded: None) -> None:
+    """Deleting the running trainer pod: the trainer checkpoints on SIGTERM, the Job makes a
+    new pod, which resumes there: every step is trained exactly once and the job succeeds."""
+    job = "smollm2-lora-resume"
+    apply_tier_document(cluster, "AutomodelJob", job)
+    deadline = time.monotonic() + 900
+    first: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        obj = get(cluster, "automodeljob", "-n", NAMESPACE, job)
+        step = (obj.get("status", {}).get("progress") or {}).get("step") or 0
+        running = [p for p in trainer_pods(cluster, job) if p["status"].get("phase") == "Running"]
+        if step >= 2 and running:
+            first = running[0]
+            break
+        assert obj.get("status", {}).get("phase") not in ("Succeeded", "Failed"), "finished before the deletion"
+        time.sleep(2)
+    assert first is not None, f"{job} never reached step 2\n{describe_failure(cluster, 'automodeljob', job)}"
+    cluster.kubectl("delete", "pod", "-n", NAMESPACE, first["metadata"]["name"], "--wait=false")
+    obj = wait_finished(cluster, "automodeljob", job)
+    assert obj["status"]["phase"] == "Succeeded", describe_failure(cluster, "automodeljob", job)
+    pods = trainer_pods(cluster, job)
+    assert first["metadata"]["uid"] not in {p["metadata"]["uid"] for p in pods}, "the deleted pod is back?"
+    assert any(p["status"]["phase"] == "Succeeded" for p in pods), "no replacement pod finished the job"
+    steps = [r["step"] for r in metric_rows(output_dir(cluster, obj)) if "loss" in r]
+    assert steps == list(range(1, 7)), f"trained steps {steps}: a step twice or missing"
+
+
+def test_malformed_row_fails_with_the_trainers_reason(cluster: LocalCluster, seeded: None) -> None:
+    """A dataset with a line that is not JSON: the job ends Failed at once (no retries of a
+    permanent error) and `kubectl describe` shows the trainer's one-line reason."""
+    rows = (REPO / "examples" / "demo" / "data" / "train" / "rows.jsonl").read_text().splitlines()[:8]
+    malformed = cluster.node_dir / "volumes" / f"{NAMESPACE}-datasets" / "chat" / "malformed"
+    malformed.mkdir(parents=True, exist_ok=True)
+    (malformed / "rows.jsonl").write_text("\n".join([*rows[:5], '{"messages": [', *rows[5:]]) + "\n")
+    malformed.chmod(0o755)
+    (malformed / "rows.jsonl").chmod(0o644)
+    apply_tier_document(cluster, "Fileset", "chat-malformed")
+    job = "smollm2-lora-malformed"
+    apply_tier_document(cluster, "AutomodelJob", job)
+    obj = wait_finished(cluster, "automodeljob", job, timeout=600)
+    assert obj["status"]["phase"] == "Failed", obj["status"]
+    described = cluster.kubectl("describe", "-n", NAMESPACE, "automodeljob", job).stdout
+    assert "rows.jsonl line 6: not valid JSON" in described, described[-3000:]
+    assert len(trainer_pods(cluster, job)) == 1, "a bad row is permanent: it must not be retried"
