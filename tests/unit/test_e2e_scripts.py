@@ -26,10 +26,33 @@ def _docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-@pytest.mark.parametrize("script", ["e2e/run.sh", "e2e/down.sh", "hack/images.sh"])
+@pytest.mark.parametrize(
+    "script", ["e2e/run.sh", "e2e/down.sh", "e2e/seed-local.sh", "hack/images.sh", "hack/standin-base.sh"]
+)
 def test_scripts_parse(script: str) -> None:
     result = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({"KUBETUNE_IMAGE_BUILDER": "kaniko"}, [], "KUBETUNE_IMAGE_BUILDER is 'kaniko'; use docker or buildah"),
+        ({"KUBETUNE_IMAGE_BUILDER": "docker", "DOCKER": "/nonexistent/docker"}, [], "'/nonexistent/docker info' fails"),
+        ({}, ["--bogus"], "unknown option '--bogus'"),
+    ],
+)  # fmt: skip
+def test_images_sh_refuses_a_bad_builder_choice(env: dict[str, str], args: list[str], message: str) -> None:
+    """Bad input to the image build names the setting and what to use instead, before any build."""
+    result = subprocess.run(
+        ["bash", "hack/images.sh", *args, "kubetune-operator"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
 
 
 def test_e2e_manifests_validate_offline() -> None:
