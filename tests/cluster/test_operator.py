@@ -607,22 +607,22 @@ def test_image_policy_refuses_images_from_other_registries(
             cluster.kubectl("delete", doc["kind"], doc["metadata"]["name"], "--ignore-not-found", check=False)
 
 
+def enforce_quota(cluster: Any, namespace: str, name: str, hard: dict[str, str]) -> None:
+    """A ResourceQuota, once the quota controller has filled its status (before that it is not enforced)."""
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": name}, "spec": {"hard": hard}}
+    apply(cluster, namespace, text=yaml.safe_dump(quota))
+    deadline = time.monotonic() + 30
+    while not (get(cluster, "resourcequota", name, namespace).get("status") or {}).get("hard"):
+        assert time.monotonic() < deadline, f"the ResourceQuota {name} never got its status"
+        time.sleep(0.3)
+
+
 def test_quota_refusal_is_shown_and_asked_again(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
     """A ResourceQuota's 403 is a refusal, not a transient error to retry in silence: the
     job shows it (Pending, Created=False QuotaExceeded, the API's words) and starts by
     itself, on the slow backoff, once the quota allows it."""
     prepare(cluster, namespace)
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "no-jobs"},
-        "spec": {"hard": {"count/jobs.batch": "0"}},
-    }
-    apply(cluster, namespace, text=yaml.safe_dump(quota))
-    deadline = time.monotonic() + 30  # the quota controller fills status.hard before it is enforced
-    while not (get(cluster, "resourcequota", "no-jobs", namespace).get("status") or {}).get("hard"):
-        assert time.monotonic() < deadline, "the ResourceQuota never got its status"
-        time.sleep(0.3)
+    enforce_quota(cluster, namespace, "no-jobs", {"count/jobs.batch": "0"})
     apply(cluster, namespace, text=job("AutomodelJob", "over-quota", LORA))
     body = wait_condition_reason(cluster, operator, "automodeljob", "over-quota", namespace, "Created", "QuotaExceeded")
     assert body["status"]["phase"] == "Pending"
@@ -642,17 +642,7 @@ def test_refused_pod_creation_is_shown(cluster: Any, operator: OperatorProcess, 
     job shows it (Pending, Running=False PodCreationRefused, the API's words) instead of
     waiting in silence, and runs once the refusal is gone."""
     prepare(cluster, namespace)
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "no-pods"},
-        "spec": {"hard": {"pods": "0"}},
-    }
-    apply(cluster, namespace, text=yaml.safe_dump(quota))
-    deadline = time.monotonic() + 30  # the quota controller fills status.hard before it is enforced
-    while not (get(cluster, "resourcequota", "no-pods", namespace).get("status") or {}).get("hard"):
-        assert time.monotonic() < deadline, "the ResourceQuota never got its status"
-        time.sleep(0.3)
+    enforce_quota(cluster, namespace, "no-pods", {"pods": "0"})
     apply(cluster, namespace, text=job("AutomodelJob", "no-pods", LORA))
     body = wait_condition_reason(
         cluster, operator, "automodeljob", "no-pods", namespace, "Running", "PodCreationRefused", timeout=90

@@ -26,6 +26,15 @@ def _docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def _job_refs(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (kind, name) of every entity a job manifest names."""
+    spec = job["spec"]
+    model = spec["model"] if job["kind"] == "AutomodelJob" else spec["model"]["name"]
+    data = spec["dataset"]
+    keys = ("training", "validation", "path", "validation_path")
+    return [("Model", model)] + [("Fileset", data[k]) for k in keys if k in data]
+
+
 @pytest.mark.parametrize(
     "script", ["e2e/run.sh", "e2e/down.sh", "e2e/seed-local.sh", "hack/images.sh", "hack/standin-base.sh"]
 )
@@ -76,13 +85,7 @@ def test_local_e2e_jobs_use_the_examples_entities() -> None:
     jobs = [d for d in docs if d["kind"].endswith("Job")]
     assert len(jobs) == 5
     for job in jobs:
-        spec = job["spec"]
-        model = spec["model"] if job["kind"] == "AutomodelJob" else spec["model"]["name"]
-        data = spec["dataset"]
-        refs = [("Model", model)] + [
-            ("Fileset", data[k]) for k in ("training", "validation", "path", "validation_path") if k in data
-        ]
-        for ref in refs:
+        for ref in _job_refs(job):
             assert ref in entities, f"{job['metadata']['name']} refers to {ref}, not in examples/entities.yaml"
 
 
@@ -99,11 +102,7 @@ def test_e2e_manifests_refer_to_each_other() -> None:
     assert {j["kind"] for j in jobs} == {"AutomodelJob", "UnslothJob"}
     for job in jobs:
         spec = job["spec"]
-        model = spec["model"] if job["kind"] == "AutomodelJob" else spec["model"]["name"]
-        data = spec["dataset"]
-        refs = [("Model", model)] + [
-            ("Fileset", data[k]) for k in ("training", "validation", "path", "validation_path") if k in data
-        ]
+        refs = _job_refs(job)
         for ref in refs:
             assert ref in entities, f"{job['metadata']['name']} refers to {ref}, not in cpu-entities.yaml"
         assert "image" not in spec, "the e2e jobs must use the chart's trainer images"
