@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from kubetune import constants as c
-from kubetune.api.common import CrossFieldRule, nested_model
 from kubetune.api.resources import RESOURCES, Resource
+from kubetune_api import constants as c
+from kubetune_api.common import CrossFieldRule, nested_model
 
 JSON = dict[str, Any]
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from kubetune import constants as c
-from kubetune.api.automodel import AutomodelJobSpec
 from kubetune.controller.builders import total_gpus
 from kubetune.controller.references import EntityRecord, JobSpec, resolve_references
 from kubetune.render import NO_PROGRESS, TrainerPaths, dumps_config, render_trainer_config
 from kubetune.validation import ParsedResource, validate_paths
+from kubetune_api import constants as c
+from kubetune_api.automodel import AutomodelJobSpec
 
 REPO_TRAINERS = Path(__file__).resolve().parents[2] / "trainer-images"
 LOCAL_NAMESPACE = "default"

@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from kubetune import constants as c
 from kubetune.api.resources import Resource
+from kubetune_api import constants as c
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from kubetune import constants as c
 from kubetune.api.resources import BY_KIND
 from kubetune.controller.builders import (
     JobInputs,
@@ -22,6 +21,7 @@ from kubetune.controller.builders import (
 from kubetune.controller.reconciler import World
 from kubetune.controller.references import JobSpec, resolve_references
 from kubetune.validation import validate_paths
+from kubetune_api import constants as c
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"

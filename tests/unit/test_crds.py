@@ -11,10 +11,10 @@ import yaml
 from hypothesis import given, settings
 from pydantic import ValidationError
 
-from kubetune.api.automodel import AutomodelJobSpec
 from kubetune.api.resources import AUTOMODEL, RESOURCES, UNSLOTH
-from kubetune.api.unsloth import UnslothJobSpec
 from kubetune.crdgen import CRD_DIRS, build_crd, crd_files
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.unsloth import UnslothJobSpec
 from support.cel import CelRules
 from support.strategies import automodel_specs, unsloth_specs
 
@@ -108,8 +108,8 @@ def test_committed_trainer_status_policy_equals_generated() -> None:
 
 
 def test_trainer_status_policy_guards_every_status_field_but_progress() -> None:
-    from kubetune.api.common import JobStatus
     from kubetune.controller.policies import operator_status_fields, trainer_status_policy_spec
+    from kubetune_api.status import JobStatus
 
     fields = operator_status_fields()
     assert "progress" not in fields and {"phase", "conditions", "child", "observedGeneration", "output"} <= set(fields)

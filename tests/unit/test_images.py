@@ -351,10 +351,10 @@ def test_trainer_image_writes_only_where_the_pod_is_writable(image: str) -> None
     """The operator runs trainers with a read-only root filesystem (Pod Security "restricted" plus
     readOnlyRootFilesystem). Cache and home directories the image points at must therefore lie
     under a volume the operator mounts writable, or be overridden by the pod's env."""
-    from kubetune.api.automodel import AutomodelJobSpec
     from kubetune.api.resources import AUTOMODEL, UNSLOTH
-    from kubetune.api.unsloth import UnslothJobSpec
     from kubetune.controller.builders import JobInputs, build_pod_template
+    from kubetune_api.automodel import AutomodelJobSpec
+    from kubetune_api.unsloth import UnslothJobSpec
 
     automodel = image == "trainer-automodel"
     resource = AUTOMODEL if automodel else UNSLOTH

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.automodel import AutomodelJobSpec
-from kubetune.api.unsloth import UnslothJobSpec
 from kubetune.controller import status as st
 from kubetune.controller.reconciler import World
 from kubetune.controller.references import resolve_references
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.unsloth import UnslothJobSpec
 
 
 def test_set_condition_moves_transition_time_only_on_status_change() -> None:

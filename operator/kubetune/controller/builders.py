@@ -20,12 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune import constants as c
-from kubetune.api.automodel import AutomodelJobSpec
 from kubetune.api.resources import Resource
-from kubetune.api.unsloth import UnslothJobSpec
 from kubetune.controller.references import EntityRecord
 from kubetune.render import TrainerPaths, cluster_paths, dumps_config, kubernetes_progress, render_trainer_config
+from kubetune_api import constants as c
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.unsloth import UnslothJobSpec
 
 JobSpec = AutomodelJobSpec | UnslothJobSpec
 JOB_BACKOFF_LIMIT = 2

@@ -21,7 +21,6 @@ from typing import Any, cast
 import aiohttp
 from pydantic import ValidationError
 
-from kubetune import constants as c
 from kubetune.api.resources import BY_KIND
 from kubetune.controller import status as st
 from kubetune.controller.builders import (
@@ -40,6 +39,7 @@ from kubetune.controller.builders import (
 )
 from kubetune.controller.kubeclient import PLURALS, ApiError, KubeClient, object_path
 from kubetune.controller.references import EntityRecord, JobSpec, ReferenceProblem, resolve_references
+from kubetune_api import constants as c
 
 log = logging.getLogger("kubetune.operator")
 

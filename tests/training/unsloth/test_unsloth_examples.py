@@ -10,7 +10,7 @@ import pytest
 import yaml
 from unsloth_helpers import REPO_ROOT, config_document
 
-from kubetune.api.unsloth import UnslothJobSpec
+from kubetune_api.unsloth import UnslothJobSpec
 from kubetune_trainer.unsloth.mapping import DeviceCapabilities, effective_settings, map_spec
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("unsloth-*.yaml"))

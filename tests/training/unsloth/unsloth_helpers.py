@@ -1,6 +1,6 @@
 """Helpers of the Unsloth tier (run in the `unsloth` venv: hack/run-in-venv.sh unsloth).
 
-Specs are rendered through the API's own pydantic model (`kubetune.api.unsloth`),
+Specs are rendered through the API's own pydantic model (`kubetune_api.unsloth`),
 so the trainer is tested on the documents the operator puts in the ConfigMap,
 every default filled by the same code.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.resources import UNSLOTH
-from kubetune.api.unsloth import UnslothJobSpec
-from kubetune.constants import MODEL_MOUNT, OUTPUT_MOUNT, TRAINING_DATA_MOUNT
 from kubetune.render import NO_PROGRESS, TrainerPaths, render_trainer_config
+from kubetune_api.constants import MODEL_MOUNT, OUTPUT_MOUNT, TRAINING_DATA_MOUNT
+from kubetune_api.unsloth import UnslothJobSpec
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[2]

@@ -6,7 +6,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from kubetune.api.common import Condition, CrossFieldRule, Reference, RuleCheckedSpec, StatusModel, StrictModel
+from kubetune_api.common import CrossFieldRule, Reference, RuleCheckedSpec, StrictModel
+from kubetune_api.status import Condition, StatusModel
 
 
 class PvcLocation(StrictModel):
