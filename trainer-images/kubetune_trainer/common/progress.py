@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.common.config import TrainerConfig
+from kubetune_trainer.common.config import KubernetesProgress, TrainerConfig
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MIN_INTERVAL_S = 10.0
@@ -84,7 +84,7 @@ class ProgressReporter:
         if rank is None:
             rank = int(os.environ.get("RANK", "0"))
         target = cfg.progress
-        if target.type != "kubernetes" or rank != 0:
+        if not isinstance(target, KubernetesProgress) or rank != 0:
             return cls.disabled()
         if api_server is None:
             host = os.environ.get("KUBERNETES_SERVICE_HOST")
@@ -105,11 +105,7 @@ class ProgressReporter:
         context: ssl.SSLContext | None = None
         if api_server.startswith("https://"):
             context = ssl.create_default_context(cafile=str(ca_file) if ca_file.exists() else None)
-        url = (
-            f"{api_server.rstrip('/')}/apis/{target.group}/{target.version}/namespaces/"
-            f"{target.namespace}/{target.plural}/{target.name}/status"
-        )
-        return cls(url, token=token, ssl_context=context)
+        return cls(f"{api_server.rstrip('/')}{target.status_path}", token=token, ssl_context=context)
 
     @property
     def enabled(self) -> bool:
