@@ -124,6 +124,9 @@ def test_pods_meet_pod_security_restricted() -> None:
             pod = template["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True
             assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            # The images' USER (tests/unit/test_images.py checks them against the same constant).
+            assert pod["securityContext"]["runAsUser"] == c.TRAINER_UID
+            assert pod["securityContext"]["runAsGroup"] == pod["securityContext"]["fsGroup"] == c.TRAINER_UID
             for container in pod["containers"]:
                 sc = container["securityContext"]
                 assert sc["allowPrivilegeEscalation"] is False

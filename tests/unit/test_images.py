@@ -128,6 +128,20 @@ def test_dockerfile_runs_as_numeric_non_root_user(image: str) -> None:
     assert int(match.group(1)) != 0, f"{path}: USER is root"
 
 
+@pytest.mark.parametrize("image", ["trainer-automodel", "trainer-unsloth"])
+def test_trainer_image_user_is_the_uid_the_operator_runs_pods_as(image: str) -> None:
+    """One trainer uid: the image's USER, its useradd and the pods' securityContext agree, so
+    files an image prepared and files a pod writes have one owner."""
+    from kubetune_api.constants import TRAINER_UID
+
+    path = _dockerfile(image)
+    final = parse_dockerfile(path)[-1]
+    users = [rest for keyword, rest in final.instructions if keyword == "USER"]
+    assert users[-1] == f"{TRAINER_UID}:{TRAINER_UID}", f"{path}: USER {users[-1]}, the operator runs {TRAINER_UID}"
+    useradds = [rest for keyword, rest in final.instructions if keyword == "RUN" and "useradd" in rest]
+    assert all(f"--uid {TRAINER_UID}" in rest for rest in useradds), f"{path}: useradd with another uid"
+
+
 def _pip_install_args(command: str) -> list[list[str]]:
     """The arguments of each `pip install` in a RUN command (shell operators split commands)."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)

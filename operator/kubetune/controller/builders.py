@@ -30,8 +30,6 @@ from kubetune_api.unsloth import UnslothJobSpec
 JobSpec = AutomodelJobSpec | UnslothJobSpec
 JOB_BACKOFF_LIMIT = 2
 PYTORCHJOB_BACKOFF_LIMIT = 3
-TRAINER_EXIT_CODE_PERMANENT = 1  # docs/CONTRACT.md section 2: the trainer's own error
-TRAINER_UID = 1000
 MAX_JOB_NAME = 40  # leaves room for "-automodel-trainer" and the pod suffixes within 63
 
 
@@ -347,9 +345,9 @@ def build_pod_template(inputs: JobInputs, container_name: str, restart_policy: s
             "serviceAccountName": names.service_account,
             "securityContext": {
                 "runAsNonRoot": True,
-                "runAsUser": TRAINER_UID,
-                "runAsGroup": TRAINER_UID,
-                "fsGroup": TRAINER_UID,
+                "runAsUser": c.TRAINER_UID,
+                "runAsGroup": c.TRAINER_UID,
+                "fsGroup": c.TRAINER_UID,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             # A preempted trainer saves a checkpoint on SIGTERM; give it time to.
@@ -412,7 +410,7 @@ def build_batch_job(inputs: JobInputs) -> dict[str, Any]:
                         "onExitCodes": {
                             "containerName": "trainer",
                             "operator": "In",
-                            "values": [TRAINER_EXIT_CODE_PERMANENT],
+                            "values": [c.EXIT_TRAINER_ERROR],
                         },
                     },
                 ]

@@ -22,8 +22,8 @@ import pytest
 import unsloth  # noqa: F401
 from unsloth_helpers import REPO_ROOT, parsed, read_metrics, run_entrypoint, unsloth_spec
 
+from kubetune_api.constants import EXIT_PREEMPTED
 from kubetune_trainer.common import load_config
-from kubetune_trainer.common.termination import EXIT_PREEMPTED
 from kubetune_trainer.unsloth.mapping import DeviceCapabilities, effective_settings, map_spec
 
 pytestmark = pytest.mark.training

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubetune_api import constants as c
 from kubetune_trainer.automodel import checkpoint as ckpt
 from kubetune_trainer.automodel.batches import Batch, collate, global_batch_indices, rank_micro_batches
 from kubetune_trainer.automodel.distributed import Runtime, init_runtime
@@ -41,13 +42,12 @@ from kubetune_trainer.common.integrations import IntegrationLogger
 from kubetune_trainer.common.metrics import MetricsWriter
 from kubetune_trainer.common.progress import ProgressReporter
 from kubetune_trainer.common.signals import StopSignal
-from kubetune_trainer.common.termination import EXIT_PREEMPTED, TrainerError
+from kubetune_trainer.common.termination import TrainerError
 from kubetune_trainer.data import IGNORE_INDEX, FormatOptions, holdout_split, pack_examples, read_rows, tokenize_rows
 
 MAX_GRAD_NORM = 1.0
 # Test hook: behave as if SIGTERM arrived right after this optimizer step.
 STOP_AFTER_STEP_ENV = "KUBETUNE_STOP_AFTER_STEP"
-PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # the pod failed as if killed by SIGTERM, so its PyTorchJob/Job restarts it
 
 
 def log(runtime: Runtime | None, message: str) -> None:
@@ -485,7 +485,7 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
 
                 if runtime.is_main:
                     write_termination_log(reason)
-                return PREEMPTED_EXIT_CODE
+                return c.EXIT_PREEMPTED  # as if killed by SIGTERM: the Job / PyTorchJob restarts the pod
         del last_validated
         result = export_outputs(cfg, settings, model, tokenizer, runtime)
         if runtime.is_main:
