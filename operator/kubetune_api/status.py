@@ -4,10 +4,32 @@ extra field."""
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class ConditionType(StrEnum):
+    """The condition types kubetune writes (`kubectl wait --for=condition=<type>`)."""
+
+    # Jobs
+    REFERENCES_RESOLVED = "ReferencesResolved"
+    CREATED = "Created"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    # Model and Fileset
+    READY = "Ready"
+
+
+# `status.conditions` is a map keyed by type (as metav1.Condition lists are): the API
+# server refuses two conditions of one type, and server-side apply merges them by type.
+CONDITIONS_BY_TYPE: dict[str, Any] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 
 
 class StatusModel(BaseModel):
@@ -75,10 +97,12 @@ class OutputRef(StatusModel):
 class JobStatus(StatusModel):
     """What kubetune reports about a job."""
 
-    phase: Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None = Field(
+    phase: Phase | None = Field(
         default=None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed."
     )
-    conditions: list[Condition] | None = Field(default=None, description="Latest observations, by type.")
+    conditions: list[Condition] | None = Field(
+        default=None, description="Latest observations, by type.", json_schema_extra=CONDITIONS_BY_TYPE
+    )
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
     start_time: str | None = Field(
         default=None, max_length=64, description="When the child started running (RFC 3339)."

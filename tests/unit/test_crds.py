@@ -56,6 +56,16 @@ def test_crd_is_structural_and_documented(resource: Any) -> None:
     assert crd["spec"]["names"]["shortNames"]
 
 
+@pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r.kind)
+def test_status_conditions_are_a_map_keyed_by_type(resource: Any) -> None:
+    """As metav1.Condition lists are: the API server refuses two conditions of one type."""
+    status = build_crd(resource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    conditions = status["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "type" in conditions["items"]["required"]  # a map key must be required
+
+
 def test_job_printer_columns() -> None:
     for resource in (AUTOMODEL, UNSLOTH):
         columns = [c["name"] for c in build_crd(resource)["spec"]["versions"][0]["additionalPrinterColumns"]]

@@ -18,7 +18,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kubetune.api.resources import Resource
 from kubetune.controller.references import EntityRecord
@@ -475,7 +475,7 @@ def output_subpath(inputs: JobInputs) -> str:
     return f"{inputs.name}/{inputs.uid}"
 
 
-def output_format(spec: JobSpec) -> str:
+def output_format(spec: JobSpec) -> Literal["full", "adapter"]:
     if isinstance(spec, AutomodelJobSpec):
         return "adapter" if spec.training.finetuning_type == "lora" else "full"
     if spec.training.finetuning_type == "lora" and spec.output.save_method == "lora":
