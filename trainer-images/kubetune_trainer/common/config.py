@@ -28,7 +28,7 @@ from kubetune_api.trainer_config import (
 )
 
 DEFAULT_CONFIG_PATH = c.CONFIG_PATH
-KNOWN_KINDS = (c.KIND_AUTOMODEL, c.KIND_UNSLOTH)
+KNOWN_KINDS = tuple(CONFIG_MODELS)
 
 TrainerConfig = AutomodelTrainerConfig | UnslothTrainerConfig
 Config = TypeVar("Config", AutomodelTrainerConfig, UnslothTrainerConfig)
