@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from kubetune import constants as c
-from kubetune.api.common import CrossFieldRule, nested_model
 from kubetune.api.resources import RESOURCES, Resource
+from kubetune_api import constants as c
+from kubetune_api.common import CrossFieldRule, nested_model
 
 JSON = dict[str, Any]
 
@@ -68,6 +68,8 @@ def _structural(node: JSON, defs: JSON, model: type[BaseModel] | None) -> JSON:
         out["exclusiveMaximum"] = True
     if node.get("default") is not None:
         out["default"] = node["default"]
+    # Kubernetes' own schema extensions, given on a field as json_schema_extra.
+    out.update({k: v for k, v in node.items() if k.startswith("x-kubernetes-")})
 
     if kind == "array":
         out["items"] = _structural(node["items"], defs, nested_model(model) if model else None)

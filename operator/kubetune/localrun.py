@@ -19,14 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from kubetune import constants as c
-from kubetune.api.automodel import AutomodelJobSpec
 from kubetune.controller.builders import total_gpus
 from kubetune.controller.references import EntityRecord, JobSpec, resolve_references
 from kubetune.render import NO_PROGRESS, TrainerPaths, dumps_config, render_trainer_config
 from kubetune.validation import ParsedResource, validate_paths
+from kubetune_api import constants as c
+from kubetune_api.automodel import AutomodelJobSpec
 
 REPO_TRAINERS = Path(__file__).resolve().parents[2] / "trainer-images"
+# The folder holding kubetune_api, the models the trainer parses its config with.
+REPO_API = Path(__file__).resolve().parents[1]
 LOCAL_NAMESPACE = "default"
 
 
@@ -83,7 +85,7 @@ def _pick_job(resources: Sequence[ParsedResource], name: str | None) -> ParsedRe
 def _trainer_python(kind: str, explicit: str | None) -> str:
     env_name = "KUBETUNE_UNSLOTH_PYTHON" if kind == c.KIND_UNSLOTH else "KUBETUNE_TRAINER_PYTHON"
     python = explicit or os.environ.get(env_name) or sys.executable
-    needed = ["unsloth", "trl"] if kind == c.KIND_UNSLOTH else ["torch", "transformers", "peft"]
+    needed = ["unsloth", "trl", "pydantic"] if kind == c.KIND_UNSLOTH else ["torch", "transformers", "peft", "pydantic"]
     probe = "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in sys.argv[1:]) else 3)"
     if subprocess.run([python, "-c", probe, *needed], capture_output=True).returncode != 0:
         venv = "unsloth" if kind == c.KIND_UNSLOTH else "test"
@@ -180,7 +182,10 @@ def plan_local_run(
         "PYTHONUNBUFFERED": "1",
     }
     if (REPO_TRAINERS / "kubetune_trainer").is_dir():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_TRAINERS), os.environ.get("PYTHONPATH")]))
+        # A checkout: the trainer package and kubetune_api come from it, as the images copy them.
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO_TRAINERS), str(REPO_API), os.environ.get("PYTHONPATH")])
+        )
     return LocalPlan(job, config, out, command, env)
 
 

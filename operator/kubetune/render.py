@@ -1,28 +1,35 @@
-"""The trainer config file (docs/CONTRACT.md, section 1): one function, used by the
+"""The trainer config file (docs/CONTRACT.md section 1): one function, used by the
 operator's ConfigMap builder and by `kubetune run`, so both hand the trainer the
-same document for the same job."""
+same document for the same job. The document is built as the typed envelope of
+`kubetune_api.trainer_config`, the one the trainers parse, so the operator cannot
+render a config the trainer would refuse."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-from kubetune import constants as c
 from kubetune.api.resources import Resource
+from kubetune_api import constants as c
+from kubetune_api.trainer_config import (
+    CONFIG_MODELS,
+    JobIdentity,
+    KubernetesProgress,
+    NoProgress,
+    TrainerPaths,
+    dump_trainer_config,
+)
 
-
-@dataclass(frozen=True)
-class TrainerPaths:
-    """Where the trainer finds its inputs and writes its outputs."""
-
-    model: str
-    training_data: str
-    output: str
-    teacher_model: str | None = None
-    validation_data: str | None = None
+__all__ = [
+    "NO_PROGRESS",
+    "TrainerPaths",
+    "cluster_paths",
+    "dumps_config",
+    "kubernetes_progress",
+    "render_trainer_config",
+]
 
 
 def cluster_paths(has_teacher: bool, has_validation: bool) -> TrainerPaths:
@@ -35,18 +42,11 @@ def cluster_paths(has_teacher: bool, has_validation: bool) -> TrainerPaths:
     )
 
 
-def kubernetes_progress(resource: Resource, namespace: str, name: str) -> dict[str, Any]:
-    return {
-        "type": "kubernetes",
-        "group": c.GROUP,
-        "version": c.VERSION,
-        "plural": resource.plural,
-        "namespace": namespace,
-        "name": name,
-    }
+def kubernetes_progress(resource: Resource, namespace: str, name: str) -> KubernetesProgress:
+    return KubernetesProgress(group=c.GROUP, version=c.VERSION, plural=resource.plural, namespace=namespace, name=name)
 
 
-NO_PROGRESS: dict[str, Any] = {"type": "none"}
+NO_PROGRESS = NoProgress()
 
 
 def render_trainer_config(
@@ -57,17 +57,21 @@ def render_trainer_config(
     uid: str,
     spec: BaseModel,
     paths: TrainerPaths,
-    progress: dict[str, Any],
+    progress: KubernetesProgress | NoProgress,
 ) -> dict[str, Any]:
-    """The document the trainer reads: the validated spec with every default filled."""
-    return {
-        "apiVersion": c.API_VERSION,
-        "kind": resource.kind,
-        "metadata": {"name": name, "namespace": namespace, "uid": uid},
-        "spec": spec.model_dump(mode="json"),
-        "paths": asdict(paths),
-        "progress": progress,
-    }
+    """The document the trainer reads: the validated spec with every default filled.
+
+    `spec` must be the spec model of `resource`'s kind; the envelope refuses any other."""
+    config = CONFIG_MODELS[resource.kind].model_validate(
+        {
+            "kind": resource.kind,
+            "metadata": JobIdentity(name=name, namespace=namespace, uid=uid),
+            "spec": spec,
+            "paths": paths,
+            "progress": progress,
+        }
+    )
+    return dump_trainer_config(config)
 
 
 def dumps_config(config: dict[str, Any]) -> str:

@@ -13,9 +13,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kubetune import constants as c
-from kubetune.api.common import nested_model
 from kubetune.api.resources import BY_KIND, JOB_RESOURCES, Resource
+from kubetune_api import constants as c
+from kubetune_api.common import nested_model
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 TOP_LEVEL_KEYS = {"apiVersion", "kind", "metadata", "spec", "status"}

@@ -13,9 +13,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from pydantic import ValidationError
 
-from kubetune.api.automodel import AUTOMODEL_RULES, AutomodelJobSpec
-from kubetune.api.entities import MODEL_RULES
-from kubetune.api.unsloth import UNSLOTH_RULES, UnslothJobSpec
+from kubetune_api.automodel import AUTOMODEL_RULES, AutomodelJobSpec
+from kubetune_api.entities import MODEL_RULES
+from kubetune_api.unsloth import UNSLOTH_RULES, UnslothJobSpec
 from support.kube import install_crds
 from support.specs import AUTOMODEL_MIN, RULE_CASES, manifest, with_value
 from support.strategies import automodel_specs, unsloth_specs

@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubetune.api.automodel import AutomodelJobSpec
-from kubetune.api.entities import FilesetSpec, ModelSpec
-from kubetune.api.unsloth import UnslothJobSpec
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.entities import FilesetSpec, ModelSpec
+from kubetune_api.unsloth import UnslothJobSpec
 
 AUTOMODEL_MIN: dict[str, Any] = {"model": "base", "dataset": {"training": "train"}}
 UNSLOTH_MIN: dict[str, Any] = {"model": {"name": "base"}, "dataset": {"path": "train"}}

@@ -16,9 +16,9 @@ from seed_defaults import (
     UNSLOTH_ENUMS,
 )
 
-from kubetune.api.automodel import AUTOMODEL_RULES, AutomodelJobSpec
-from kubetune.api.entities import MODEL_RULES
-from kubetune.api.unsloth import UNSLOTH_RULES, UnslothJobSpec
+from kubetune_api.automodel import AUTOMODEL_RULES, AutomodelJobSpec
+from kubetune_api.entities import MODEL_RULES
+from kubetune_api.unsloth import UNSLOTH_RULES, UnslothJobSpec
 from support.specs import AUTOMODEL_MIN, RULE_CASES, UNSLOTH_MIN, get_path, with_value, without
 
 SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "training-configuration.md"

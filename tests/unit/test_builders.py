@@ -10,7 +10,6 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from kubetune import constants as c
 from kubetune.api.resources import BY_KIND
 from kubetune.controller.builders import (
     JobInputs,
@@ -22,6 +21,7 @@ from kubetune.controller.builders import (
 from kubetune.controller.reconciler import World
 from kubetune.controller.references import JobSpec, resolve_references
 from kubetune.validation import validate_paths
+from kubetune_api import constants as c
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -128,6 +128,9 @@ def test_pods_meet_pod_security_restricted() -> None:
             pod = template["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True
             assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            # The images' USER (tests/unit/test_images.py checks them against the same constant).
+            assert pod["securityContext"]["runAsUser"] == c.TRAINER_UID
+            assert pod["securityContext"]["runAsGroup"] == pod["securityContext"]["fsGroup"] == c.TRAINER_UID
             for container in pod["containers"]:
                 sc = container["securityContext"]
                 assert sc["allowPrivilegeEscalation"] is False

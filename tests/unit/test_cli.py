@@ -14,9 +14,9 @@ import pytest
 import yaml
 from seed_defaults import AUTOMODEL_DEFAULTS, REQUIRED, UNSLOTH_DEFAULTS
 
-from kubetune.api.automodel import AUTOMODEL_RULES
-from kubetune.api.entities import ModelSpec
-from kubetune.api.unsloth import UNSLOTH_RULES
+from kubetune_api.automodel import AUTOMODEL_RULES
+from kubetune_api.entities import ModelSpec
+from kubetune_api.unsloth import UNSLOTH_RULES
 from support.specs import RULE_CASES, manifest
 
 ROOT = Path(__file__).resolve().parents[2]

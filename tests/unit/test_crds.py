@@ -11,10 +11,10 @@ import yaml
 from hypothesis import given, settings
 from pydantic import ValidationError
 
-from kubetune.api.automodel import AutomodelJobSpec
 from kubetune.api.resources import AUTOMODEL, RESOURCES, UNSLOTH
-from kubetune.api.unsloth import UnslothJobSpec
 from kubetune.crdgen import CRD_DIRS, build_crd, crd_files
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.unsloth import UnslothJobSpec
 from support.cel import CelRules
 from support.strategies import automodel_specs, unsloth_specs
 
@@ -54,6 +54,16 @@ def test_crd_is_structural_and_documented(resource: Any) -> None:
     assert crd["spec"]["scope"] == "Namespaced"
     assert crd["spec"]["names"]["categories"] == ["kubetune"]
     assert crd["spec"]["names"]["shortNames"]
+
+
+@pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r.kind)
+def test_status_conditions_are_a_map_keyed_by_type(resource: Any) -> None:
+    """As metav1.Condition lists are: the API server refuses two conditions of one type."""
+    status = build_crd(resource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    conditions = status["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "type" in conditions["items"]["required"]  # a map key must be required
 
 
 def test_job_printer_columns() -> None:
@@ -108,8 +118,8 @@ def test_committed_trainer_status_policy_equals_generated() -> None:
 
 
 def test_trainer_status_policy_guards_every_status_field_but_progress() -> None:
-    from kubetune.api.common import JobStatus
     from kubetune.controller.policies import operator_status_fields, trainer_status_policy_spec
+    from kubetune_api.status import JobStatus
 
     fields = operator_status_fields()
     assert "progress" not in fields and {"phase", "conditions", "child", "observedGeneration", "output"} <= set(fields)

@@ -5,6 +5,7 @@ their help."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -125,6 +126,20 @@ def test_dockerfile_runs_as_numeric_non_root_user(image: str) -> None:
     match = re.fullmatch(r"(\d+)(:\d+)?", users[-1])
     assert match, f"{path}: USER {users[-1]} is not numeric (uid[:gid])"
     assert int(match.group(1)) != 0, f"{path}: USER is root"
+
+
+@pytest.mark.parametrize("image", ["trainer-automodel", "trainer-unsloth"])
+def test_trainer_image_user_is_the_uid_the_operator_runs_pods_as(image: str) -> None:
+    """One trainer uid: the image's USER, its useradd and the pods' securityContext agree, so
+    files an image prepared and files a pod writes have one owner."""
+    from kubetune_api.constants import TRAINER_UID
+
+    path = _dockerfile(image)
+    final = parse_dockerfile(path)[-1]
+    users = [rest for keyword, rest in final.instructions if keyword == "USER"]
+    assert users[-1] == f"{TRAINER_UID}:{TRAINER_UID}", f"{path}: USER {users[-1]}, the operator runs {TRAINER_UID}"
+    useradds = [rest for keyword, rest in final.instructions if keyword == "RUN" and "useradd" in rest]
+    assert all(f"--uid {TRAINER_UID}" in rest for rest in useradds), f"{path}: useradd with another uid"
 
 
 def _pip_install_args(command: str) -> list[list[str]]:
@@ -343,6 +358,40 @@ def test_trainer_image_runs_the_operators_command(image: str) -> None:
     assert "--config" in result.stdout
 
 
+def _first_party_imports(package: Path) -> set[str]:
+    """Top-level kubetune* packages that the modules under `package` import."""
+    found: set[str] = set()
+    for source in package.rglob("*.py"):
+        tree = ast.parse(source.read_text(), str(source))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+    return {name for name in found if name.startswith("kubetune")}
+
+
+@pytest.mark.parametrize("image", sorted(TRAINER_VENVS))
+def test_trainer_image_carries_every_package_the_trainer_imports(image: str) -> None:
+    """The trainer parses its config with kubetune_api (pydantic only); the image must copy it onto
+    its PYTHONPATH, and the trainer must not import the operator's package (kopf, aiohttp)."""
+    imported = _first_party_imports(ROOT / "trainer-images" / "kubetune_trainer")
+    assert "kubetune_api" in imported, "the trainer no longer parses its config with kubetune_api?"
+    assert "kubetune" not in imported, "kubetune_trainer imports the operator package; use kubetune_api"
+    path = _dockerfile(image)
+    final = parse_dockerfile(path)[-1]
+    env_text = " ".join(rest for keyword, rest in final.instructions if keyword == "ENV")
+    pythonpath = re.search(r"PYTHONPATH=(\S+)", env_text)
+    assert pythonpath, f"{path}: sets no PYTHONPATH"
+    roots = [r.rstrip("/") for r in pythonpath.group(1).split(":")]
+    copies = [rest for stage in parse_dockerfile(path) for keyword, rest in stage.instructions if keyword == "COPY"]
+    copied = {rest.split()[-1].rstrip("/") for rest in copies}
+    for package in sorted(imported):
+        assert any(f"{root}/{package}" in copied for root in roots), (
+            f"{path}: kubetune_trainer imports {package}, which is not copied into a PYTHONPATH directory {roots}"
+        )
+
+
 _CACHE_ENV = re.compile(r"\b([A-Z_]*(?:HOME|CACHE|CACHE_DIR|COMPILE_LOCATION|TMPDIR)[A-Z_]*)=(/\S*)")
 
 
@@ -351,10 +400,10 @@ def test_trainer_image_writes_only_where_the_pod_is_writable(image: str) -> None
     """The operator runs trainers with a read-only root filesystem (Pod Security "restricted" plus
     readOnlyRootFilesystem). Cache and home directories the image points at must therefore lie
     under a volume the operator mounts writable, or be overridden by the pod's env."""
-    from kubetune.api.automodel import AutomodelJobSpec
     from kubetune.api.resources import AUTOMODEL, UNSLOTH
-    from kubetune.api.unsloth import UnslothJobSpec
     from kubetune.controller.builders import JobInputs, build_pod_template
+    from kubetune_api.automodel import AutomodelJobSpec
+    from kubetune_api.unsloth import UnslothJobSpec
 
     automodel = image == "trainer-automodel"
     resource = AUTOMODEL if automodel else UNSLOTH

@@ -6,21 +6,49 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.automodel import AutomodelJobSpec
-from kubetune.api.unsloth import UnslothJobSpec
 from kubetune.controller import status as st
 from kubetune.controller.reconciler import World
 from kubetune.controller.references import resolve_references
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.status import Condition, ConditionType, JobStatus
+from kubetune_api.unsloth import UnslothJobSpec
+
+
+def _dumped(conditions: list[Condition]) -> list[dict[str, Any]]:
+    return [cond.model_dump(mode="json", by_alias=True) for cond in conditions]
 
 
 def test_set_condition_moves_transition_time_only_on_status_change() -> None:
-    conds = st.set_condition(None, "Running", False, "Created", "m1", 1, "t1")
+    running = ConditionType.RUNNING
+    conds = _dumped(st.set_condition(None, running, False, "Created", "m1", 1, "t1"))
     assert conds[0]["lastTransitionTime"] == "t1"
-    conds = st.set_condition(conds, "Running", False, "Unschedulable", "m2", 1, "t2")
+    conds = _dumped(st.set_condition(conds, running, False, "Unschedulable", "m2", 1, "t2"))
     assert conds[0]["lastTransitionTime"] == "t1" and conds[0]["reason"] == "Unschedulable"
-    conds = st.set_condition(conds, "Running", True, "Running", "m3", 2, "t3")
+    conds = _dumped(st.set_condition(conds, running, True, "Running", "m3", 2, "t3"))
     assert conds[0]["lastTransitionTime"] == "t3" and conds[0]["observedGeneration"] == 2
-    assert len(conds) == 1
+    assert conds[0]["type"] == "Running" and len(conds) == 1
+
+
+def test_status_writes_are_typed_models_dumped_by_alias() -> None:
+    """The operator builds JobStatus and sends exactly the fields it set, in camelCase; a field
+    set to None goes as null (a merge patch clears it), a field never set is not sent."""
+    status = st.status_from_child({}, st.ChildState(st.FAILED, "BackoffLimitExceeded", "pods failed", "t0"), 3, "t1")
+    patch = st.status_patch(status)
+    assert set(patch) == {"phase", "conditions", "startTime", "completionTime"}
+    assert patch["phase"] == "Failed" and patch["completionTime"] == "t1"
+    assert [c["type"] for c in patch["conditions"]] == [
+        "ReferencesResolved",
+        "Created",
+        "Running",
+        "Suspended",
+        "Failed",
+    ]
+    assert set(patch["conditions"][0]) == {
+        "type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"
+    }  # fmt: skip
+    assert JobStatus.model_validate(patch) == status  # what is sent parses back into the model
+    status.child = None
+    assert st.status_patch(status)["child"] is None
 
 
 def _cond(type_: str, reason: str = "R", message: str = "M") -> dict[str, Any]:
@@ -92,16 +120,18 @@ def test_pod_blockers() -> None:
 
 
 def test_status_from_child_pending_with_blocker_then_running_then_succeeded() -> None:
-    pending = st.status_from_child(
-        {}, st.ChildState(st.PENDING, "Created", "waiting"), 1, "t1", ("Unschedulable", "no GPU node")
+    pending = st.status_patch(
+        st.status_from_child(
+            {}, st.ChildState(st.PENDING, "Created", "waiting"), 1, "t1", ("Unschedulable", "no GPU node")
+        )
     )
     assert pending["phase"] == st.PENDING
     running_cond = st.find_condition(pending["conditions"], st.COND_RUNNING)
     assert running_cond is not None and running_cond["reason"] == "Unschedulable"
-    running = st.status_from_child(pending, st.ChildState(st.RUNNING, "Running", "", "t2"), 1, "t2")
+    running = st.status_patch(st.status_from_child(pending, st.ChildState(st.RUNNING, "Running", "", "t2"), 1, "t2"))
     assert running["phase"] == st.RUNNING and running["startTime"] == "t2"
-    done = st.status_from_child(
-        {**pending, **running}, st.ChildState(st.SUCCEEDED, "Completed", "", "t2", "t3"), 1, "t3"
+    done = st.status_patch(
+        st.status_from_child({**pending, **running}, st.ChildState(st.SUCCEEDED, "Completed", "", "t2", "t3"), 1, "t3")
     )
     assert done["phase"] == st.SUCCEEDED and done["completionTime"] == "t3"
     succeeded = st.find_condition(done["conditions"], st.COND_SUCCEEDED)
@@ -132,10 +162,10 @@ def test_failed_job_shows_the_trainers_reason() -> None:
     found = st.trainer_exit(pod)
     assert found == ("t9", "/data/rows.jsonl line 6: not valid JSON (Expecting value) (exit code 1)")
     assert st.trainer_exit({"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0}}}]}}) is None
-    failed = st.status_from_child(
+    failed = st.status_patch(st.status_from_child(
         {}, st.ChildState(st.FAILED, "PodFailurePolicy", "exit code 1 matching FailJob rule"), 1, "t9",
         trainer_reason=found[1] if found else None,
-    )  # fmt: skip
+    ))  # fmt: skip
     cond = st.find_condition(failed["conditions"], st.COND_FAILED)
     assert cond is not None and cond["reason"] == "PodFailurePolicy"
     assert cond["message"].startswith("/data/rows.jsonl line 6: not valid JSON"), cond["message"]
@@ -248,7 +278,9 @@ def test_status_is_computed_whole_so_forged_fields_do_not_survive() -> None:
             {"type": "Running", "status": "True", "reason": "Running", "message": "", "lastTransitionTime": "t1"},
         ],
     }
-    update = st.status_from_child(forged, st.ChildState(st.RUNNING, "Running", "running", "t0"), 1, "t2")
+    update = st.status_patch(
+        st.status_from_child(forged, st.ChildState(st.RUNNING, "Running", "running", "t0"), 1, "t2")
+    )
     assert update["phase"] == st.RUNNING and update["startTime"] == "t0" and update["completionTime"] is None
     types = [cond["type"] for cond in update["conditions"]]
     assert "Succeeded" not in types and types == ["ReferencesResolved", "Created", "Running", "Suspended"]

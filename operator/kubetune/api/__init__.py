@@ -1,2 +1,2 @@
-"""The kubetune API: pydantic models are the single source of truth for the CRDs,
-the CLI's validation and the operator's re-validation."""
+"""The operator's table of kinds (`resources`): plurals, short names, printer columns.
+The models themselves live in the `kubetune_api` package, shared with the trainers."""

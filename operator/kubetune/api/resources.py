@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from kubetune import constants as c
-from kubetune.api.automodel import AutomodelJobSpec
-from kubetune.api.common import JobStatus
-from kubetune.api.entities import EntityStatus, FilesetSpec, ModelSpec
-from kubetune.api.unsloth import UnslothJobSpec
+from kubetune_api import constants as c
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.entities import EntityStatus, FilesetSpec, ModelSpec
+from kubetune_api.status import JobStatus
+from kubetune_api.unsloth import UnslothJobSpec
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,18 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from kubetune import constants as c
-from kubetune.api.automodel import AutomodelJobSpec
 from kubetune.api.resources import Resource
-from kubetune.api.unsloth import UnslothJobSpec
 from kubetune.controller.references import EntityRecord
 from kubetune.render import TrainerPaths, cluster_paths, dumps_config, kubernetes_progress, render_trainer_config
+from kubetune_api import constants as c
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.unsloth import UnslothJobSpec
 
 JobSpec = AutomodelJobSpec | UnslothJobSpec
 JOB_BACKOFF_LIMIT = 2
 PYTORCHJOB_BACKOFF_LIMIT = 3
-TRAINER_EXIT_CODE_PERMANENT = 1  # docs/CONTRACT.md section 2: the trainer's own error
-TRAINER_UID = 1000
 MAX_JOB_NAME = 40  # leaves room for "-automodel-trainer" and the pod suffixes within 63
 
 
@@ -340,9 +338,9 @@ def build_pod_template(inputs: JobInputs, container_name: str, restart_policy: s
             "serviceAccountName": names.service_account,
             "securityContext": {
                 "runAsNonRoot": True,
-                "runAsUser": TRAINER_UID,
-                "runAsGroup": TRAINER_UID,
-                "fsGroup": TRAINER_UID,
+                "runAsUser": c.TRAINER_UID,
+                "runAsGroup": c.TRAINER_UID,
+                "fsGroup": c.TRAINER_UID,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
             # A preempted trainer saves a checkpoint on SIGTERM; give it time to.
@@ -405,7 +403,7 @@ def build_batch_job(inputs: JobInputs) -> dict[str, Any]:
                         "onExitCodes": {
                             "containerName": "trainer",
                             "operator": "In",
-                            "values": [TRAINER_EXIT_CODE_PERMANENT],
+                            "values": [c.EXIT_TRAINER_ERROR],
                         },
                     },
                 ]
@@ -474,7 +472,7 @@ def output_subpath(inputs: JobInputs) -> str:
     return f"{inputs.name}/{inputs.uid}"
 
 
-def output_format(spec: JobSpec) -> str:
+def output_format(spec: JobSpec) -> Literal["full", "adapter"]:
     if isinstance(spec, AutomodelJobSpec):
         return "adapter" if spec.training.finetuning_type == "lora" else "full"
     if spec.training.finetuning_type == "lora" and spec.output.save_method == "lora":

@@ -21,12 +21,12 @@ from typing import Any, cast
 import kopf
 from aiohttp import web
 
-from kubetune import constants as c
 from kubetune.api.resources import FILESET, JOB_RESOURCES, MODEL
 from kubetune.controller.builders import OperatorSettings
 from kubetune.controller.kubeclient import KubeClient
 from kubetune.controller.leader import LeaderElection
 from kubetune.controller.reconciler import Reconciler, job_key_of
+from kubetune_api import constants as c
 
 registry = kopf.OperatorRegistry()
 _reconciler: Reconciler | None = None

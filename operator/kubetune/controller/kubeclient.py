@@ -18,7 +18,7 @@ import aiohttp
 import kopf
 
 from kubetune import __version__
-from kubetune import constants as c
+from kubetune_api import constants as c
 
 USER_AGENT = f"{c.FIELD_MANAGER}/{__version__}"
 SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune import constants as c
-from kubetune.api.common import JobStatus
 from kubetune.api.resources import JOB_RESOURCES
 from kubetune.controller.builders import backend
+from kubetune_api import constants as c
+from kubetune_api.status import JobStatus
 
 TRAINER_FIELD = "progress"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune import constants as c
+from kubetune_api import constants as c
 
 OPERATOR_RULES: list[dict[str, Any]] = [
     # The kinds it watches. No get, patch or update: it reads them from its watches and

@@ -21,7 +21,6 @@ from typing import Any, cast
 import aiohttp
 from pydantic import ValidationError
 
-from kubetune import constants as c
 from kubetune.api.resources import BY_KIND
 from kubetune.controller import status as st
 from kubetune.controller.builders import (
@@ -40,6 +39,9 @@ from kubetune.controller.builders import (
 )
 from kubetune.controller.kubeclient import PLURALS, ApiError, KubeClient, object_path
 from kubetune.controller.references import EntityRecord, JobSpec, ReferenceProblem, resolve_references
+from kubetune_api import constants as c
+from kubetune_api.entities import EntityStatus
+from kubetune_api.status import ChildRef, Condition, ConditionType, JobStatus, OutputRef
 
 log = logging.getLogger("kubetune.operator")
 
@@ -121,17 +123,17 @@ def job_key_of(child: Mapping[str, Any]) -> JobKey | None:
     return (kind, namespace, name) if name and kind in BY_KIND and namespace else None
 
 
-def _pending_status(conditions: list[dict[str, Any]], generation: int | None) -> dict[str, Any]:
+def _pending_status(conditions: list[Condition], generation: int | None) -> JobStatus:
     """A job with no child: nothing of a child's (or a forger's) may remain in its status."""
-    return {
-        "phase": st.PENDING,
-        "conditions": conditions,
-        "observedGeneration": generation,
-        "child": None,
-        "output": None,
-        "startTime": None,
-        "completionTime": None,
-    }
+    return JobStatus(
+        phase=st.PENDING,
+        conditions=conditions,
+        observed_generation=generation,
+        child=None,
+        output=None,
+        start_time=None,
+        completion_time=None,
+    )
 
 
 def _body_ref(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,15 +326,16 @@ class Reconciler:
         owners = (child.get("metadata") or {}).get("ownerReferences") or []
         return child if any(o.get("uid") == uid for o in owners) else None
 
-    async def _write_status(self, key: JobKey, update: Mapping[str, Any]) -> None:
+    async def _write_status(self, key: JobKey, status: JobStatus) -> None:
         body = self.jobs[key]
         current = body.get("status") or {}
+        update = st.status_patch(status)
         if not st.changed(current, update):
             return
         resource = BY_KIND[key[0]]
         path = f"/apis/{c.API_VERSION}/namespaces/{key[1]}/{resource.plural}/{key[2]}/status"
         try:
-            written = await self.client.merge_patch(path, {"status": dict(update)})
+            written = await self.client.merge_patch(path, {"status": update})
         except ApiError as err:
             if err.status == 404:  # deleted meanwhile
                 self.forget_job(key)
@@ -487,7 +490,7 @@ class Reconciler:
             self.post_event(_body_ref(self.jobs[key]), "Warning", reason, why)
         self._retry_later(key, delay)
 
-    async def _status_from_child(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> dict[str, Any]:
+    async def _status_from_child(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> JobStatus:
         """Every status field but the trainer's `progress`, from the child and its pods."""
         ref = child_ref(BY_KIND[key[0]], key[2], spec)
         child = self.children[key]
@@ -496,24 +499,22 @@ class Reconciler:
         if state.phase == st.PENDING and blocker is None and not st.child_has_pods(child):
             blocker = await self._creation_refusal(key, child)
         current = self.jobs[key].get("status") or {}
-        update: dict[str, Any] = {
-            **st.status_from_child(
-                current,
-                state,
-                generation,
-                now,
-                blocker,
-                f"created {ref['kind']} {ref['name']}",
-                max((self.trainer_exits.get(key) or {}).values(), default=(None, None))[1],
-            ),
-            "observedGeneration": generation,
-            "gpus": total_gpus(spec),
-            "child": ref,
-            "output": None,
-        }
+        status = st.status_from_child(
+            current,
+            state,
+            generation,
+            now,
+            blocker,
+            f"created {ref['kind']} {ref['name']}",
+            max((self.trainer_exits.get(key) or {}).values(), default=(None, None))[1],
+        )
+        status.observed_generation = generation
+        status.gpus = total_gpus(spec)
+        status.child = ChildRef.model_validate(ref)
+        status.output = None
         if state.phase == st.SUCCEEDED:
-            update["output"] = {"model": await self._create_output_model(key, spec), "format": output_format(spec)}
-        return update
+            status.output = OutputRef(model=await self._create_output_model(key, spec), format=output_format(spec))
+        return status
 
     async def _creation_refusal(self, key: JobKey, child: Mapping[str, Any]) -> tuple[str, str] | None:
         """A child without pods: did its controller's pod creation get refused (a quota,
@@ -596,7 +597,7 @@ class Reconciler:
 
     def _pending(
         self, current: Mapping[str, Any], problems: list[ReferenceProblem], generation: int | None, now: str
-    ) -> dict[str, Any]:
+    ) -> JobStatus:
         first = problems[0]
         message = "; ".join(p.message for p in problems)
         conditions = st.owned_conditions(
@@ -612,14 +613,14 @@ class Reconciler:
         )
         await self._write_status(
             key,
-            {
-                "phase": st.FAILED,
-                "conditions": conditions,
-                "observedGeneration": generation,
-                "completionTime": current.get("completionTime") or now,
-                "child": None,
-                "output": None,
-            },
+            JobStatus(
+                phase=st.FAILED,
+                conditions=conditions,
+                observed_generation=generation,
+                completion_time=current.get("completionTime") or now,
+                child=None,
+                output=None,
+            ),
         )
 
     async def _create_or_get(self, obj: Mapping[str, Any], owner_uid: str) -> Mapping[str, Any]:
@@ -808,7 +809,7 @@ class Reconciler:
         reason = "Ready" if record.ready else record.not_ready_reason
         conditions = st.set_condition(
             (current or {}).get("conditions"),
-            "Ready",
+            ConditionType.READY,
             record.ready,
             reason,
             record.not_ready_message or "its files can be mounted",
@@ -817,7 +818,8 @@ class Reconciler:
         )
         path = f"/apis/{c.API_VERSION}/namespaces/{namespace}/{BY_KIND[kind].plural}/{name}/status"
         try:
-            await self.client.merge_patch(path, {"status": {"ready": record.ready, "conditions": conditions}})
+            status = EntityStatus(ready=record.ready, conditions=conditions)
+            await self.client.merge_patch(path, {"status": st.status_patch(status)})
         except Exception as err:
             # Display only (jobs read readiness from the claims, not from here): the next
             # event of the entity or its claim writes it again.

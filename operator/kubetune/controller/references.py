@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune import constants as c
-from kubetune.api.automodel import AutomodelJobSpec
-from kubetune.api.unsloth import UnslothJobSpec
+from kubetune_api import constants as c
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.unsloth import UnslothJobSpec
 
 JobSpec = AutomodelJobSpec | UnslothJobSpec
 

@@ -1,66 +1,101 @@
 """Status as pure functions: the condition helper, and the mapping from the child
-workload (batch Job or PyTorchJob) and its pods to the job's phase and conditions."""
+workload (batch Job or PyTorchJob) and its pods to the job's phase and conditions.
+
+What is read (a child's status, the job's current status) is untrusted JSON; what
+is written is built as `kubetune_api.status` models and dumped by alias
+(`status_patch`), so a misspelt status key or phase is a type error."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final, Literal
 
-PENDING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
-    "Pending",
-    "Running",
-    "Restarting",
-    "Suspended",
-    "Succeeded",
-    "Failed",
-)
-TERMINAL = frozenset({SUCCEEDED, FAILED})
+from kubetune_api.entities import EntityStatus
+from kubetune_api.status import Condition, ConditionType, JobStatus, Phase
 
-# Condition types a job carries.
-COND_REFERENCES = "ReferencesResolved"
-COND_CREATED = "Created"
-COND_RUNNING = "Running"
-COND_SUSPENDED = "Suspended"
-COND_SUCCEEDED = "Succeeded"
-COND_FAILED = "Failed"
+PENDING: Final = "Pending"
+RUNNING: Final = "Running"
+RESTARTING: Final = "Restarting"
+SUSPENDED: Final = "Suspended"
+SUCCEEDED: Final = "Succeeded"
+FAILED: Final = "Failed"
+TERMINAL: frozenset[Phase] = frozenset({SUCCEEDED, FAILED})
+
+# Condition types a job carries (typed: kubetune_api.status.ConditionType).
+COND_REFERENCES: Final = ConditionType.REFERENCES_RESOLVED
+COND_CREATED: Final = ConditionType.CREATED
+COND_RUNNING: Final = ConditionType.RUNNING
+COND_SUSPENDED: Final = ConditionType.SUSPENDED
+COND_SUCCEEDED: Final = ConditionType.SUCCEEDED
+COND_FAILED: Final = ConditionType.FAILED
 
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _status(value: bool) -> Literal["True", "False"]:
+    return "True" if value else "False"
+
+
 def set_condition(
     conditions: Sequence[Mapping[str, Any]] | None,
-    type_: str,
+    type_: ConditionType,
     status: bool,
     reason: str,
     message: str,
     generation: int | None,
     now: str,
-) -> list[dict[str, Any]]:
-    """A new list with `type_` set; lastTransitionTime moves only when status changes."""
-    value = "True" if status else "False"
-    out = [copy.deepcopy(dict(cond)) for cond in conditions or []]
-    for cond in out:
+) -> list[Condition]:
+    """A new list with `type_` set; lastTransitionTime moves only when status changes.
+    Conditions of other types are kept (when they are well-formed)."""
+    out: list[Condition] = []
+    found = False
+    for cond in conditions or []:
         if cond.get("type") == type_:
-            if cond.get("status") != value:
-                cond["lastTransitionTime"] = now
-            cond.update(status=value, reason=reason, message=message, observedGeneration=generation)
-            return out
-    out.append(
-        {
-            "type": type_,
-            "status": value,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": now,
-            "observedGeneration": generation,
-        }
-    )
+            found = True
+            moved = cond.get("status") != _status(status) or not cond.get("lastTransitionTime")
+            out.append(
+                Condition(
+                    type=type_,
+                    status=_status(status),
+                    reason=reason,
+                    message=message,
+                    last_transition_time=now if moved else str(cond["lastTransitionTime"]),
+                    observed_generation=generation,
+                )
+            )
+        else:
+            kept = _parsed_condition(cond)
+            if kept is not None:
+                out.append(kept)
+    if not found:
+        out.append(
+            Condition(
+                type=type_,
+                status=_status(status),
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
+            )
+        )
     return out
+
+
+def _parsed_condition(cond: Mapping[str, Any]) -> Condition | None:
+    try:
+        return Condition.model_validate(cond)
+    except ValueError:
+        return None
+
+
+def status_patch(status: JobStatus | EntityStatus) -> dict[str, Any]:
+    """The body of a merge patch: the fields that were set, in camelCase; a field set to
+    None is sent as null, which clears it."""
+    return status.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 def find_condition(conditions: Sequence[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
@@ -69,7 +104,7 @@ def find_condition(conditions: Sequence[Mapping[str, Any]] | None, type_: str) -
 
 @dataclass(frozen=True)
 class ChildState:
-    phase: str
+    phase: Phase
     reason: str
     message: str
     start_time: str | None = None
@@ -113,13 +148,14 @@ def pytorchjob_state(job: Mapping[str, Any]) -> ChildState:
     status = job.get("status") or {}
     conditions = status.get("conditions") or []
     start, done = status.get("startTime"), status.get("completionTime")
-    for type_, phase in (
+    phases: tuple[tuple[str, Phase], ...] = (
         ("Succeeded", SUCCEEDED),
         ("Failed", FAILED),
         ("Suspended", SUSPENDED),
         ("Restarting", RESTARTING),
         ("Running", RUNNING),
-    ):
+    )
+    for type_, phase in phases:
         if cond := _true(conditions, type_):
             completion = (done or cond.get("lastTransitionTime")) if phase in TERMINAL else None
             return ChildState(phase, cond.get("reason") or type_, cond.get("message") or "", start, completion)
@@ -196,28 +232,28 @@ def creation_refusal(child: Mapping[str, Any], events: Sequence[Mapping[str, Any
 
 def owned_conditions(
     current: Sequence[Mapping[str, Any]] | None,
-    wanted: Sequence[tuple[str, bool, str, str]],
+    wanted: Sequence[tuple[ConditionType, bool, str, str]],
     generation: int | None,
     now: str,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """Exactly the conditions the operator decides, in a fixed order: status is written
     by others too (the trainer's identity may patch it), so anything not in `wanted`
     is dropped rather than carried on. lastTransitionTime stays where status did not move."""
     previous = {cond.get("type"): cond for cond in current or []}
     out = []
     for type_, status, reason, message in wanted:
-        value = "True" if status else "False"
+        value = _status(status)
         before = previous.get(type_)
-        moved = before is None or before.get("status") != value or not before.get("lastTransitionTime")
+        kept = before.get("lastTransitionTime") if before is not None and before.get("status") == value else None
         out.append(
-            {
-                "type": type_,
-                "status": value,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": now if moved else before["lastTransitionTime"],  # type: ignore[index]
-                "observedGeneration": generation,
-            }
+            Condition(
+                type=type_,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=str(kept) if kept else now,
+                observed_generation=generation,
+            )
         )
     return out
 
@@ -230,7 +266,7 @@ def status_from_child(
     blocker: tuple[str, str] | None = None,
     created: str = "created the workload",
     trainer_reason: str | None = None,
-) -> dict[str, Any]:
+) -> JobStatus:
     """The job's phase, conditions and times, computed whole from its child's state
     (and a pod's blocker, or the trainer's reason for failing): nothing of `current` but
     condition timestamps survives."""
@@ -254,12 +290,12 @@ def status_from_child(
         wanted.append((COND_SUCCEEDED, True, reason, message))
     if phase == FAILED:
         wanted.append((COND_FAILED, True, reason, message))
-    return {
-        "phase": phase,
-        "conditions": owned_conditions(current.get("conditions"), wanted, generation, now),
-        "startTime": state.start_time,
-        "completionTime": (state.completion_time or now) if phase in TERMINAL else None,
-    }
+    return JobStatus(
+        phase=phase,
+        conditions=owned_conditions(current.get("conditions"), wanted, generation, now),
+        start_time=state.start_time,
+        completion_time=(state.completion_time or now) if phase in TERMINAL else None,
+    )
 
 
 def changed(current: Mapping[str, Any], update: Mapping[str, Any]) -> bool:

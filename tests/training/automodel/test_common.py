@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec
 
-from kubetune_trainer.common import ConfigError, MetricsWriter, ProgressReporter, load_config
+from kubetune_trainer.common import AutomodelTrainerConfig, ConfigError, MetricsWriter, ProgressReporter, load_config
 
 pytestmark = pytest.mark.training
 
@@ -25,7 +25,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(path)
     path.write_text(json.dumps({"kind": "AutomodelJob", "spec": {}, "paths": {"model": "/m", "output": "/o"}}))
-    with pytest.raises(ConfigError, match=r"paths\.training_data is required"):
+    with pytest.raises(ConfigError, match=r"paths\.training_data: Field required"):
         load_config(path)
     path.write_text(json.dumps({"kind": "Other", "spec": {}, "paths": {}}))
     with pytest.raises(ConfigError, match="kind must be one of AutomodelJob, UnslothJob"):
@@ -35,9 +35,28 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 def test_config_round_trip(config_writer: Callable[..., Path], tmp_path: Path) -> None:
     path = config_writer(spec=tiny_spec(), model=tmp_path / "m", training_data=tmp_path / "d", output=tmp_path / "o")
     cfg = load_config(path)
-    assert cfg.kind == "AutomodelJob" and cfg.paths.model == tmp_path / "m" and cfg.paths.validation_data is None
-    assert cfg.get("training.lora.rank") == 8 and cfg.get("training.teacher_model", "x") == "x"
+    assert isinstance(cfg, AutomodelTrainerConfig)
+    assert cfg.paths.model == tmp_path / "m" and cfg.paths.validation_data is None
+    assert cfg.spec.training.lora is not None and cfg.spec.training.lora.rank == 8
+    assert cfg.spec.training.teacher_model is None
     assert cfg.progress.type == "none"
+
+
+def test_a_misspelt_or_mistyped_field_fails_parsing_with_its_path(
+    config_writer: Callable[..., Path], tmp_path: Path
+) -> None:
+    """What `cfg.get("training.lora.rnak", 16)` used to turn into a silent default."""
+    for spec, message in [
+        (tiny_spec(training={"lora": {"rnak": 8}}), r"spec\.training\.lora\.rnak: Extra inputs are not permitted"),
+        (tiny_spec(batch={"micro_batch_size": "2"}), r"spec\.batch\.micro_batch_size: Input should be a valid integer"),
+        (
+            tiny_spec(batch={"global_batch_size": 3, "micro_batch_size": 2}),
+            r"spec\.batch\.global_batch_size: must be divisible by batch\.micro_batch_size",
+        ),
+    ]:
+        path = config_writer(spec=spec, model=tmp_path, training_data=tmp_path, output=tmp_path)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
 
 
 def test_metrics_writer_drops_records_after_the_resume_step(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ import pytest
 import torch
 from automodel_helpers import Job, free_port, run_entrypoint, run_in_process
 
-from kubetune.api.automodel import AutomodelJobSpec
 from kubetune.api.resources import AUTOMODEL
 from kubetune.render import NO_PROGRESS, TrainerPaths, dumps_config, render_trainer_config
+from kubetune_api.automodel import AutomodelJobSpec
 
 pytestmark = pytest.mark.training
 

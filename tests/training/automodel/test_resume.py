@@ -14,7 +14,8 @@ import pytest
 import torch
 from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec, trainer_env
 
-from kubetune_trainer.automodel.train import PREEMPTED_EXIT_CODE, STOP_AFTER_STEP_ENV
+from kubetune_api.constants import EXIT_PREEMPTED
+from kubetune_trainer.automodel.train import STOP_AFTER_STEP_ENV
 
 pytestmark = pytest.mark.training
 
@@ -39,7 +40,7 @@ def test_stop_at_step_k_and_resume_continues_the_curve(
 
     job = make_job(tiny_spec(**overrides), name="interrupted")
     monkeypatch.setenv(STOP_AFTER_STEP_ENV, "3")
-    assert run_in_process(job) == PREEMPTED_EXIT_CODE
+    assert run_in_process(job) == EXIT_PREEMPTED
     assert (job.output / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     assert [m["step"] for m in job.metrics() if "loss" in m] == [1, 2, 3]
     monkeypatch.delenv(STOP_AFTER_STEP_ENV)
@@ -74,14 +75,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(make_job: Callable[..., Jo
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
     stopped_at = max(m["step"] for m in job.metrics() if "loss" in m)
     assert (job.output / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:07d}"
     assert f"stopped by signal at step {stopped_at}/" in termination_log.read_text()
 
     # The restarted pod resumes at that step: one more step, then stopped by the hook.
     again = run_entrypoint(job, extra_env={STOP_AFTER_STEP_ENV: str(stopped_at + 1)})
-    assert again.returncode == PREEMPTED_EXIT_CODE, again.stderr[-3000:]
+    assert again.returncode == EXIT_PREEMPTED, again.stderr[-3000:]
     assert f"resumed from {job.output / 'checkpoints' / f'step-{stopped_at:07d}'} at step {stopped_at}" in again.stderr
     steps = [m["step"] for m in job.metrics() if "loss" in m]
     assert steps == list(range(1, stopped_at + 2))

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from unsloth_helpers import REPO_ROOT, config_document
+from unsloth_helpers import REPO_ROOT, config_document, parsed
 
-from kubetune.api.unsloth import UnslothJobSpec
+from kubetune_api.unsloth import UnslothJobSpec
 from kubetune_trainer.unsloth.mapping import DeviceCapabilities, effective_settings, map_spec
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("unsloth-*.yaml"))
@@ -33,7 +33,9 @@ def test_there_are_examples() -> None:
 def test_example_maps_on_gpu_unchanged_and_on_cpu_with_named_substitutions(path: Path) -> None:
     spec = example_spec(path)
     has_validation = spec["dataset"]["validation_path"] is not None
-    requested = map_spec(config_document(spec, validation_data="/kubetune/data/validation" if has_validation else None))
+    requested = map_spec(
+        parsed(config_document(spec, validation_data="/kubetune/data/validation" if has_validation else None))
+    )
     _, gpu_subs = effective_settings(requested, GPU)
     assert gpu_subs == [], f"{path.name}: a GPU must run every field as written"
     _, cpu_subs = effective_settings(requested, CPU)

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from unsloth_helpers import config_document, unsloth_spec
+from unsloth_helpers import config_document, parsed, unsloth_spec
 
+from kubetune_trainer.common.config import ConfigError
 from kubetune_trainer.unsloth.mapping import (
     DeviceCapabilities,
     UnslothConfigError,
@@ -89,7 +90,7 @@ SPECS = {"defaults": (DEFAULTS, False), "all_fields": (ALL_FIELDS, True), "all_w
 
 def mapped(spec: dict[str, Any], *, validation: bool = False, hand_edited: bool = False) -> UnslothKwargs:
     validation_data = "/kubetune/data/validation" if validation else None
-    return map_spec(config_document(spec, validation_data=validation_data, hand_edited=hand_edited))
+    return map_spec(parsed(config_document(spec, validation_data=validation_data, hand_edited=hand_edited)))
 
 
 def check_golden(name: str, actual: Any) -> None:
@@ -386,35 +387,42 @@ def test_merged_4bit_is_refused_off_cuda() -> None:
         (
             {"model": {"load_in_4bit": False}, "output": {"save_method": "merged_4bit"}},
             False,
-            "merged_4bit needs spec.model.load_in_4bit: true",
+            r"spec\.output\.save_method: merged_4bit needs model\.load_in_4bit: true",
         ),
-        ({"schedule": {"eval_steps": 5}}, False, "eval_steps is set but there is no validation data"),
-        ({"model": {"dtype": "float16"}}, False, "dtype float16 contradicts spec.hardware.precision bf16"),
-        ({"model": {"dtype": "bfloat16"}, "hardware": {"precision": "fp16"}}, False, "contradicts"),
+        ({"schedule": {"eval_steps": 5}}, False, r"spec\.schedule\.eval_steps: .*needs dataset\.validation_path"),
+        ({"model": {"dtype": "float16"}}, False, r"spec\.model\.dtype: model\.dtype and hardware\.precision disagree"),
+        ({"model": {"dtype": "bfloat16"}, "hardware": {"precision": "fp16"}}, False, "disagree"),
+        ({"model": {"load_in_8bit": True}}, False, r"spec\.model\.load_in_8bit: .*mutually exclusive"),
+        (
+            {
+                "model": {"load_in_4bit": False},
+                "training": {"finetuning_type": "all_weights", "lora": None},
+                "output": {"save_method": "merged_16bit"},
+            },
+            False,
+            r"spec\.output\.save_method: merged_16bit and merged_4bit are only valid when .*lora",
+        ),
+        ({"hardware": {"gpus": "0,a"}}, False, r"spec\.hardware\.gpus: String should match pattern"),
+        ({"training": {"lora": {"rank": "8"}}}, False, r"spec\.training\.lora\.rank: Input should be a valid integer"),
+        ({"training": {"lora_rank": 8}}, False, r"spec\.training\.lora_rank: Extra inputs are not permitted"),
     ],
 )
-def test_contradictions_are_refused_with_the_field(overrides: dict[str, Any], validation: bool, message: str) -> None:
-    # The API refuses these too (CEL and pydantic); the trainer re-checks a config that skipped it.
+def test_a_hand_edited_config_that_breaks_a_rule_is_refused_when_parsed(
+    overrides: dict[str, Any], validation: bool, message: str
+) -> None:
+    # The API refuses these (CEL and pydantic); a config that skipped it meets the same models in
+    # the trainer, which parses the file before anything loads: each rule is written once.
     spec = unsloth_spec()
     for section, values in overrides.items():
         spec[section].update(values)
-    with pytest.raises(UnslothConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         mapped(spec, validation=validation, hand_edited=True)
 
 
-def test_rules_the_api_also_enforces_are_rechecked() -> None:
-    spec = unsloth_spec()
-    spec["model"]["load_in_8bit"] = True  # a hand-edited config that skipped the API
-    with pytest.raises(UnslothConfigError, match="both true"):
-        mapped(spec, hand_edited=True)
-    spec = unsloth_spec(training={"finetuning_type": "all_weights"}, model={"load_in_4bit": False})
-    spec["output"]["save_method"] = "merged_16bit"
-    with pytest.raises(UnslothConfigError, match="all_weights use save_method lora"):
-        mapped(spec, hand_edited=True)
-    spec = unsloth_spec()
-    spec["hardware"]["gpus"] = "0,a"
-    with pytest.raises(UnslothConfigError, match=r"spec\.hardware\.gpus"):
-        mapped(spec, hand_edited=True)
+def test_a_config_whose_paths_disagree_with_its_spec_is_refused() -> None:
+    spec = unsloth_spec(dataset={"validation_path": "val"})
+    with pytest.raises(ConfigError, match=r"paths\.validation_data is required"):
+        mapped(spec, validation=False, hand_edited=True)
 
 
 def test_a_pod_s_cuda_visible_devices_wins_over_host_indices(

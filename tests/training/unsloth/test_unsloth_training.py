@@ -20,10 +20,10 @@ import pytest
 
 # Before transformers / peft, as in the trainer: importing unsloth patches them.
 import unsloth  # noqa: F401
-from unsloth_helpers import REPO_ROOT, read_metrics, run_entrypoint, unsloth_spec
+from unsloth_helpers import REPO_ROOT, parsed, read_metrics, run_entrypoint, unsloth_spec
 
+from kubetune_api.constants import EXIT_PREEMPTED
 from kubetune_trainer.common import load_config
-from kubetune_trainer.common.termination import EXIT_PREEMPTED
 from kubetune_trainer.unsloth.mapping import DeviceCapabilities, effective_settings, map_spec
 
 pytestmark = pytest.mark.training
@@ -55,7 +55,7 @@ def run_in_process(config: Path) -> dict[str, Any]:
 def expected_substitutions(config: Path, device: dict[str, Any]) -> list[dict[str, Any]]:
     """What the pure function predicts for the device the run reported."""
     document = json.loads(config.read_text())
-    _, subs = effective_settings(map_spec(document), DeviceCapabilities(**device))
+    _, subs = effective_settings(map_spec(parsed(document)), DeviceCapabilities(**device))
     return [s.as_dict() for s in subs]
 
 

@@ -1,6 +1,6 @@
 """Helpers of the Unsloth tier (run in the `unsloth` venv: hack/run-in-venv.sh unsloth).
 
-Specs are rendered through the API's own pydantic model (`kubetune.api.unsloth`),
+Specs are rendered through the API's own pydantic model (`kubetune_api.unsloth`),
 so the trainer is tested on the documents the operator puts in the ConfigMap,
 every default filled by the same code.
 """
@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.resources import UNSLOTH
-from kubetune.api.unsloth import UnslothJobSpec
-from kubetune.constants import MODEL_MOUNT, OUTPUT_MOUNT, TRAINING_DATA_MOUNT
 from kubetune.render import NO_PROGRESS, TrainerPaths, render_trainer_config
+from kubetune_api.constants import MODEL_MOUNT, OUTPUT_MOUNT, TRAINING_DATA_MOUNT
+from kubetune_api.unsloth import UnslothJobSpec
+from kubetune_trainer.common.config import UnslothTrainerConfig, expect_kind, parse_config
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[2]
@@ -62,8 +63,8 @@ def config_document(
             "kind": "UnslothJob",
             "metadata": {"name": name, "namespace": "default", "uid": "hand-edited"},
             "spec": spec,
-            "paths": {**paths.__dict__},
-            "progress": NO_PROGRESS,
+            "paths": paths.model_dump(mode="json"),
+            "progress": {"type": "none"},
         }
     return render_trainer_config(
         UNSLOTH,
@@ -74,6 +75,11 @@ def config_document(
         paths=paths,
         progress=NO_PROGRESS,
     )
+
+
+def parsed(document: dict[str, Any]) -> UnslothTrainerConfig:
+    """The document as the trainer parses it (kubetune_trainer.common.config)."""
+    return expect_kind(parse_config(document), UnslothTrainerConfig)
 
 
 def run_entrypoint(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubetune_api import constants as c
 from kubetune_trainer.automodel import checkpoint as ckpt
 from kubetune_trainer.automodel.batches import Batch, collate, global_batch_indices, rank_micro_batches
 from kubetune_trainer.automodel.distributed import Runtime, init_runtime
@@ -36,18 +37,17 @@ from kubetune_trainer.automodel.model import (
     load_tokenizer,
 )
 from kubetune_trainer.automodel.settings import AutomodelSettings, parse_settings
-from kubetune_trainer.common.config import TrainerConfig
+from kubetune_trainer.common.config import AutomodelTrainerConfig, TrainerConfig, expect_kind
 from kubetune_trainer.common.integrations import IntegrationLogger
 from kubetune_trainer.common.metrics import MetricsWriter
 from kubetune_trainer.common.progress import ProgressReporter
 from kubetune_trainer.common.signals import StopSignal
-from kubetune_trainer.common.termination import EXIT_PREEMPTED, TrainerError
+from kubetune_trainer.common.termination import TrainerError
 from kubetune_trainer.data import IGNORE_INDEX, FormatOptions, holdout_split, pack_examples, read_rows, tokenize_rows
 
 MAX_GRAD_NORM = 1.0
 # Test hook: behave as if SIGTERM arrived right after this optimizer step.
 STOP_AFTER_STEP_ENV = "KUBETUNE_STOP_AFTER_STEP"
-PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # the pod failed as if killed by SIGTERM, so its PyTorchJob/Job restarts it
 
 
 def log(runtime: Runtime | None, message: str) -> None:
@@ -62,7 +62,9 @@ class Datasets:
     pad_id: int
 
 
-def prepare_data(cfg: TrainerConfig, settings: AutomodelSettings, tokenizer: Any, runtime: Runtime | None) -> Datasets:
+def prepare_data(
+    cfg: AutomodelTrainerConfig, settings: AutomodelSettings, tokenizer: Any, runtime: Runtime | None
+) -> Datasets:
     options = FormatOptions(max_seq_length=settings.max_seq_length, prompt_template=settings.prompt_template)
     train_examples, report = tokenize_rows(read_rows(cfg.paths.training_data), tokenizer, options)
     log(runtime, f"training data: {report.summary()}")
@@ -198,7 +200,7 @@ class Engine:
         return ce_total, kd_total
 
 
-def build_model(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime) -> nn.Module:
+def build_model(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Runtime) -> nn.Module:
     lora = settings.lora
     # LoRA on GPU: frozen base weights in bf16, adapters in fp32 (peft upcasts
     # them). Full-weight: fp32 master weights, bf16 compute (autocast / FSDP2).
@@ -240,7 +242,7 @@ def run_validation(
 
 
 def export_outputs(
-    cfg: TrainerConfig, settings: AutomodelSettings, model: nn.Module, tokenizer: Any, runtime: Runtime
+    cfg: AutomodelTrainerConfig, settings: AutomodelSettings, model: nn.Module, tokenizer: Any, runtime: Runtime
 ) -> dict[str, Any]:
     """Write adapter/ or model/ (Hugging Face format) + tokenizer, and result.json (rank 0)."""
     output = cfg.paths.output
@@ -289,7 +291,8 @@ def export_outputs(
     return result
 
 
-def train(cfg: TrainerConfig) -> int:
+def train(config: TrainerConfig) -> int:
+    cfg = expect_kind(config, AutomodelTrainerConfig)
     settings = parse_settings(cfg)
     runtime = init_runtime(settings.parallel)
     stop = StopSignal.install()
@@ -300,7 +303,7 @@ def train(cfg: TrainerConfig) -> int:
         runtime.shutdown()
 
 
-def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, stop: StopSignal) -> int:
+def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Runtime, stop: StopSignal) -> int:
     started = time.monotonic()
     stop_after = int(os.environ[STOP_AFTER_STEP_ENV]) if os.environ.get(STOP_AFTER_STEP_ENV) else None
     output = cfg.paths.output
@@ -318,8 +321,7 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
     tokenizer = load_tokenizer(cfg.paths.model)
     teacher: Teacher | None = None
     if settings.training_type == "distillation":
-        if cfg.paths.teacher_model is None:
-            raise TrainerError("training.training_type is distillation but the config has no paths.teacher_model")
+        assert cfg.paths.teacher_model is not None  # AutomodelTrainerConfig requires it for distillation
         check_teacher_vocab(cfg.paths.model, cfg.paths.teacher_model, tokenizer)
     data = prepare_data(cfg, settings, tokenizer, runtime)
 
@@ -483,7 +485,7 @@ def _train(cfg: TrainerConfig, settings: AutomodelSettings, runtime: Runtime, st
 
                 if runtime.is_main:
                     write_termination_log(reason)
-                return PREEMPTED_EXIT_CODE
+                return c.EXIT_PREEMPTED  # as if killed by SIGTERM: the Job / PyTorchJob restarts the pod
         del last_validated
         result = export_outputs(cfg, settings, model, tokenizer, runtime)
         if runtime.is_main:

@@ -5,10 +5,12 @@ stack, and the config/progress/termination code must work before torch loads.
 """
 
 from kubetune_trainer.common.config import (
+    AutomodelTrainerConfig,
     ConfigError,
-    Paths,
-    ProgressTarget,
     TrainerConfig,
+    TrainerPaths,
+    UnslothTrainerConfig,
+    expect_kind,
     load_config,
 )
 from kubetune_trainer.common.metrics import MetricsWriter
@@ -17,14 +19,16 @@ from kubetune_trainer.common.signals import StopSignal
 from kubetune_trainer.common.termination import TrainerError, run_with_termination_log, write_termination_log
 
 __all__ = [
+    "AutomodelTrainerConfig",
     "ConfigError",
     "MetricsWriter",
-    "Paths",
     "ProgressReporter",
-    "ProgressTarget",
     "StopSignal",
     "TrainerConfig",
     "TrainerError",
+    "TrainerPaths",
+    "UnslothTrainerConfig",
+    "expect_kind",
     "load_config",
     "run_with_termination_log",
     "write_termination_log",

@@ -1,10 +1,7 @@
 """Experiment trackers named in `spec.integrations` (MLflow, Weights & Biases).
 
-Shape (optional block of both job kinds):
-    integrations:
-      mlflow: {tracking_uri: str, experiment_name: str|null, token_secret: {name, key}|null} | null
-      wandb:  {project: str, entity: str|null, api_key_secret: {name, key}|null} | null
-The operator maps the secret references to the env variables
+The block is `kubetune_api.common.Integrations`, typed and validated with the rest
+of the spec. The operator maps its secret references to the env variables
 MLFLOW_TRACKING_TOKEN and WANDB_API_KEY, which both clients read themselves.
 The clients are imported only when configured, so the trainer runs without
 them; a configured tracker whose client is missing is an error, not a silent
@@ -16,6 +13,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.common import MLflowIntegration, WandbIntegration
+from kubetune_api.unsloth import UnslothJobSpec
 from kubetune_trainer.common.termination import TrainerError
 
 
@@ -43,25 +43,23 @@ class IntegrationLogger:
         self._wandb_run: Any = None
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], *, run_name: str, rank: int = 0) -> IntegrationLogger:
+    def from_spec(cls, spec: AutomodelJobSpec | UnslothJobSpec, *, run_name: str, rank: int = 0) -> IntegrationLogger:
         logger = cls()
-        integrations = spec.get("integrations") or {}
-        if rank != 0 or not integrations:
+        integrations = spec.integrations
+        if rank != 0 or integrations is None:
             return logger
-        params = flatten_params(spec)
-        mlflow_cfg = integrations.get("mlflow")
-        if mlflow_cfg:
-            logger._start_mlflow(mlflow_cfg, run_name, params)
-        wandb_cfg = integrations.get("wandb")
-        if wandb_cfg:
-            logger._start_wandb(wandb_cfg, run_name, params)
+        params = flatten_params(spec.model_dump(mode="json"))
+        if integrations.mlflow is not None:
+            logger._start_mlflow(integrations.mlflow, run_name, params)
+        if integrations.wandb is not None:
+            logger._start_wandb(integrations.wandb, run_name, params)
         return logger
 
     @property
     def active(self) -> bool:
         return self._mlflow_run is not None or self._wandb_run is not None
 
-    def _start_mlflow(self, cfg: dict[str, Any], run_name: str, params: dict[str, Any]) -> None:
+    def _start_mlflow(self, cfg: MLflowIntegration, run_name: str, params: dict[str, Any]) -> None:
         try:
             import mlflow
         except ImportError as exc:
@@ -69,18 +67,15 @@ class IntegrationLogger:
                 "spec.integrations.mlflow is set but the mlflow client is not installed in this "
                 "trainer image; install mlflow-skinny or remove integrations.mlflow"
             ) from exc
-        tracking_uri = cfg.get("tracking_uri")
-        if not tracking_uri:
-            raise TrainerError("spec.integrations.mlflow.tracking_uri is required")
-        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(cfg.tracking_uri)
         # The API documents the job's name as the default experiment.
-        mlflow.set_experiment(cfg.get("experiment_name") or run_name)
+        mlflow.set_experiment(cfg.experiment_name or run_name)
         self._mlflow = mlflow
         self._mlflow_run = mlflow.start_run(run_name=run_name)
         # MLflow caps a param value at 6000 chars; stringify so lists/None are accepted.
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
 
-    def _start_wandb(self, cfg: dict[str, Any], run_name: str, params: dict[str, Any]) -> None:
+    def _start_wandb(self, cfg: WandbIntegration, run_name: str, params: dict[str, Any]) -> None:
         try:
             import wandb
         except ImportError as exc:
@@ -88,11 +83,7 @@ class IntegrationLogger:
                 "spec.integrations.wandb is set but the wandb client is not installed in this "
                 "trainer image; install wandb or remove integrations.wandb"
             ) from exc
-        if not cfg.get("project"):
-            raise TrainerError("spec.integrations.wandb.project is required")
-        self._wandb_run = wandb.init(
-            project=cfg["project"], entity=cfg.get("entity"), name=run_name, config=params, reinit=True
-        )
+        self._wandb_run = wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, config=params, reinit=True)
 
     def log_metrics(self, metrics: dict[str, Any], *, step: int) -> None:
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}

@@ -1,5 +1,8 @@
 """Progress to the job's status (docs/CONTRACT.md section 3), with stdlib urllib + ssl only.
 
+The patch is built as `kubetune_api.status.Progress`, the model the CRD's status schema and
+the operator's admission policy are generated from, and dumped by alias.
+
 The trainer image carries no Kubernetes client: one JSON merge patch on the
 job's `/status` with the pod's service-account token is all it needs. A failed
 patch is logged and never fails training.
@@ -20,12 +23,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.common.config import TrainerConfig
+from kubetune_api.status import Progress, ProgressPoint
+from kubetune_trainer.common.config import KubernetesProgress, TrainerConfig
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MIN_INTERVAL_S = 10.0
 HISTORY_POINTS = 50
 PATCH_TIMEOUT_S = 5.0
+
+
+def progress_patch(progress: Progress) -> dict[str, Any]:
+    """`status.progress` of the merge patch: kubetune_api's model by alias (camelCase), fields
+    without a value left out so that they keep what the last patch said."""
+    return progress.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _finite(value: float | None) -> float | None:
@@ -56,8 +66,8 @@ class ProgressReporter:
         self._min_interval_s = min_interval_s
         self._clock = clock
         self._last_sent: float | None = None
-        self._pending: dict[str, Any] | None = None
-        self._history: list[dict[str, Any]] = []
+        self._pending: Progress | None = None
+        self._history: list[ProgressPoint] = []
         self._last_train_loss: float | None = None
         self._last_validation_loss: float | None = None
         self.patches_sent = 0
@@ -84,7 +94,7 @@ class ProgressReporter:
         if rank is None:
             rank = int(os.environ.get("RANK", "0"))
         target = cfg.progress
-        if target.type != "kubernetes" or rank != 0:
+        if not isinstance(target, KubernetesProgress) or rank != 0:
             return cls.disabled()
         if api_server is None:
             host = os.environ.get("KUBERNETES_SERVICE_HOST")
@@ -105,11 +115,7 @@ class ProgressReporter:
         context: ssl.SSLContext | None = None
         if api_server.startswith("https://"):
             context = ssl.create_default_context(cafile=str(ca_file) if ca_file.exists() else None)
-        url = (
-            f"{api_server.rstrip('/')}/apis/{target.group}/{target.version}/namespaces/"
-            f"{target.namespace}/{target.plural}/{target.name}/status"
-        )
-        return cls(url, token=token, ssl_context=context)
+        return cls(f"{api_server.rstrip('/')}{target.status_path}", token=token, ssl_context=context)
 
     @property
     def enabled(self) -> bool:
@@ -133,33 +139,32 @@ class ProgressReporter:
             self._last_train_loss = train_loss
         if validation_loss is not None:
             self._last_validation_loss = validation_loss
-        point: dict[str, Any] = {"step": int(step)}
-        if train_loss is not None:
-            point["trainLoss"] = train_loss
-        if validation_loss is not None:
-            point["validationLoss"] = validation_loss
-        if len(point) > 1:
-            if self._history and self._history[-1]["step"] == point["step"]:
-                self._history[-1].update(point)
+        if train_loss is not None or validation_loss is not None:
+            last = self._history[-1] if self._history else None
+            if last is not None and last.step == int(step):  # a validation point at a train step's step
+                self._history[-1] = ProgressPoint(
+                    step=last.step,
+                    train_loss=train_loss if train_loss is not None else last.train_loss,
+                    validation_loss=validation_loss if validation_loss is not None else last.validation_loss,
+                )
             else:
-                self._history.append(point)
+                self._history.append(
+                    ProgressPoint(step=int(step), train_loss=train_loss, validation_loss=validation_loss)
+                )
             del self._history[:-HISTORY_POINTS]
-        progress: dict[str, Any] = {"step": int(step)}
-        if max_steps is not None:
-            progress["maxSteps"] = int(max_steps)
-        # What `kubectl get` shows in the Progress column (a printer column cannot compute).
-        progress["summary"] = (
-            f"{int(step)}/{int(max_steps)} ({100 * int(step) // max(int(max_steps), 1)}%)"
-            if max_steps is not None
-            else str(int(step))
+        self._pending = Progress(
+            step=int(step),
+            max_steps=int(max_steps) if max_steps is not None else None,
+            epoch=round(float(epoch), 4) if epoch is not None else None,
+            train_loss=self._last_train_loss,
+            validation_loss=self._last_validation_loss,
+            # What `kubectl get` shows in the Progress column (a printer column cannot compute).
+            summary=(
+                f"{int(step)}/{int(max_steps)} ({100 * int(step) // max(int(max_steps), 1)}%)"
+                if max_steps is not None
+                else str(int(step))
+            ),
         )
-        if epoch is not None:
-            progress["epoch"] = round(float(epoch), 4)
-        if self._last_train_loss is not None:
-            progress["trainLoss"] = self._last_train_loss
-        if self._last_validation_loss is not None:
-            progress["validationLoss"] = self._last_validation_loss
-        self._pending = progress
         now = self._clock()
         if self._last_sent is None or now - self._last_sent >= self._min_interval_s:
             self._send()
@@ -171,10 +176,10 @@ class ProgressReporter:
 
     def _send(self) -> None:
         assert self.url is not None and self._pending is not None
-        progress = dict(self._pending)
-        progress["updatedAt"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        progress["history"] = list(self._history)
-        body = json.dumps({"status": {"progress": progress}}).encode()
+        progress = self._pending.model_copy(
+            update={"updated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "history": list(self._history)}
+        )
+        body = json.dumps({"status": {"progress": progress_patch(progress)}}).encode()
         request = urllib.request.Request(self.url, data=body, method="PATCH")
         request.add_header("Content-Type", "application/merge-patch+json")
         request.add_header("Accept", "application/json")

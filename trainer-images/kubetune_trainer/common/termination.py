@@ -14,20 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from kubetune_api import constants as c
 from kubetune_trainer.common.config import ConfigError
 
-TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 # The kubelet reads at most 4096 bytes of the termination message.
 MAX_REASON_CHARS = 1000
-
-
-# The exit-code contract of both trainers (docs/CONTRACT.md section 2), which the
-# operator's restart policies rely on: 1 fails the Job at once (podFailurePolicy; a
-# bad config or bad data does not get better), while 143 (128 + SIGTERM, as if the
-# signal had killed the process) is a preemption: the pod is replaced and resumes.
-EXIT_TRAINER_ERROR = 1
-EXIT_PREEMPTED = 143
 
 
 class TrainerError(RuntimeError):
@@ -45,7 +36,7 @@ def one_line(reason: str) -> str:
 
 def write_termination_log(reason: str) -> Path | None:
     """Write the reason; returns the file written, or None when no log is writable here."""
-    path = Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
+    path = Path(os.environ.get(c.ENV_TERMINATION_LOG, c.TERMINATION_LOG))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(one_line(reason) + "\n", encoding="utf-8")
@@ -57,28 +48,29 @@ def write_termination_log(reason: str) -> Path | None:
 def run_with_termination_log(main_fn: Callable[[], int | None]) -> NoReturn:
     """Run the trainer's main; on failure write the reason and exit non-zero.
 
-    Exit codes: main's return value (0 when None), EXIT_PREEMPTED on Preempted,
-    EXIT_TRAINER_ERROR on any other exception, 130 on KeyboardInterrupt; SystemExit
-    passes through (with a reason when non-zero).
+    Exit codes (kubetune_api.constants, the operator's restart policies use the same):
+    main's return value (EXIT_SUCCESS when None), EXIT_PREEMPTED on Preempted,
+    EXIT_TRAINER_ERROR on any other exception, EXIT_INTERRUPTED on KeyboardInterrupt;
+    SystemExit passes through (with a reason when non-zero).
     """
     try:
         code = main_fn()
     except Preempted as exc:
         print(f"kubetune-trainer: {exc}", file=sys.stderr, flush=True)
         write_termination_log(str(exc))
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(c.EXIT_PREEMPTED)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             write_termination_log(f"exited with {exc.code}")
         raise
     except KeyboardInterrupt:
         write_termination_log("interrupted")
-        sys.exit(130)
+        sys.exit(c.EXIT_INTERRUPTED)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, (TrainerError, ConfigError)):
             traceback.print_exc()
         print(f"kubetune-trainer: failed: {reason}", file=sys.stderr, flush=True)
         write_termination_log(reason)
-        sys.exit(EXIT_TRAINER_ERROR)
-    sys.exit(int(code or 0))
+        sys.exit(c.EXIT_TRAINER_ERROR)
+    sys.exit(int(code or c.EXIT_SUCCESS))

@@ -2,8 +2,8 @@
 
 Two steps, both pure and golden-tested:
 
-1. `map_spec` turns the validated spec (snake_case, defaults filled, see
-   docs/CONTRACT.md) into what the job *asks for*: the kwargs of
+1. `map_spec` turns the parsed config (`kubetune_api`'s UnslothJobSpec, defaults
+   filled and rules checked, see docs/CONTRACT.md) into what the job *asks for*: the kwargs of
    `FastLanguageModel.from_pretrained`, `FastLanguageModel.get_peft_model` and
    `trl.SFTConfig`, plus the save method. This is what runs on a CUDA GPU.
 2. `effective_settings` takes that request and what the device can do and
@@ -20,21 +20,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-from collections.abc import Mapping
 from typing import Any, Literal
 
-from kubetune_trainer.common.config import ConfigError
+from kubetune_api.common import Integrations
+from kubetune_trainer.common.config import ConfigError, UnslothTrainerConfig
 
 DeviceKind = Literal["cuda", "cpu"]
 
-# Unsloth's own default projection set; the seed's default for training.lora.target_modules.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
-DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+# model.dtype -> what FastLanguageModel.from_pretrained takes (None: Unsloth picks).
+DTYPES: dict[str, str | None] = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 # A job that names no save cadence still gets a checkpoint per epoch: that is what a
 # restarted pod resumes from (CONTRACT: checkpoints/), and it costs one save per pass.
@@ -95,229 +89,124 @@ class UnslothKwargs:
         return dataclasses.asdict(self)
 
 
-def _section(spec: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    value = spec.get(name)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise UnslothConfigError(f"spec.{name} must be an object, got {type(value).__name__}")
-    return value
+def gradient_checkpointing_value(value: Literal["unsloth", "true", "false"]) -> bool | str:
+    """training.use_gradient_checkpointing (a string in the schema) -> what Unsloth takes."""
+    return "unsloth" if value == "unsloth" else value == "true"
 
 
-def _require(section: Mapping[str, Any], path: str, key: str) -> Any:
-    if key not in section:
-        raise UnslothConfigError(
-            f"spec.{path}.{key} is missing; the config must be rendered with every default filled "
-            "(kubetune.render.render_trainer_config)"
-        )
-    return section[key]
-
-
-def _choice(value: Any, allowed: tuple[str, ...], field: str) -> str:
-    if value not in allowed:
-        raise UnslothConfigError(f"spec.{field} is {value!r}; allowed: {', '.join(allowed)}")
-    return str(value)
-
-
-def gradient_checkpointing_value(value: Any) -> bool | str:
-    """training.use_gradient_checkpointing: "unsloth" | true | false (YAML may deliver strings)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("unsloth", "true", "false"):
-        lowered = value.lower()
-        return "unsloth" if lowered == "unsloth" else lowered == "true"
-    raise UnslothConfigError(f"spec.training.use_gradient_checkpointing is {value!r}; allowed: unsloth, true, false")
-
-
-def integration_env(spec: Mapping[str, Any], job_name: str) -> tuple[list[str], dict[str, str]]:
+def integration_env(integrations: Integrations | None, job_name: str) -> tuple[list[str], dict[str, str]]:
     """report_to for trl and the environment its callbacks read.
 
     Tokens are not in the config (they are secret references); the operator
     injects them as MLFLOW_TRACKING_TOKEN / WANDB_API_KEY from the named secrets.
     """
-    integrations = spec.get("integrations") or {}
     report_to: list[str] = []
     env: dict[str, str] = {}
-    mlflow = integrations.get("mlflow")
-    if mlflow:
+    if integrations is None:
+        return report_to, env
+    if integrations.mlflow is not None:
         report_to.append("mlflow")
-        env["MLFLOW_TRACKING_URI"] = str(_require(mlflow, "integrations.mlflow", "tracking_uri"))
+        env["MLFLOW_TRACKING_URI"] = integrations.mlflow.tracking_uri
         # The API documents "default: the job's name".
-        env["MLFLOW_EXPERIMENT_NAME"] = str(mlflow.get("experiment_name") or job_name)
-    wandb = integrations.get("wandb")
-    if wandb:
+        env["MLFLOW_EXPERIMENT_NAME"] = integrations.mlflow.experiment_name or job_name
+    if integrations.wandb is not None:
         report_to.append("wandb")
-        env["WANDB_PROJECT"] = str(_require(wandb, "integrations.wandb", "project"))
-        if wandb.get("entity"):
-            env["WANDB_ENTITY"] = str(wandb["entity"])
+        env["WANDB_PROJECT"] = integrations.wandb.project
+        if integrations.wandb.entity:
+            env["WANDB_ENTITY"] = integrations.wandb.entity
     return report_to, env
 
 
-def cuda_visible_devices(value: Any) -> str | None:
-    """hardware.gpus ("0" or "0,1", or a list/int) -> CUDA_VISIBLE_DEVICES; None leaves it alone."""
-    if value is None:
-        return None
-    items = [str(v).strip() for v in value] if isinstance(value, list) else str(value).split(",")
-    items = [item.strip() for item in items if item.strip()]
-    if not items or not all(item.isdigit() for item in items):
-        raise UnslothConfigError(
-            f"spec.hardware.gpus is {value!r}; give comma-separated GPU indices such as '0' or '0,1'"
-        )
-    return ",".join(items)
+def map_spec(config: UnslothTrainerConfig) -> UnslothKwargs:
+    """The parsed trainer config (CONTRACT section 1) -> the kwargs a GPU run uses.
 
-
-def map_spec(config: Mapping[str, Any]) -> UnslothKwargs:
-    """The trainer config document (CONTRACT section 1) -> the kwargs a GPU run uses."""
-    spec = config.get("spec")
-    paths = config.get("paths")
-    if not isinstance(spec, Mapping) or not isinstance(paths, Mapping):
-        raise UnslothConfigError("the config must have 'spec' and 'paths' objects (docs/CONTRACT.md)")
-    model = _section(spec, "model")
-    dataset = _section(spec, "dataset")
-    training = _section(spec, "training")
-    schedule = _section(spec, "schedule")
-    batch = _section(spec, "batch")
-    optimizer = _section(spec, "optimizer")
-    hardware = _section(spec, "hardware")
-    output = _section(spec, "output")
-
-    training_type = training.get("training_type", "sft")
-    if training_type != "sft":
-        raise UnslothConfigError(f"spec.training.training_type is {training_type!r}; UnslothJob runs sft only")
-    finetuning = _choice(
-        _require(training, "training", "finetuning_type"), ("lora", "all_weights"), "training.finetuning_type"
-    )
-    load_in_4bit = bool(_require(model, "model", "load_in_4bit"))
-    load_in_8bit = bool(_require(model, "model", "load_in_8bit"))
-    if load_in_4bit and load_in_8bit:
-        raise UnslothConfigError("spec.model.load_in_4bit and spec.model.load_in_8bit are both true; pick one")
-    if finetuning == "all_weights" and (load_in_4bit or load_in_8bit):
-        raise UnslothConfigError(
-            "spec.training.finetuning_type all_weights cannot train quantized weights; "
-            "set spec.model.load_in_4bit and spec.model.load_in_8bit to false"
-        )
-    dtype_name = _choice(_require(model, "model", "dtype"), tuple(DTYPES), "model.dtype")
-    gradient_checkpointing = gradient_checkpointing_value(_require(training, "training", "use_gradient_checkpointing"))
-    save_method = _choice(_require(output, "output", "save_method"), SAVE_METHODS, "output.save_method")
-    if save_method != "lora" and finetuning != "lora":
-        raise UnslothConfigError(
-            f"spec.output.save_method {save_method} merges a LoRA adapter; with finetuning_type "
-            "all_weights use save_method lora (the full model is written to output/model)"
-        )
-    if save_method == "merged_4bit" and not load_in_4bit:
-        # Unsloth merges into the weights as loaded: from a 16-bit base "merged_4bit" would
-        # silently write 16-bit weights.
-        raise UnslothConfigError(
-            "spec.output.save_method merged_4bit needs spec.model.load_in_4bit: true (Unsloth merges "
-            "the adapter into the loaded 4-bit weights); use merged_16bit for a 16-bit base"
-        )
+    The spec's rules (quantized loading exclusive, all_weights unquantized, merged_* only
+    from LoRA, merged_4bit from a 4-bit base, dtype vs precision, warmup exclusive,
+    eval_steps with validation data) were checked when the config was parsed.
+    """
+    spec = config.spec
+    paths = config.paths
+    model, training, schedule, batch = spec.model, spec.training, spec.schedule, spec.batch
+    finetuning = training.finetuning_type
+    gradient_checkpointing = gradient_checkpointing_value(training.use_gradient_checkpointing)
+    save_method = spec.output.save_method
 
     from_pretrained: dict[str, Any] = {
-        "model_name": str(_require(paths, "paths", "model")),
-        "max_seq_length": int(_require(model, "model", "max_seq_length")),
-        "dtype": DTYPES[dtype_name],
-        "load_in_4bit": load_in_4bit,
-        "load_in_8bit": load_in_8bit,
+        "model_name": str(paths.model),
+        "max_seq_length": model.max_seq_length,
+        "dtype": DTYPES[model.dtype],
+        "load_in_4bit": model.load_in_4bit,
+        "load_in_8bit": model.load_in_8bit,
         "full_finetuning": finetuning == "all_weights",
-        "trust_remote_code": bool(_require(model, "model", "trust_remote_code")),
+        "trust_remote_code": model.trust_remote_code,
         "use_gradient_checkpointing": gradient_checkpointing,
     }
 
     peft: dict[str, Any] | None = None
-    if finetuning == "lora":
-        lora = training.get("lora")
-        if not isinstance(lora, Mapping):
-            raise UnslothConfigError("spec.training.lora must be an object when finetuning_type is lora")
-        targets = lora.get("target_modules", list(DEFAULT_TARGET_MODULES))
+    if training.lora is not None:  # the model fills it for lora, and only then
+        lora = training.lora
         peft = {
-            "r": int(_require(lora, "training.lora", "rank")),
-            "lora_alpha": _require(lora, "training.lora", "alpha"),
-            "lora_dropout": float(_require(lora, "training.lora", "dropout")),
-            "target_modules": list(targets) if targets is not None else list(DEFAULT_TARGET_MODULES),
-            "bias": _choice(
-                _require(lora, "training.lora", "bias"), ("none", "all", "lora_only"), "training.lora.bias"
-            ),
-            "use_rslora": bool(_require(lora, "training.lora", "use_rslora")),
-            "random_state": int(_require(lora, "training.lora", "random_state")),
+            "r": lora.rank,
+            "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout,
+            "target_modules": list(lora.target_modules),
+            "bias": lora.bias,
+            "use_rslora": lora.use_rslora,
+            "random_state": lora.random_state,
             "use_gradient_checkpointing": gradient_checkpointing,
-            "max_seq_length": from_pretrained["max_seq_length"],
+            "max_seq_length": model.max_seq_length,
         }
 
-    warmup_ratio = schedule.get("warmup_ratio")
-    warmup_steps = int(schedule.get("warmup_steps") or 0)
-    if warmup_ratio is not None and not 0.0 <= float(warmup_ratio) < 1.0:
-        raise UnslothConfigError(f"spec.schedule.warmup_ratio is {warmup_ratio!r}; it must be in [0, 1)")
-    if warmup_ratio is not None and warmup_steps:
-        raise UnslothConfigError("spec.schedule.warmup_steps and spec.schedule.warmup_ratio are exclusive; set one")
-    max_steps = schedule.get("max_steps")
-    save_steps = schedule.get("save_steps")
-    eval_steps = schedule.get("eval_steps")
-    has_validation = paths.get("validation_data") is not None
-    if eval_steps is not None and not has_validation:
-        raise UnslothConfigError(
-            "spec.schedule.eval_steps is set but there is no validation data "
-            "(spec.dataset.validation_path is null); set validation_path or drop eval_steps"
-        )
-    precision = _choice(_require(hardware, "hardware", "precision"), ("bf16", "fp16"), "hardware.precision")
-    if (dtype_name, precision) in (("float16", "bf16"), ("bfloat16", "fp16")):
-        # Unsloth raises a TypeError for this pair at trainer construction, after loading.
-        raise UnslothConfigError(
-            f"spec.model.dtype {dtype_name} contradicts spec.hardware.precision {precision}; "
-            "use dtype float16 with fp16, bfloat16 with bf16, or dtype auto"
-        )
-    metadata = config.get("metadata") or {}
-    job_name = str(metadata.get("name") or "kubetune-unsloth")
-    report_to, env = integration_env(spec, job_name)
-    gpus = cuda_visible_devices(hardware.get("gpus"))
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpus
+    has_validation = paths.validation_data is not None
+    report_to, env = integration_env(spec.integrations, config.metadata.name)
+    if spec.hardware.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = spec.hardware.gpus
+    precision = spec.hardware.precision
 
     sft: dict[str, Any] = {
-        "output_dir": os.path.join(str(_require(paths, "paths", "output")), "checkpoints"),
-        "num_train_epochs": float(_require(schedule, "schedule", "epochs")),
-        "max_steps": int(max_steps) if max_steps is not None else -1,
-        "lr_scheduler_type": _choice(
-            _require(schedule, "schedule", "lr_scheduler_type"), SCHEDULERS, "schedule.lr_scheduler_type"
-        ),
+        "output_dir": str(paths.checkpoints),
+        "num_train_epochs": float(schedule.epochs),
+        "max_steps": schedule.max_steps if schedule.max_steps is not None else -1,
+        "lr_scheduler_type": schedule.lr_scheduler_type,
         "logging_strategy": "steps",
-        "logging_steps": int(_require(schedule, "schedule", "logging_steps")),
-        "save_strategy": "steps" if save_steps is not None else DEFAULT_SAVE_STRATEGY,
+        "logging_steps": schedule.logging_steps,
+        "save_strategy": "steps" if schedule.save_steps is not None else DEFAULT_SAVE_STRATEGY,
         "save_total_limit": SAVE_TOTAL_LIMIT,
-        "eval_strategy": ("steps" if eval_steps is not None else "epoch") if has_validation else "no",
-        "seed": int(_require(schedule, "schedule", "seed")),
-        "per_device_train_batch_size": int(_require(batch, "batch", "per_device_train_batch_size")),
-        "per_device_eval_batch_size": int(batch["per_device_train_batch_size"]),
-        "gradient_accumulation_steps": int(_require(batch, "batch", "gradient_accumulation_steps")),
-        "learning_rate": float(_require(optimizer, "optimizer", "learning_rate")),
-        "weight_decay": float(_require(optimizer, "optimizer", "weight_decay")),
-        "optim": _choice(_require(optimizer, "optimizer", "optim"), OPTIMIZERS, "optimizer.optim"),
+        "eval_strategy": ("steps" if schedule.eval_steps is not None else "epoch") if has_validation else "no",
+        "seed": schedule.seed,
+        "per_device_train_batch_size": batch.per_device_train_batch_size,
+        "per_device_eval_batch_size": batch.per_device_train_batch_size,
+        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+        "learning_rate": spec.optimizer.learning_rate,
+        "weight_decay": spec.optimizer.weight_decay,
+        "optim": spec.optimizer.optim,
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
-        "max_length": from_pretrained["max_seq_length"],
-        "packing": bool(_require(dataset, "dataset", "packing")),
+        "max_length": model.max_seq_length,
+        "packing": spec.dataset.packing,
         "report_to": report_to or "none",
-        "run_name": job_name,
+        "run_name": config.metadata.name,
         # Gradient checkpointing is Unsloth's (get_peft_model / from_pretrained), not the Trainer's.
         "gradient_checkpointing": False,
         "disable_tqdm": True,
     }
     # transformers 5 dropped warmup_ratio: a float in [0, 1) in warmup_steps is the ratio.
-    sft["warmup_steps"] = float(warmup_ratio) if warmup_ratio is not None else warmup_steps
-    if save_steps is not None:
-        sft["save_steps"] = int(save_steps)
-    if eval_steps is not None:
-        sft["eval_steps"] = int(eval_steps)
+    sft["warmup_steps"] = schedule.warmup_ratio if schedule.warmup_ratio is not None else schedule.warmup_steps
+    if schedule.save_steps is not None:
+        sft["save_steps"] = schedule.save_steps
+    if schedule.eval_steps is not None:
+        sft["eval_steps"] = schedule.eval_steps
 
     return UnslothKwargs(
         from_pretrained=from_pretrained,
         get_peft_model=peft,
         sft_config=sft,
         data={
-            "training_data": str(paths["training_data"]),
-            "validation_data": str(paths["validation_data"]) if has_validation else None,
-            "text_field": str(_require(dataset, "dataset", "text_field")),
-            "apply_chat_template": bool(_require(dataset, "dataset", "apply_chat_template")),
-            "max_seq_length": from_pretrained["max_seq_length"],
+            "training_data": str(paths.training_data),
+            "validation_data": str(paths.validation_data) if paths.validation_data is not None else None,
+            "text_field": spec.dataset.text_field,
+            "apply_chat_template": spec.dataset.apply_chat_template,
+            "max_seq_length": model.max_seq_length,
         },
         save_method=save_method,
         output_subdir="adapter" if finetuning == "lora" and save_method == "lora" else "model",

@@ -21,6 +21,8 @@ from kubetune_trainer.common import (
     ProgressReporter,
     StopSignal,
     TrainerConfig,
+    UnslothTrainerConfig,
+    expect_kind,
 )
 from kubetune_trainer.common.termination import Preempted
 from kubetune_trainer.unsloth.mapping import (
@@ -43,22 +45,6 @@ def warn(message: str) -> None:
 
 def info(message: str) -> None:
     print(f"kubetune-trainer: {message}", file=sys.stderr, flush=True)
-
-
-def config_document(cfg: TrainerConfig) -> dict[str, Any]:
-    """The parsed config back as the plain document `map_spec` reads."""
-    paths = cfg.paths
-    return {
-        "kind": cfg.kind,
-        "metadata": cfg.metadata,
-        "spec": cfg.spec,
-        "paths": {
-            "model": str(paths.model),
-            "training_data": str(paths.training_data),
-            "validation_data": str(paths.validation_data) if paths.validation_data else None,
-            "output": str(paths.output),
-        },
-    }
 
 
 def last_checkpoint(checkpoints: Path) -> tuple[Path, int] | None:
@@ -261,7 +247,7 @@ def save_output(
 
 
 def run(
-    cfg: TrainerConfig, *, handle_signals: bool = False, progress: ProgressReporter | None = None
+    config: TrainerConfig, *, handle_signals: bool = False, progress: ProgressReporter | None = None
 ) -> dict[str, Any]:
     """Train as the config says and return what result.json holds.
 
@@ -269,10 +255,8 @@ def run(
     (the entrypoint sets it; an in-process caller keeps its own handlers).
     progress: where progress goes; default: what the config's `progress` block says.
     """
-    if cfg.kind != "UnslothJob":
-        raise ConfigError(f"the Unsloth trainer runs UnslothJob configs, got kind {cfg.kind!r}")
-    document = config_document(cfg)
-    requested = map_spec(document)
+    cfg = expect_kind(config, UnslothTrainerConfig)
+    requested = map_spec(cfg)
     prepare_environment(requested)
 
     started = time.monotonic()

@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from kubetune.api.common import (
+from kubetune_api.common import (
     CrossFieldRule,
     Integrations,
     Reference,

@@ -53,6 +53,22 @@ ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"
 
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 
+# The trainer's exit codes (docs/CONTRACT.md section 2), which the operator's restart
+# policies rely on: EXIT_TRAINER_ERROR fails the Job at once (podFailurePolicy; a bad
+# config or bad data does not get better) and the PyTorchJob's ExitCode policy does not
+# restart it; EXIT_PREEMPTED (128 + SIGTERM, as if the signal had killed the process)
+# follows a checkpoint saved on SIGTERM: the pod is replaced and resumes there.
+EXIT_SUCCESS: Final = 0
+EXIT_TRAINER_ERROR: Final = 1
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT: a local run stopped with Ctrl-C
+EXIT_PREEMPTED: Final = 143
+
+# The numeric user (and group) of trainer pods and of both trainer images. 65532, as the
+# operator image and distroless' "nonroot": outside the range of a host's human users
+# (1000 is usually the first), so files it writes on a local or hostPath volume belong to
+# no login on the node, and the images and the pod security context cannot disagree.
+TRAINER_UID: Final = 65532
+
 # Kubeflow training-operator (PyTorchJob) names the pod must use.
 PYTORCHJOB_API_VERSION: Final = "kubeflow.org/v1"
 PYTORCHJOB_CONTAINER: Final = "pytorch"

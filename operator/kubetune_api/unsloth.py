@@ -6,14 +6,14 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kubetune.api.common import (
+from kubetune_api.common import (
     CrossFieldRule,
     Integrations,
     Reference,
     RuleCheckedSpec,
     StrictModel,
 )
-from kubetune.constants import UNSLOTH_DEFAULT_TARGET_MODULES
+from kubetune_api.constants import UNSLOTH_DEFAULT_TARGET_MODULES
 
 GPU_LIST_PATTERN = r"^[0-9]+(,[0-9]+)*$"
 

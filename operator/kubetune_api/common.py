@@ -1,16 +1,15 @@
 """Pieces shared by both job kinds: the strict base model, entity references,
-integrations, cross-field rules (one definition, two evaluators: Python here and
-CEL in the API server) and the status shape."""
+integrations and cross-field rules (one definition, two evaluators: Python here and
+CEL in the API server). The status shape is in `kubetune_api.status`."""
 
 from __future__ import annotations
 
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 # name or workspace/name; a workspace is a namespace, a name a DNS-1123 subdomain.
@@ -148,86 +147,3 @@ class RuleCheckedSpec(StrictModel):
                 {"problems": [(r.spec_path, r.message) for r in broken]},
             )
         return self
-
-
-# --- status -----------------------------------------------------------------------------
-
-
-class StatusModel(BaseModel):
-    """Status is written by the operator and trainer, in Kubernetes' camelCase."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
-
-
-class Condition(StatusModel):
-    """metav1.Condition."""
-
-    type: str = Field(max_length=316, description="Condition type: Ready, Running, Succeeded, Failed, Suspended, ...")
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str = Field(max_length=1024, description="One CamelCase word saying why.")
-    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
-    last_transition_time: str = Field(max_length=64, description="When status last changed (RFC 3339).")
-    observed_generation: int | None = Field(default=None, description="The spec generation this reflects.")
-
-
-class ChildRef(StatusModel):
-    """The workload that runs the job. Shown to users; the operator never reads it back
-    (status is writable by the trainer's identity too), so it can steer nothing."""
-
-    api_version: Literal["batch/v1", "kubeflow.org/v1"] = Field(description="apiVersion of the child.")
-    kind: Literal["Job", "PyTorchJob"] = Field(description="Job (one GPU) or PyTorchJob.")
-    name: str = Field(
-        max_length=63,
-        pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
-        description="Name of the child, in the job's namespace (a DNS-1035 label).",
-    )
-
-
-class ProgressPoint(StatusModel):
-    """One point of the loss history."""
-
-    step: int = Field(description="Optimizer step.")
-    train_loss: float | None = Field(default=None, description="Training loss at this step.")
-    validation_loss: float | None = Field(default=None, description="Validation loss at this step.")
-
-
-class Progress(StatusModel):
-    """Training progress as the trainer reports it (rank 0 patches it)."""
-
-    step: int | None = Field(default=None, description="Optimizer steps done.")
-    max_steps: int | None = Field(default=None, description="Optimizer steps planned.")
-    epoch: float | None = Field(default=None, description="Epochs done (fractional).")
-    train_loss: float | None = Field(default=None, description="Last training loss.")
-    validation_loss: float | None = Field(default=None, description="Last validation loss.")
-    summary: str | None = Field(default=None, max_length=256, description="`step/maxSteps`, for `kubectl get`.")
-    updated_at: str | None = Field(
-        default=None, max_length=64, description="When the trainer last reported (RFC 3339)."
-    )
-    history: list[ProgressPoint] | None = Field(
-        default=None, max_length=50, description="The last 50 reported points, oldest first."
-    )
-
-
-class OutputRef(StatusModel):
-    """The Model entity the job produced."""
-
-    model: str = Field(max_length=253, description="Name of the output Model entity, in the job's namespace.")
-    format: Literal["full", "adapter"] = Field(description="full weights or a LoRA adapter.")
-
-
-class JobStatus(StatusModel):
-    """What kubetune reports about a job."""
-
-    phase: Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None = Field(
-        default=None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed."
-    )
-    conditions: list[Condition] | None = Field(default=None, description="Latest observations, by type.")
-    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
-    start_time: str | None = Field(
-        default=None, max_length=64, description="When the child started running (RFC 3339)."
-    )
-    completion_time: str | None = Field(default=None, max_length=64, description="When the job finished (RFC 3339).")
-    gpus: int | None = Field(default=None, description="GPUs the job uses in all.")
-    child: ChildRef | None = Field(default=None, description="The workload that runs the job.")
-    progress: Progress | None = Field(default=None, description="Training progress.")
-    output: OutputRef | None = Field(default=None, description="The produced Model entity.")

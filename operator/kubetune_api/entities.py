@@ -6,7 +6,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from kubetune.api.common import Condition, CrossFieldRule, Reference, RuleCheckedSpec, StatusModel, StrictModel
+from kubetune_api.common import CrossFieldRule, Reference, RuleCheckedSpec, StrictModel
+from kubetune_api.status import CONDITIONS_BY_TYPE, Condition, StatusModel
 
 
 class PvcLocation(StrictModel):
@@ -103,5 +104,7 @@ class EntityStatus(StatusModel):
     """Whether the entity's files can be used."""
 
     ready: bool | None = Field(default=None, description="True when the files can be mounted.")
-    conditions: list[Condition] | None = Field(default=None, description="Latest observations, by type.")
+    conditions: list[Condition] | None = Field(
+        default=None, description="Latest observations, by type.", json_schema_extra=CONDITIONS_BY_TYPE
+    )
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")

@@ -1,0 +1,114 @@
+"""Status, as the operator and the trainer write it: the models both sides build and dump
+by alias (Kubernetes' camelCase), so a misspelt status key is a type error, not a silent
+extra field."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class ConditionType(StrEnum):
+    """The condition types kubetune writes (`kubectl wait --for=condition=<type>`)."""
+
+    # Jobs
+    REFERENCES_RESOLVED = "ReferencesResolved"
+    CREATED = "Created"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    # Model and Fileset
+    READY = "Ready"
+
+
+# `status.conditions` is a map keyed by type (as metav1.Condition lists are): the API
+# server refuses two conditions of one type, and server-side apply merges them by type.
+CONDITIONS_BY_TYPE: dict[str, Any] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
+
+class StatusModel(BaseModel):
+    """Status is written by the operator and trainer, in Kubernetes' camelCase."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class Condition(StatusModel):
+    """metav1.Condition."""
+
+    type: str = Field(max_length=316, description="Condition type: Ready, Running, Succeeded, Failed, Suspended, ...")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="One CamelCase word saying why.")
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: str = Field(max_length=64, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="The spec generation this reflects.")
+
+
+class ChildRef(StatusModel):
+    """The workload that runs the job. Shown to users; the operator never reads it back
+    (status is writable by the trainer's identity too), so it can steer nothing."""
+
+    api_version: Literal["batch/v1", "kubeflow.org/v1"] = Field(description="apiVersion of the child.")
+    kind: Literal["Job", "PyTorchJob"] = Field(description="Job (one GPU) or PyTorchJob.")
+    name: str = Field(
+        max_length=63,
+        pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+        description="Name of the child, in the job's namespace (a DNS-1035 label).",
+    )
+
+
+class ProgressPoint(StatusModel):
+    """One point of the loss history."""
+
+    step: int = Field(description="Optimizer step.")
+    train_loss: float | None = Field(default=None, description="Training loss at this step.")
+    validation_loss: float | None = Field(default=None, description="Validation loss at this step.")
+
+
+class Progress(StatusModel):
+    """Training progress as the trainer reports it (rank 0 patches it)."""
+
+    step: int | None = Field(default=None, description="Optimizer steps done.")
+    max_steps: int | None = Field(default=None, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, description="Epochs done (fractional).")
+    train_loss: float | None = Field(default=None, description="Last training loss.")
+    validation_loss: float | None = Field(default=None, description="Last validation loss.")
+    summary: str | None = Field(default=None, max_length=256, description="`step/maxSteps`, for `kubectl get`.")
+    updated_at: str | None = Field(
+        default=None, max_length=64, description="When the trainer last reported (RFC 3339)."
+    )
+    history: list[ProgressPoint] | None = Field(
+        default=None, max_length=50, description="The last 50 reported points, oldest first."
+    )
+
+
+class OutputRef(StatusModel):
+    """The Model entity the job produced."""
+
+    model: str = Field(max_length=253, description="Name of the output Model entity, in the job's namespace.")
+    format: Literal["full", "adapter"] = Field(description="full weights or a LoRA adapter.")
+
+
+class JobStatus(StatusModel):
+    """What kubetune reports about a job."""
+
+    phase: Phase | None = Field(
+        default=None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed."
+    )
+    conditions: list[Condition] | None = Field(
+        default=None, description="Latest observations, by type.", json_schema_extra=CONDITIONS_BY_TYPE
+    )
+    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
+    start_time: str | None = Field(
+        default=None, max_length=64, description="When the child started running (RFC 3339)."
+    )
+    completion_time: str | None = Field(default=None, max_length=64, description="When the job finished (RFC 3339).")
+    gpus: int | None = Field(default=None, description="GPUs the job uses in all.")
+    child: ChildRef | None = Field(default=None, description="The workload that runs the job.")
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    output: OutputRef | None = Field(default=None, description="The produced Model entity.")
