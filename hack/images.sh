@@ -176,3 +176,7 @@ for entry in "${selected[@]}"; do
     echo "hack/images.sh: pushed $ref in $((SECONDS - start))s"
   fi
 done
+# A changed step leaves the old chain of cached layers behind (gigabytes per trainer image).
+if [[ $builder == buildah ]]; then
+  python3 hack/prune-image-cache.py
+fi
