@@ -144,7 +144,7 @@ seed_args='"--model", "'"$seed_model"'"'
 offline=1
 [[ "$seed_model" == hub ]] && offline=0
 for name in "${job_names[@]}"; do seed_args+=', "--job", "'"$name"'"'; done
-# Runs as the trainers' user (1000), so the trainers can write what the seed created.
+# Runs as the trainers' user (65532, kubetune_api.constants.TRAINER_UID), so the trainers can write what the seed created.
 k -n "$ns" apply -f - <<EOF
 apiVersion: batch/v1
 kind: Job
@@ -157,9 +157,9 @@ spec:
       restartPolicy: Never
       securityContext:
         runAsNonRoot: true
-        runAsUser: 1000
-        runAsGroup: 1000
-        fsGroup: 1000
+        runAsUser: 65532
+        runAsGroup: 65532
+        fsGroup: 65532
         seccompProfile: {type: RuntimeDefault}
       containers:
         - name: seed

@@ -119,6 +119,11 @@ def test_seed_job_in_run_sh_meets_pod_security_restricted() -> None:
     assert "${" not in manifest, "run.sh's seed Job uses a variable this test does not substitute"
     job = yaml.safe_load(manifest)
     assert restricted_violations(job["spec"]["template"]["spec"]) == []
+    # The seed writes what the trainers later write next to: it must be their uid.
+    from kubetune_api.constants import TRAINER_UID
+
+    context = job["spec"]["template"]["spec"]["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"]) == (TRAINER_UID, TRAINER_UID)
 
 
 @pytest.mark.slow
