@@ -84,7 +84,10 @@ def test_every_example_reaches_succeeded(cluster: Any, operator: OperatorProcess
         output = get(cluster, "models.kubetune.io", status["output"]["model"], namespace)
         assert output["spec"]["format"] == status["output"]["format"]
     multinode = get(cluster, "pytorchjob", "smollm2-full-multinode-automodel", namespace)
-    assert multinode["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    # Workers only (no Master: its init container would break "restricted"), one per node.
+    assert list(multinode["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    assert multinode["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    assert multinode["spec"]["elasticPolicy"]["rdzvBackend"] == "c10d"
     table = cluster.kubectl("get", "automodeljobs,unslothjobs", "-n", namespace).stdout
     assert table.count("Succeeded") == len(JOB_EXAMPLES), table
     assert "smollm2-135m" in table and "all_weights" in table
