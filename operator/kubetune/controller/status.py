@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final, Literal
 
 from kubetune_api.entities import EntityStatus
@@ -40,6 +41,29 @@ def _status(value: bool) -> Literal["True", "False"]:
     return "True" if value else "False"
 
 
+def _condition(
+    before: Mapping[str, Any] | None,
+    type_: ConditionType,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> Condition:
+    """Condition `type_` as decided now; lastTransitionTime stays `before`'s while its
+    status does not change."""
+    value = _status(status)
+    kept = before.get("lastTransitionTime") if before is not None and before.get("status") == value else None
+    return Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=str(kept) if kept else now,
+        observed_generation=generation,
+    )
+
+
 def set_condition(
     conditions: Sequence[Mapping[str, Any]] | None,
     type_: ConditionType,
@@ -51,38 +75,13 @@ def set_condition(
 ) -> list[Condition]:
     """A new list with `type_` set; lastTransitionTime moves only when status changes.
     Conditions of other types are kept (when they are well-formed)."""
-    out: list[Condition] = []
-    found = False
-    for cond in conditions or []:
-        if cond.get("type") == type_:
-            found = True
-            moved = cond.get("status") != _status(status) or not cond.get("lastTransitionTime")
-            out.append(
-                Condition(
-                    type=type_,
-                    status=_status(status),
-                    reason=reason,
-                    message=message,
-                    last_transition_time=now if moved else str(cond["lastTransitionTime"]),
-                    observed_generation=generation,
-                )
-            )
-        else:
-            kept = _parsed_condition(cond)
-            if kept is not None:
-                out.append(kept)
-    if not found:
-        out.append(
-            Condition(
-                type=type_,
-                status=_status(status),
-                reason=reason,
-                message=message,
-                last_transition_time=now,
-                observed_generation=generation,
-            )
-        )
-    return out
+    new = partial(
+        _condition, type_=type_, status=status, reason=reason, message=message, generation=generation, now=now
+    )
+    out = [new(cond) if cond.get("type") == type_ else _parsed_condition(cond) for cond in conditions or []]
+    if not any(cond.get("type") == type_ for cond in conditions or []):
+        out.append(new(None))
+    return [cond for cond in out if cond is not None]
 
 
 def _parsed_condition(cond: Mapping[str, Any]) -> Condition | None:
@@ -240,22 +239,10 @@ def owned_conditions(
     by others too (the trainer's identity may patch it), so anything not in `wanted`
     is dropped rather than carried on. lastTransitionTime stays where status did not move."""
     previous = {cond.get("type"): cond for cond in current or []}
-    out = []
-    for type_, status, reason, message in wanted:
-        value = _status(status)
-        before = previous.get(type_)
-        kept = before.get("lastTransitionTime") if before is not None and before.get("status") == value else None
-        out.append(
-            Condition(
-                type=type_,
-                status=value,
-                reason=reason,
-                message=message,
-                last_transition_time=str(kept) if kept else now,
-                observed_generation=generation,
-            )
-        )
-    return out
+    return [
+        _condition(previous.get(type_), type_, status, reason, message, generation, now)
+        for type_, status, reason, message in wanted
+    ]
 
 
 def status_from_child(
