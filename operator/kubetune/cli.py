@@ -117,7 +117,14 @@ def cmd_operator(args: argparse.Namespace) -> int:
         else None
     )
     asyncio.run(
-        run_operator(settings, namespaces, args.health_port, resync_seconds=args.resync_seconds, leadership=leadership)
+        run_operator(
+            settings,
+            namespaces,
+            args.health_port,
+            resync_seconds=args.resync_seconds,
+            leadership=leadership,
+            metrics_port=args.metrics_port,
+        )
     )
     return 0
 
@@ -186,6 +193,12 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         type=int,
         default=int(_env_default("KUBETUNE_HEALTH_PORT", "8080")),
         help="serve GET /healthz on this port; 0 turns it off",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env_default("KUBETUNE_METRICS_PORT", "8081")),
+        help="serve Prometheus metrics at GET /metrics on this port (env KUBETUNE_METRICS_PORT); 0 turns it off",
     )
     p.add_argument("--verbose", action="store_true", help="log every handled event (kopf.objects at INFO)")
     p.add_argument(

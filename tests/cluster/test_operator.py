@@ -60,6 +60,25 @@ LORA = {"model": "smollm2-135m", "dataset": {"training": "chat-train"}}
 UNSLOTH = {"model": {"name": "smollm2-135m"}, "dataset": {"path": "chat-train"}}
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed with prometheus_client's own parser: sample name and labels -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
     return next(c for c in body["status"]["conditions"] if c["type"] == type_)
 
@@ -817,9 +836,7 @@ def test_two_replicas_one_leads_and_the_other_takes_over(
             assert time.monotonic() < deadline, f"no leader; log {first.log_path}"
             time.sleep(0.3)
         leader = holder()
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         second = OperatorProcess(
             operator.kubeconfig, tmp_path / "second.log", [*args, "--health-port", str(port)]
         ).start()
@@ -888,5 +905,94 @@ def test_pytorchjob_kind_installed_after_the_operator(
     finally:
         if cluster.kubectl("get", "crd", crd_name, check=False).returncode != 0:
             cluster.kubectl("create", "-f", "-", input=json.dumps(crd))
+        proc.stop()
+        operator.start()
+
+
+# Per-job tables: each must be empty once the namespace's jobs are deleted (the world's
+# tables, entities and claims, follow those objects and are not counted here).
+PER_JOB_TABLES = (
+    "jobs",
+    "children",
+    "blockers",
+    "trainer_exits",
+    "waiting",
+    "locks",
+    "failures",
+    "retries",
+    "specs",
+    "refusals",
+    "outputs_made",
+)
+
+
+def test_no_per_job_state_outlives_its_jobs(
+    cluster: Any, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """Memory stays bounded: jobs that succeeded, failed or waited for a reference are
+    deleted, and every per-job table of the operator empties again, as its /metrics
+    shows (kubetune_tracked_entries). Before, a child's or pod's event after its job was
+    deleted made a lock (and kept the trainer's exit reasons) for good. The same scrape
+    shows the operator's counters move: passes, API requests, watch events, and jobs by
+    phase."""
+    operator.stop()
+    prepare(cluster, namespace)
+    port = free_port()
+    proc = OperatorProcess(
+        operator.kubeconfig, tmp_path / "operator.log", ["--namespace", namespace, "--metrics-port", str(port)]
+    )
+    try:
+        proc.start()
+        jobs = [job("AutomodelJob", f"ok{i}", LORA) for i in range(12)]
+        jobs += [job("AutomodelJob", f"bad{i}", LORA, {"kubetune.io/fake-fail": "true"}) for i in range(4)]
+        jobs += [job("UnslothJob", f"us{i}", UNSLOTH) for i in range(4)]
+        jobs += [job("AutomodelJob", f"wait{i}", {**LORA, "model": "no-such-model"}) for i in range(4)]
+        apply(cluster, namespace, text="\n---\n".join(jobs))
+        for i in range(12):
+            wait_phase(cluster, proc, "automodeljob", f"ok{i}", namespace, {"Succeeded"}, timeout=180)
+        for i in range(4):
+            wait_phase(cluster, proc, "automodeljob", f"bad{i}", namespace, {"Failed"}, timeout=120)
+            wait_phase(cluster, proc, "unslothjob", f"us{i}", namespace, {"Succeeded"}, timeout=120)
+            wait_condition_reason(
+                cluster, proc, "automodeljob", f"wait{i}", namespace, "ReferencesResolved", "ReferenceNotFound"
+            )
+        busy = scrape(port)
+        by_phase = {
+            (dict(labels)["kind"], dict(labels)["phase"]): value
+            for (name, labels), value in busy.items()
+            if name == "kubetune_jobs"
+        }
+        assert by_phase == {
+            ("AutomodelJob", "Failed"): 4,
+            ("AutomodelJob", "Pending"): 4,
+            ("AutomodelJob", "Succeeded"): 12,
+            ("UnslothJob", "Succeeded"): 4,
+        }, by_phase
+        assert busy[("kubetune_tracked_entries", (("table", "jobs"),))] == 24
+        passes = sum(v for (n, _), v in busy.items() if n == "kubetune_reconcile_passes_total")
+        assert passes >= 24, busy
+        patches = busy.get(("kubetune_api_request_duration_seconds_count", (("code", "200"), ("verb", "PATCH"))), 0)
+        assert patches >= 24, "every job's status was written"
+        assert busy[("kubetune_watch_events_total", (("resource", "Pod"), ("type", "MODIFIED")))] > 0
+        assert busy[("kubetune_leader", ())] == 1
+        assert busy[("process_resident_memory_bytes", ())] > 10e6
+
+        cluster.kubectl("delete", "automodeljobs,unslothjobs", "--all", "-n", namespace, "--wait=true", timeout=120)
+        deadline = time.monotonic() + 90
+        while True:
+            left = {
+                table: value
+                for (name, labels), value in scrape(port).items()
+                if name == "kubetune_tracked_entries" and (table := dict(labels)["table"]) in PER_JOB_TABLES and value
+            }
+            pods = cluster.kubectl("get", "pods,jobs", "-n", namespace, "-o", "name").stdout.split()
+            if not left and not pods:
+                break
+            assert time.monotonic() < deadline, (
+                f"per-job state left after every job, child and pod was deleted: {left}; objects left: {pods}; "
+                f"log {proc.log_path}"
+            )
+            time.sleep(1)
+    finally:
         proc.stop()
         operator.start()

@@ -75,7 +75,8 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--health-port", "0", *self.args],
+            # No metrics port unless a test asks (two replicas would race for the default port).
+            [sys.executable, "-m", "kubetune", "operator", "--health-port", "0", "--metrics-port", "0", *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -22,6 +22,7 @@ import kopf
 from aiohttp import web
 
 from kubetune.api.resources import FILESET, JOB_RESOURCES, MODEL
+from kubetune.controller import metrics
 from kubetune.controller.builders import OperatorSettings
 from kubetune.controller.kubeclient import KubeClient
 from kubetune.controller.leader import LeaderElection
@@ -54,7 +55,12 @@ def _start_resync_once() -> None:
         _resync["task"] = asyncio.create_task(resync_forever(_rec(), _resync["namespaces"], period))
 
 
+def _count(body: kopf.Body, type: str | None) -> None:
+    metrics.WATCH_EVENTS.labels(str(body.get("kind", "")), type or "LISTED").inc()
+
+
 async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    _count(body, type)
     _start_resync_once()
     meta = body["metadata"]
     if type == "DELETED":
@@ -64,22 +70,26 @@ async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 
 
 async def on_child_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    _count(body, type)
     key = job_key_of(body)
     if key is not None:
         await _rec().on_child(key, dict(body), deleted=type == "DELETED")
 
 
 async def on_pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    _count(body, type)
     key = job_key_of(body)
     if key is not None:
         await _rec().on_pod(key, dict(body), deleted=type == "DELETED")
 
 
 async def on_entity_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    _count(body, type)
     await _rec().on_entity(dict(body), deleted=type == "DELETED")
 
 
 async def on_claim_event(body: kopf.Body, type: str | None, namespace: str | None, name: str, **_: Any) -> None:
+    _count(body, type)
     if namespace is None:
         return
     phase = None if type == "DELETED" else (body.get("status") or {}).get("phase", "Pending")
@@ -87,6 +97,7 @@ async def on_claim_event(body: kopf.Body, type: str | None, namespace: str | Non
 
 
 async def on_volume_event(body: kopf.Body, type: str | None, name: str, **_: Any) -> None:
+    _count(body, type)
     await _rec().on_volume(name, None if type == "DELETED" else dict(body.get("spec") or {}))
 
 
@@ -139,7 +150,10 @@ async def resync_forever(reconciler: Reconciler, namespaces: Sequence[str], peri
         except Exception as err:  # the next period tries again; the watches go on meanwhile
             log.warning("resync failed: %s", err)
             continue
-        log.info("resync: %d jobs in %.0f ms", count, (time.monotonic() - started) * 1000)
+        took = time.monotonic() - started
+        metrics.RESYNC_SECONDS.observe(took)
+        metrics.RESYNC_JOBS.set(count)
+        log.info("resync: %d jobs in %.0f ms", count, took * 1000)
 
 
 async def _serve_health(port: int) -> web.AppRunner:
@@ -169,10 +183,15 @@ async def run_operator(
     stop_flag: asyncio.Event | None = None,
     resync_seconds: float = 300.0,
     leadership: Leadership | None = None,
+    metrics_port: int = 0,
 ) -> None:
     global _reconciler
     client = KubeClient.from_environment()
     _reconciler = Reconciler(client, settings, _post_event)
+    metrics.track(metrics.TableCollector(_reconciler.tables, _reconciler.job_phases))
+    metrics.LEADER.set(0 if leadership is not None else 1)
+    # Served from the start, by a waiting replica too (it reports kubetune_leader 0).
+    serving = await metrics.serve(metrics_port) if metrics_port else None
     _resync.update(namespaces=list(namespaces), period=resync_seconds)
     stop = stop_flag or asyncio.Event()
     new_kinds: list[str] = []
@@ -209,6 +228,7 @@ async def run_operator(
                 if waiting is not None:
                     await waiting.cleanup()
             holding = asyncio.create_task(election.hold(stop))
+            metrics.LEADER.set(1)
         await _reconciler.prime_children(namespaces)
         await kopf.operator(
             registry=registry,
@@ -224,6 +244,9 @@ async def run_operator(
             task.cancel()
         if holding is not None:
             holding.cancel()
+        metrics.LEADER.set(0)
+        if serving is not None:
+            await serving.cleanup()
         await client.close()
     if election is not None and election.lost:
         # Another replica may lead now: stop at once, and let the restart be a candidate again.

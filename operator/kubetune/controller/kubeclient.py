@@ -11,6 +11,7 @@ import json
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import aiohttp
 import kopf
 
 from kubetune import __version__
+from kubetune.controller import metrics
 from kubetune_api import constants as c
 
 USER_AGENT = f"{c.FIELD_MANAGER}/{__version__}"
@@ -143,25 +145,31 @@ class KubeClient:
                 connector=aiohttp.TCPConnector(ssl=self._ssl, limit=32),
                 timeout=aiohttp.ClientTimeout(total=30),
             )
-        async with self._session.request(
-            method,
-            self.server + path,
-            json=body,
-            params=params,
-            headers=self._headers(content_type if body is not None else None),
-        ) as response:
-            text = await response.text()
-            try:
-                data = json.loads(text) if text else {}
-            except ValueError:
-                # A proxy, a load balancer or a webhook may answer in plain text or HTML:
-                # that is an API error with that text, not a crash of the pass.
-                if response.status < 400:
-                    raise ApiError(response.status, {"message": f"not JSON: {text[:200]}"}, method, path) from None
-                data = {"message": text[:500]}
-            if response.status >= 400:
-                raise ApiError(response.status, data if isinstance(data, dict) else {"message": data}, method, path)
-            return data if isinstance(data, dict) else {}
+        started = time.monotonic()
+        code = "error"  # no answer: a connection error or a timeout
+        try:
+            async with self._session.request(
+                method,
+                self.server + path,
+                json=body,
+                params=params,
+                headers=self._headers(content_type if body is not None else None),
+            ) as response:
+                code = str(response.status)
+                text = await response.text()
+        finally:
+            metrics.API_SECONDS.labels(method, code).observe(time.monotonic() - started)
+        try:
+            data = json.loads(text) if text else {}
+        except ValueError:
+            # A proxy, a load balancer or a webhook may answer in plain text or HTML:
+            # that is an API error with that text, not a crash of the pass.
+            if response.status < 400:
+                raise ApiError(response.status, {"message": f"not JSON: {text[:200]}"}, method, path) from None
+            data = {"message": text[:500]}
+        if response.status >= 400:
+            raise ApiError(response.status, data if isinstance(data, dict) else {"message": data}, method, path)
+        return data if isinstance(data, dict) else {}
 
     async def get(self, path: str) -> dict[str, Any]:
         return await self.request("GET", path)

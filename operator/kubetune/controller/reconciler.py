@@ -13,7 +13,8 @@ import asyncio
 import json
 import logging
 import posixpath
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
@@ -22,6 +23,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from kubetune.api.resources import BY_KIND
+from kubetune.controller import metrics
 from kubetune.controller import status as st
 from kubetune.controller.builders import (
     MAX_JOB_NAME,
@@ -176,16 +178,22 @@ class Reconciler:
     # (0.5 s doubling to 60 s), and kopf never sees the error.
 
     async def _guarded(self, key: JobKey, step: Callable[[], Awaitable[None]]) -> None:
+        started = time.monotonic()
         try:
             await step()
         except Exception as err:
-            if not is_transient(err):
+            metrics.RECONCILE_SECONDS.labels(key[0]).observe(time.monotonic() - started)
+            transient = is_transient(err)
+            metrics.RECONCILE_PASSES.labels(key[0], "retry" if transient else "error").inc()
+            if not transient:
                 raise
             failures = self._failures[key] = self._failures.get(key, 0) + 1
             delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
             log.warning("%s %s/%s: %s; retrying in %.1f s", *key, err or type(err).__name__, delay)
             self._retry_later(key, delay)
         else:
+            metrics.RECONCILE_SECONDS.labels(key[0]).observe(time.monotonic() - started)
+            metrics.RECONCILE_PASSES.labels(key[0], "ok").inc()
             self._failures.pop(key, None)
 
     def _retry_later(self, key: JobKey, delay: float) -> None:
@@ -195,6 +203,8 @@ class Reconciler:
         async def retry() -> None:
             await asyncio.sleep(delay)
             self._retries.pop(key, None)
+            if key not in self.jobs:
+                return
             async with self._lock(key):
                 if key in self.jobs:
                     await self._guarded(key, partial(self._reconcile, key))
@@ -229,6 +239,32 @@ class Reconciler:
         if retry is not None:
             retry.cancel()
 
+    def tables(self) -> dict[str, Sized]:
+        """Every in-memory table, by name, for the metrics: the per-job ones must empty
+        when the jobs are deleted; the world's follow the entities, claims and volumes."""
+        return {
+            "jobs": self.jobs,
+            "children": self.children,
+            "blockers": self.blockers,
+            "trainer_exits": self.trainer_exits,
+            "waiting": self.waiting,
+            "locks": self._locks,
+            "failures": self._failures,
+            "retries": self._retries,
+            "specs": self._specs,
+            "refusals": self._refusals,
+            "outputs_made": self._outputs_made,
+            "entity_ready": self.entity_ready,
+            "entities": self.world.entities,
+            "claims": self.world.claims,
+            "claim_volumes": self.world.claim_volumes,
+            "volumes": self.world.volumes,
+            "producers": self.world.producers,
+        }
+
+    def job_phases(self) -> list[tuple[str, str]]:
+        return [(key[0], (body.get("status") or {}).get("phase") or "New") for key, body in self.jobs.items()]
+
     async def on_job(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         key = (body["kind"], meta["namespace"], meta["name"])
@@ -241,6 +277,8 @@ class Reconciler:
 
     async def retry_waiting(self) -> None:
         for key in list(self.waiting):
+            if key not in self.jobs:
+                continue  # deleted meanwhile: taking its lock would make the lock again
             async with self._lock(key):
                 if key in self.jobs:
                     await self._guarded(key, partial(self._reconcile, key))
@@ -291,6 +329,8 @@ class Reconciler:
             return 0
         keys = list(self.jobs)
         for key in keys:
+            if key not in self.jobs:
+                continue  # deleted during the pass: taking its lock would make the lock again
             async with self._lock(key):
                 if key not in self.jobs:
                     continue
@@ -664,20 +704,38 @@ class Reconciler:
     # --- children and pods ------------------------------------------------------------------
 
     async def on_child(self, key: JobKey, child: Mapping[str, Any], deleted: bool = False) -> None:
+        if key not in self.jobs:
+            # No lock for a job not (or no longer) known: a lock made here would outlive the
+            # job. The child is still cached (at start-up it may come before its job); its
+            # DELETED event, which garbage collection brings, removes it again.
+            self._note_child(key, child, deleted)
+            return
         async with self._lock(key):
-            if deleted:
-                cached = self.children.get(key)
-                if cached is not None and cached["metadata"].get("uid") == child["metadata"].get("uid"):
-                    del self.children[key]
-            else:
-                self.children[key] = child
+            self._note_child(key, child, deleted)
             if key in self.jobs:
                 # A deleted child of a job that has not finished is made again: the trainer
                 # resumes from its checkpoint on the output claim.
                 await self._guarded(key, partial(self._reconcile, key))
 
+    def _note_child(self, key: JobKey, child: Mapping[str, Any], deleted: bool) -> None:
+        if deleted:
+            cached = self.children.get(key)
+            if cached is not None and cached["metadata"].get("uid") == child["metadata"].get("uid"):
+                del self.children[key]
+        else:
+            self.children[key] = child
+
     async def on_pod(self, key: JobKey, pod: Mapping[str, Any], deleted: bool) -> None:
         name = pod["metadata"]["name"]
+        if deleted and key not in self.jobs:
+            # The job is gone (its pods go after it): what its pods told is needed no more.
+            for table in (self.trainer_exits, self.blockers):
+                pods = table.get(key)
+                if pods is not None:
+                    pods.pop(name, None)
+                    if not pods:
+                        del table[key]
+            return
         exit_ = st.trainer_exit(pod)
         exits = self.trainer_exits.setdefault(key, {})
         # Kept after the pod is deleted: the reason outlives a pod cleaned up by a retry.
@@ -698,6 +756,8 @@ class Reconciler:
             self.blockers[key] = pods
         else:
             self.blockers.pop(key, None)
+        if key not in self.jobs:
+            return  # cached for a job whose event is still to come (start-up); no lock for it
         async with self._lock(key):
             if key in self.jobs and key in self.children:
                 await self._guarded(key, partial(self._reconcile, key))

@@ -1,0 +1,127 @@
+"""The operator's Prometheus metrics, served at GET /metrics on --metrics-port.
+
+prometheus_client (the Prometheus project's own library) rather than hand-written
+exposition text: it gets the text format, histogram buckets and the process
+collector (resident memory, CPU, open files) right, and Prometheus and its
+ServiceMonitor scrape it unchanged.
+
+A registry of our own, not the library's global one: what the operator exposes is
+exactly what is listed here, and a second import (tests, `kubetune run`) registers
+nothing twice. The scrape is answered on the operator's event loop, so the
+collectors that read the reconciler's tables never race with it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes: "memory stays flat" is read here
+PlatformCollector(registry=REGISTRY)
+
+RECONCILE_SECONDS = Histogram(
+    "kubetune_reconcile_duration_seconds",
+    "Time of one reconcile pass of a job, API requests included.",
+    ["kind"],
+    registry=REGISTRY,
+)
+RECONCILE_PASSES = Counter(
+    "kubetune_reconcile_passes_total",
+    "Reconcile passes of jobs by outcome: ok; retry (a transient error, the pass is retried "
+    "with backoff); error (anything else, logged).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+WATCH_EVENTS = Counter(
+    "kubetune_watch_events_total",
+    "Watch events handled, by resource and event type.",
+    ["resource", "type"],
+    registry=REGISTRY,
+)
+API_SECONDS = Histogram(
+    "kubetune_api_request_duration_seconds",
+    "Latency of the operator's own API requests (not kopf's watches), by verb and status code.",
+    ["verb", "code"],
+    registry=REGISTRY,
+)
+RESYNC_SECONDS = Histogram(
+    "kubetune_resync_duration_seconds",
+    "Time of one periodic resync over every job (children listed afresh).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+RESYNC_JOBS = Gauge("kubetune_resync_jobs", "Jobs passed by the last resync.", registry=REGISTRY)
+LEADER = Gauge(
+    "kubetune_leader",
+    "1 while this replica leads (or runs without --leader-elect), 0 while it waits for the Lease.",
+    registry=REGISTRY,
+)
+
+
+class TableCollector(Collector):
+    """Sizes of the operator's in-memory tables, read at scrape time.
+
+    `tables` gives each table by name; `phases` gives each tracked job's (kind, phase).
+    kubetune_tracked_entries going back to 0 after the jobs are deleted is how a test
+    (and an operator of kubetune) sees that no per-job state outlives its job."""
+
+    def __init__(
+        self,
+        tables: Callable[[], Mapping[str, Sized]],
+        phases: Callable[[], Iterable[tuple[str, str]]],
+    ) -> None:
+        self._tables = tables
+        self._phases = phases
+
+    def collect(self) -> Iterable[Any]:
+        entries = GaugeMetricFamily(
+            "kubetune_tracked_entries", "Entries in each of the operator's in-memory tables.", labels=["table"]
+        )
+        for name, table in sorted(self._tables().items()):
+            entries.add_metric([name], len(table))
+        yield entries
+        jobs = GaugeMetricFamily(
+            "kubetune_jobs", "Jobs the operator tracks, by kind and phase.", labels=["kind", "phase"]
+        )
+        for (kind, phase), count in sorted(Tally(self._phases()).items()):
+            jobs.add_metric([kind, phase], count)
+        yield jobs
+
+
+_tables: list[TableCollector] = []
+
+
+def track(collector: TableCollector) -> None:
+    """Expose one reconciler's tables (a new operator run in the same process replaces the old)."""
+    for old in _tables:
+        REGISTRY.unregister(old)
+    _tables[:] = [collector]
+    REGISTRY.register(collector)
+
+
+async def serve(port: int, host: str = "0.0.0.0") -> web.AppRunner:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
