@@ -532,7 +532,10 @@ def test_deployment_shape_and_probes() -> None:
     (container,) = pod["containers"]
     assert container["command"] == ["kubetune"]
     assert container["args"][0] == "operator"
-    assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "health", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 8081, "protocol": "TCP"},
+    ]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
     assert container["resources"]["requests"] and "nvidia.com/gpu" not in str(container["resources"])
@@ -548,6 +551,7 @@ def test_container_args_follow_the_values() -> None:
         "--image-pull-policy=IfNotPresent",
         "--output-claim=kubetune-output",
         "--health-port=8080",
+        "--metrics-port=8081",
         "--leader-elect",
         f"--leader-election-namespace={NAMESPACE}",
         "--lease-seconds=15",
@@ -562,6 +566,7 @@ def test_container_args_follow_the_values() -> None:
         "--set", "trainer.imagePullPolicy=Never",
         "--set", "trainer.outputClaim=results",
         "--set", "operator.healthPort=9090",
+        "--set", "metrics.port=0",
         "--set", "operator.extraArgs={--verbose}",
         "--set", "operator.image.tag=abc",
         "--set", "operator.leaseSeconds=30",
@@ -574,6 +579,7 @@ def test_container_args_follow_the_values() -> None:
         "--image-pull-policy=Never",
         "--output-claim=results",
         "--health-port=9090",
+        "--metrics-port=0",
         "--leader-elect",
         f"--leader-election-namespace={NAMESPACE}",
         "--lease-seconds=30",
@@ -581,7 +587,8 @@ def test_container_args_follow_the_values() -> None:
     ]
     (container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "ghcr.io/kubetune/kubetune-operator:abc"
-    assert container["ports"][0]["containerPort"] == 9090
+    assert container["ports"] == [{"name": "health", "containerPort": 9090, "protocol": "TCP"}]
+    assert not [d for d in docs if d["kind"] in ("Service", "ServiceMonitor")], "metrics.port=0: nothing to scrape"
 
 
 @pytest.mark.parametrize("scope", sorted(SCOPES))
@@ -607,6 +614,28 @@ def test_rendered_command_parses_with_the_operator_cli(scope: str) -> None:
     assert parsed.image_pull_policy == "IfNotPresent"
     assert parsed.output_claim == "kubetune-output"
     assert parsed.health_port == container["ports"][0]["containerPort"] == 8080
+    assert parsed.metrics_port == container["ports"][1]["containerPort"] == 8081
+
+
+def test_metrics_service_and_optional_service_monitor() -> None:
+    docs = render()
+    deployment = only(docs, "Deployment")
+    service = only(docs, "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}]
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"], "a ServiceMonitor only when asked for"
+    docs = render(
+        "--set", "metrics.serviceMonitor.enabled=true",
+        "--set", "metrics.serviceMonitor.interval=15s",
+        "--set", "metrics.serviceMonitor.labels.release=prom",
+    )  # fmt: skip
+    monitor = only(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= only(docs, "Service")["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    failed = render_error("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false")
+    assert "metrics.serviceMonitor.enabled needs metrics.service.enabled=true" in failed
 
 
 def test_default_images_are_the_ones_make_images_builds() -> None:
