@@ -78,7 +78,21 @@ class Progress(StatusModel):
     epoch: float | None = Field(default=None, description="Epochs done (fractional).")
     train_loss: float | None = Field(default=None, description="Last training loss.")
     validation_loss: float | None = Field(default=None, description="Last validation loss.")
-    summary: str | None = Field(default=None, max_length=256, description="`step/maxSteps`, for `kubectl get`.")
+    percent: int | None = Field(default=None, ge=0, le=100, description="Steps done of maxSteps, in percent.")
+    seconds_per_step: float | None = Field(
+        default=None, ge=0, description="Wall-clock seconds per optimizer step, last steps (validation included)."
+    )
+    tokens_per_second: float | None = Field(
+        default=None, ge=0, description="Training tokens per second over the same steps, where the trainer counts them."
+    )
+    eta_seconds: int | None = Field(
+        default=None, ge=0, description="Seconds left at secondsPerStep: (maxSteps - step) x secondsPerStep."
+    )
+    summary: str | None = Field(
+        default=None,
+        max_length=256,
+        description="What `kubectl get` shows: `37% · ETA 12m` once the step time is known, else `step/maxSteps (N%)`.",
+    )
     updated_at: str | None = Field(
         default=None, max_length=64, description="When the trainer last reported (RFC 3339)."
     )

@@ -13,6 +13,7 @@ import pytest
 from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec
 
 from kubetune_trainer.common import AutomodelTrainerConfig, ConfigError, MetricsWriter, ProgressReporter, load_config
+from kubetune_trainer.common.progress import human_duration
 
 pytestmark = pytest.mark.training
 
@@ -139,13 +140,63 @@ def test_progress_patches_the_status_subresource(
     assert headers["Content-Type"] == "application/merge-patch+json"
     final = last["status"]["progress"]
     assert final["maxSteps"] == 10 and final["trainLoss"] == 1.1 and final["validationLoss"] == 1.4
-    assert final["summary"] == "4/10 (40%)"
+    assert final["summary"] == "40% · ETA 22s", "11 s over steps 1 to 4: 3.67 s a step, 6 steps left"
     assert final["history"][-2:] == [
         {"step": 3, "trainLoss": 1.2, "validationLoss": 1.4},
         {"step": 4, "trainLoss": 1.1},
     ]
     assert final["updatedAt"].endswith("Z")
     assert ProgressReporter.from_config(cfg, rank=1, api_server="http://x").enabled is False
+
+
+def test_progress_carries_step_time_tokens_per_second_and_eta(
+    status_server: _StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
+) -> None:
+    """The trainer's own timings: 2 s per step and 500 tokens per step measured over the
+    last steps, so 88 steps left are an ETA of 176 s, and the Progress column says so."""
+    progress = {
+        "type": "kubernetes",
+        "group": "kubetune.io",
+        "version": "v1alpha1",
+        "plural": "automodeljobs",
+        "namespace": "team-a",
+        "name": "job-1",
+    }
+    cfg = load_config(
+        config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path, progress=progress)
+    )
+    host, port = status_server.server_address[:2]
+    reporter = ProgressReporter.from_config(cfg, rank=0, service_account_dir=tmp_path, api_server=f"http://{host}:{port}")
+    now = [100.0]
+    reporter._clock = lambda: now[0]
+    reporter.report(step=0, max_steps=100, validation_loss=3.0)  # before training: no tokens counted
+    first = status_server.patches[-1][2]["status"]["progress"]
+    assert first["summary"] == "0/100 (0%)" and "etaSeconds" not in first, "no step time measured yet"
+    for step in range(1, 13):
+        now[0] += 2.0 if step > 1 else 30.0  # a slow first step (warm-up), then 2 s a step
+        reporter.report(step=step, max_steps=100, train_loss=1.0, tokens_seen=500.0 * step)
+    reporter.close()
+    last = status_server.patches[-1][2]["status"]["progress"]
+    assert last["step"] == 12 and last["percent"] == 12
+    # Window: from step 0 (t=100) to step 12 (t=152): 52 s over 12 steps.
+    assert last["secondsPerStep"] == round(52 / 12, 4)
+    assert last["etaSeconds"] == round(52 / 12 * 88)
+    assert last["tokensPerSecond"] == round(500 * 11 / 22, 1), "tokens from step 1 on: 5500 in 22 s"
+    assert last["summary"] == f"12% · ETA {round(52 / 12 * 88) // 60}m"
+    for step in range(13, 40):  # the window slides past the warm-up
+        now[0] += 2.0
+        reporter.report(step=step, max_steps=100, train_loss=1.0, tokens_seen=500.0 * step)
+    reporter.close()
+    last = status_server.patches[-1][2]["status"]["progress"]
+    assert last["secondsPerStep"] == 2.0 and last["tokensPerSecond"] == 250.0
+    assert last["etaSeconds"] == 2 * 61 and last["summary"] == "39% · ETA 2m"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"), [(0, "0s"), (59, "59s"), (60, "1m"), (3599, "59m"), (3660, "1h01m"), (90061, "1d01h")]
+)
+def test_eta_fits_a_column(seconds: int, shown: str) -> None:
+    assert human_duration(seconds) == shown
 
 
 def test_a_failing_progress_endpoint_never_fails_training(tmp_path: Path, config_writer: Callable[..., Path]) -> None:

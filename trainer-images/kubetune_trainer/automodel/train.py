@@ -430,6 +430,7 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
             validate(0)
         last_validated = step
         micro = settings.micro_batch_size
+        tokens_seen = 0  # this run's, for the progress's tokens/s (only differences count)
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             indices = global_batch_indices(len(data.train), settings.seed, epoch, in_epoch, settings.global_batch_size)
@@ -468,7 +469,14 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
                 )
             metrics.write(record)
             trackers.log_metrics(record, step=step)
-            progress.report(step=step, max_steps=total_steps, epoch=step / steps_per_epoch, train_loss=record["loss"])
+            tokens_seen += real_tokens
+            progress.report(
+                step=step,
+                max_steps=total_steps,
+                epoch=step / steps_per_epoch,
+                train_loss=record["loss"],
+                tokens_seen=tokens_seen,
+            )
             log(runtime, f"step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f}")
             if step % val_every == 0 or step == total_steps:
                 validate(step)

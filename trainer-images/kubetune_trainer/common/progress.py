@@ -18,7 +18,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,48 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MIN_INTERVAL_S = 10.0
 HISTORY_POINTS = 50
 PATCH_TIMEOUT_S = 5.0
+# Rates are measured over the last RATE_WINDOW steps: long enough to smooth one slow step
+# (a checkpoint, a validation), short enough to follow a change (a node that got slower).
+RATE_WINDOW = 20
+
+
+def human_duration(seconds: int) -> str:
+    """12m, 3h05m, 2d04h: what fits a `kubectl get` column."""
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, _ = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+@dataclass(frozen=True)
+class Rates:
+    seconds_per_step: float
+    tokens_per_second: float | None
+
+
+def rates(marks: Sequence[tuple[float, int, float | None]]) -> Rates | None:
+    """Step time and token rate between the first and last (time, step, tokens seen) mark.
+    None until two marks with time and steps between them exist."""
+    if len(marks) < 2:
+        return None
+    (t0, s0, _), (t1, s1, _) = marks[0], marks[-1]
+    if t1 <= t0 or s1 <= s0:
+        return None
+    # Tokens between the first and last marks that count them (a validation before the
+    # first step, for one, does not).
+    counted = [(t, k) for t, _, k in marks if k is not None]
+    tokens = None
+    if len(counted) >= 2:
+        (ta, ka), (tb, kb) = counted[0], counted[-1]
+        if tb > ta and kb >= ka:
+            tokens = (kb - ka) / (tb - ta)
+    return Rates((t1 - t0) / (s1 - s0), tokens)
 
 
 def progress_patch(progress: Progress) -> dict[str, Any]:
@@ -70,6 +114,8 @@ class ProgressReporter:
         self._history: list[ProgressPoint] = []
         self._last_train_loss: float | None = None
         self._last_validation_loss: float | None = None
+        # (clock, step, tokens seen) at each new step: the rates' window.
+        self._marks: deque[tuple[float, int, float | None]] = deque(maxlen=RATE_WINDOW + 1)
         self.patches_sent = 0
         self.patches_failed = 0
 
@@ -129,10 +175,16 @@ class ProgressReporter:
         epoch: float | None = None,
         train_loss: float | None = None,
         validation_loss: float | None = None,
+        tokens_seen: float | None = None,
     ) -> None:
-        """Record a point; send a patch when the last one is at least min_interval_s old."""
+        """Record a point; send a patch when the last one is at least min_interval_s old.
+
+        `tokens_seen`: training tokens processed so far by this process's run (any origin;
+        only differences count), for tokensPerSecond."""
         if not self.enabled:
             return
+        if not self._marks or int(step) > self._marks[-1][1]:
+            self._marks.append((self._clock(), int(step), tokens_seen))
         train_loss = _finite(train_loss)
         validation_loss = _finite(validation_loss)
         if train_loss is not None:
@@ -152,18 +204,35 @@ class ProgressReporter:
                     ProgressPoint(step=int(step), train_loss=train_loss, validation_loss=validation_loss)
                 )
             del self._history[:-HISTORY_POINTS]
+        measured = rates(self._marks)
+        percent = min(100, 100 * int(step) // max(int(max_steps), 1)) if max_steps is not None else None
+        eta = (
+            round(measured.seconds_per_step * max(int(max_steps) - int(step), 0))
+            if measured is not None and max_steps is not None
+            else None
+        )
+        # What `kubectl get` shows in the Progress column (a printer column cannot compute).
+        if percent is not None and eta is not None:
+            summary = f"{percent}% · ETA {human_duration(eta)}"
+        elif percent is not None:
+            summary = f"{int(step)}/{int(max_steps)} ({percent}%)"
+        else:
+            summary = str(int(step))
         self._pending = Progress(
             step=int(step),
             max_steps=int(max_steps) if max_steps is not None else None,
             epoch=round(float(epoch), 4) if epoch is not None else None,
             train_loss=self._last_train_loss,
             validation_loss=self._last_validation_loss,
-            # What `kubectl get` shows in the Progress column (a printer column cannot compute).
-            summary=(
-                f"{int(step)}/{int(max_steps)} ({100 * int(step) // max(int(max_steps), 1)}%)"
-                if max_steps is not None
-                else str(int(step))
+            percent=percent,
+            seconds_per_step=round(measured.seconds_per_step, 4) if measured is not None else None,
+            tokens_per_second=(
+                round(measured.tokens_per_second, 1)
+                if measured is not None and measured.tokens_per_second is not None
+                else None
             ),
+            eta_seconds=eta,
+            summary=summary,
         )
         now = self._clock()
         if self._last_sent is None or now - self._last_sent >= self._min_interval_s:

@@ -168,7 +168,13 @@ def _metrics_callback(metrics: MetricsWriter, progress: ProgressReporter, stop: 
                 if tokens is not None:
                     self.last_tokens, self._last_time = float(tokens), now
                 metrics.write(record)
-                progress.report(step=step, max_steps=int(state.max_steps), epoch=epoch, train_loss=record["loss"])
+                progress.report(
+                    step=step,
+                    max_steps=int(state.max_steps),
+                    epoch=epoch,
+                    train_loss=record["loss"],
+                    tokens_seen=float(tokens) if tokens is not None else None,
+                )
             if "eval_loss" in logs:
                 # Evaluation time is not training throughput: restart the tokens/s window.
                 self._last_time = None
