@@ -205,22 +205,18 @@ class ProgressReporter:
                 )
             del self._history[:-HISTORY_POINTS]
         measured = rates(self._marks)
-        percent = min(100, 100 * int(step) // max(int(max_steps), 1)) if max_steps is not None else None
-        eta = (
-            round(measured.seconds_per_step * max(int(max_steps) - int(step), 0))
-            if measured is not None and max_steps is not None
-            else None
-        )
-        # What `kubectl get` shows in the Progress column (a printer column cannot compute).
-        if percent is not None and eta is not None:
-            summary = f"{percent}% · ETA {human_duration(eta)}"
-        elif percent is not None:
-            summary = f"{int(step)}/{int(max_steps)} ({percent}%)"
-        else:
-            summary = str(int(step))
+        planned = int(max_steps) if max_steps is not None else None
+        percent = eta = None
+        summary = str(int(step))  # What `kubectl get` shows (a printer column cannot compute).
+        if planned is not None:
+            percent = min(100, 100 * int(step) // max(planned, 1))
+            summary = f"{int(step)}/{planned} ({percent}%)"
+            if measured is not None:
+                eta = round(measured.seconds_per_step * max(planned - int(step), 0))
+                summary = f"{percent}% · ETA {human_duration(eta)}"
         self._pending = Progress(
             step=int(step),
-            max_steps=int(max_steps) if max_steps is not None else None,
+            max_steps=planned,
             epoch=round(float(epoch), 4) if epoch is not None else None,
             train_loss=self._last_train_loss,
             validation_loss=self._last_validation_loss,
