@@ -822,3 +822,31 @@ def test_every_replica_elects_a_leader(scope_docs: tuple[str, list[dict[str, Any
     assert yaml.safe_load((CHART / "files" / "operator-leader-rules.yaml").read_text()) == LEADER_ELECTION_RULES
     two = only(render("--set", "operator.replicas=2"), "Deployment")
     assert two["spec"]["replicas"] == 2
+
+
+def _exposed_metric_names() -> set[str]:
+    """Every series name the operator's /metrics can carry (histogram and counter suffixes
+    included), from its registry with an empty reconciler's tables."""
+    from kubetune.controller import metrics
+
+    metrics.track(metrics.TableCollector(lambda: {}, lambda: []))
+    names = set()
+    for family in metrics.REGISTRY.collect():
+        names |= {family.name, *(family.name + s for s in ("_total", "_bucket", "_sum", "_count", "_created"))}
+    return names
+
+
+def test_grafana_dashboard_ships_on_request_and_queries_only_real_metrics() -> None:
+    assert not [d for d in render() if d["kind"] == "ConfigMap"], "the dashboard only when asked for"
+    (config_map,) = [d for d in render("--set", "metrics.grafanaDashboard.enabled=true") if d["kind"] == "ConfigMap"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["kubetune-operator.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "kubetune-operator.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 10
+    exposed = _exposed_metric_names()
+    for expr in exprs:
+        # Metric names are the identifiers right before `{` (every query here selects $job).
+        used = set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr))
+        assert used, f"no metric in {expr!r}"
+        assert used <= exposed, f"{expr!r} queries {sorted(used - exposed)}, which the operator does not expose"

@@ -166,7 +166,9 @@ def test_progress_carries_step_time_tokens_per_second_and_eta(
         config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path, progress=progress)
     )
     host, port = status_server.server_address[:2]
-    reporter = ProgressReporter.from_config(cfg, rank=0, service_account_dir=tmp_path, api_server=f"http://{host}:{port}")
+    reporter = ProgressReporter.from_config(
+        cfg, rank=0, service_account_dir=tmp_path, api_server=f"http://{host}:{port}"
+    )
     now = [100.0]
     reporter._clock = lambda: now[0]
     reporter.report(step=0, max_steps=100, validation_loss=3.0)  # before training: no tokens counted
