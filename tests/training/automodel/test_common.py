@@ -105,9 +105,8 @@ def status_server() -> Iterator[_StatusServer]:
     server.shutdown()
 
 
-def test_progress_patches_the_status_subresource(
-    status_server: _StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
-) -> None:
+def _reporting_config(config_writer: Callable[..., Path], tmp_path: Path) -> AutomodelTrainerConfig:
+    """A config whose progress goes to AutomodelJob team-a/job-1's status."""
     progress = {
         "type": "kubernetes",
         "group": "kubetune.io",
@@ -116,9 +115,16 @@ def test_progress_patches_the_status_subresource(
         "namespace": "team-a",
         "name": "job-1",
     }
-    cfg = load_config(
-        config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path, progress=progress)
-    )
+    config = config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path, progress=progress)
+    loaded = load_config(config)
+    assert isinstance(loaded, AutomodelTrainerConfig)
+    return loaded
+
+
+def test_progress_patches_the_status_subresource(
+    status_server: _StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
+) -> None:
+    cfg = _reporting_config(config_writer, tmp_path)
     sa = tmp_path / "sa"
     sa.mkdir()
     (sa / "token").write_text("secret-token\n")
@@ -152,19 +158,10 @@ def test_progress_patches_the_status_subresource(
 def test_progress_carries_step_time_tokens_per_second_and_eta(
     status_server: _StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
 ) -> None:
-    """The trainer's own timings: 2 s per step and 500 tokens per step measured over the
-    last steps, so 88 steps left are an ETA of 176 s, and the Progress column says so."""
-    progress = {
-        "type": "kubernetes",
-        "group": "kubetune.io",
-        "version": "v1alpha1",
-        "plural": "automodeljobs",
-        "namespace": "team-a",
-        "name": "job-1",
-    }
-    cfg = load_config(
-        config_writer(spec=tiny_spec(), model=tmp_path, training_data=tmp_path, output=tmp_path, progress=progress)
-    )
+    """The trainer's own timings over its last 20 steps: a slow first step weighs on the
+    step time until the window slides past it, then 2 s a step and 500 tokens a step give
+    250 tokens/s and, 61 steps before the end, an ETA of 122 s, which the column shows."""
+    cfg = _reporting_config(config_writer, tmp_path)
     host, port = status_server.server_address[:2]
     reporter = ProgressReporter.from_config(
         cfg, rank=0, service_account_dir=tmp_path, api_server=f"http://{host}:{port}"
