@@ -189,7 +189,8 @@ class Reconciler:
                 raise
             failures = self._failures[key] = self._failures.get(key, 0) + 1
             delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
-            log.warning("%s %s/%s: %s; retrying in %.1f s", *key, err or type(err).__name__, delay)
+            # str() of a timeout is empty: name its type instead.
+            log.warning("%s %s/%s: %s; retrying in %.1f s", *key, str(err) or type(err).__name__, delay)
             self._retry_later(key, delay)
         else:
             metrics.RECONCILE_SECONDS.labels(key[0]).observe(time.monotonic() - started)
