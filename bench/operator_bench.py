@@ -8,6 +8,10 @@
 3. status latency: child Job Complete → our job Succeeded (same watch).
 4. API cost: requests per job over its whole life, from the API server's
    apiserver_request_total deltas for the resources only the operator writes.
+5. resync cost: the operator restarted with every job of 1-4 still there (1,200 at the
+   default sizes); the time of one periodic resync over all of them, from its /metrics.
+6. memory under churn: W waves of K jobs created, finished and deleted; the operator's
+   RSS after each wave, and its per-job tables (kubetune_tracked_entries) back to empty.
 
 Times come from one watcher's clock (time.perf_counter on receipt), so both ends of
 a latency see the same delays. Usage: python bench/operator_bench.py --out FILE.json
@@ -21,6 +25,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import statistics
 import sys
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "tests"), str(ROOT / "operator")]
@@ -300,7 +306,139 @@ def with_baseline(rows: list[dict[str, Any]], base: list[dict[str, Any]], label:
     return out
 
 
-async def run(n_latency: int, n_throughput: int, workdir: Path) -> dict[str, Any]:
+RESYNC_S = 15
+PER_JOB_TABLES = ("jobs", "children", "blockers", "trainer_exits", "waiting", "locks", "failures", "retries", "specs")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as answer:
+        text = await answer.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def scrape_when_up(port: int, timeout: float = 120) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await scrape(port)
+        except aiohttp.ClientError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+def tracked(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], table: str) -> float:
+    return metrics.get(("kubetune_tracked_entries", (("table", table),)), 0.0)
+
+
+_last_check = [0.0]
+
+
+def namespace_has_workloads(cluster: LocalCluster, namespace: str) -> bool:
+    """Jobs or pods left in the namespace (asked at most every 5 s: kubectl is slow)."""
+    if time.monotonic() - _last_check[0] < 5:
+        return True
+    _last_check[0] = time.monotonic()
+    return bool(cluster.kubectl("get", "jobs,pods", "-n", namespace, "-o", "name").stdout.strip())
+
+
+async def resync_cost(port: int) -> list[dict[str, Any]]:
+    """The time of a resync after the first one since the restart (the first meets the
+    start-up's own passes), over every job the operator tracks."""
+    count = ("kubetune_resync_duration_seconds_count", ())
+    total = ("kubetune_resync_duration_seconds_sum", ())
+    await scrape_when_up(port)
+    deadline = time.monotonic() + 10 * RESYNC_S
+
+    async def after(resyncs: float) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        while (metrics := await scrape(port)).get(count, 0) < resyncs:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {resyncs:.0f} resyncs in ten periods")
+            await asyncio.sleep(1)
+        return metrics
+
+    first = await after(1)
+    now = await after(first[count] + 1)
+    jobs = int(now[("kubetune_resync_jobs", ())])
+    samples = now[count] - first[count]
+    mean = (now[total] - first[total]) / samples
+    return [
+        {
+            "name": f"resync over every job ({jobs} jobs, children listed afresh)",
+            "unit": "ms",
+            "value": round(1000 * mean, 1),
+            "per_job_ms": round(1000 * mean / max(jobs, 1), 3),
+            "settings": {"period_s": RESYNC_S, "resyncs_averaged": int(samples)},
+        }
+    ]
+
+
+async def churn(
+    session: aiohttp.ClientSession,
+    server: str,
+    operator: OperatorProcess,
+    port: int,
+    watcher: Watcher,
+    waves: int,
+    size: int,
+) -> list[dict[str, Any]]:
+    """Waves of jobs created, finished and deleted in one namespace: RSS after each wave,
+    once the operator's per-job tables are back where they were before the wave."""
+    assert operator.proc is not None
+    sampler = ProcSampler(operator.proc.pid)
+    path = f"/apis/kubetune.io/v1alpha1/namespaces/{watcher.namespace}/automodeljobs"
+    before = await scrape(port)
+    base = {t: tracked(before, t) for t in PER_JOB_TABLES}  # the other namespaces' jobs stay
+    rss: list[float] = []
+    for wave in range(waves):
+        names = [f"c{wave}-{i:04d}" for i in range(size)]
+        await create_all(session, server, path, [amj(n) for n in names])
+        await wait_until(
+            lambda names=names: all(("AutomodelJob", n) in watcher.seen.done for n in names),
+            900,
+            f"churn wave {wave}: every job Succeeded",
+        )
+        async with session.delete(server + path) as answer:  # deletecollection
+            assert answer.status == 200, await answer.text()
+        deadline = time.monotonic() + 300
+        while True:
+            metrics = await scrape(port)
+            left = {t: tracked(metrics, t) - base[t] for t in PER_JOB_TABLES if tracked(metrics, t) > base[t]}
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"churn wave {wave}: per-job state left after deletion: {left}")
+            await asyncio.sleep(1)
+        rss.append(sampler.rss() / 1e6)
+    await watcher.stop()
+    growth = (rss[-1] - rss[0]) / max(waves - 1, 1)
+    return [
+        {
+            "name": f"operator RSS after each of {waves} waves of {size} jobs created, finished and deleted",
+            "unit": "MB",
+            "value": round(rss[-1], 1),
+            "per_wave": [round(r, 1) for r in rss],
+        },
+        {
+            "name": "operator RSS growth per churn wave (after the first)",
+            "unit": "MB",
+            "value": round(growth, 2),
+            "target": "about 0 (memory stays flat)",
+        },
+    ]
+
+
+async def run(n_latency: int, n_throughput: int, workdir: Path, waves: int = 5, wave_size: int = 100) -> dict[str, Any]:
     cluster = LocalCluster(workdir / "cluster")
     cluster.up()
     rows: list[dict[str, Any]] = []
@@ -430,6 +568,27 @@ async def run(n_latency: int, n_throughput: int, workdir: Path) -> dict[str, Any
         left = [n for n in big if ("Job", f"{n}-automodel") not in w_big.seen.added]
         rows.append({"name": "jobs left without a child", "unit": "jobs", "value": len(left)})
         await w_big.stop()
+
+        # 5 and 6, with an operator that serves /metrics and resyncs often.
+        operator.stop()
+        port = free_port()
+        operator = OperatorProcess(
+            operator.kubeconfig,
+            workdir / "operator-churn.log",
+            ["--all-namespaces", "--resync-seconds", str(RESYNC_S), "--metrics-port", str(port)],
+        ).start()
+        OPERATOR[:] = [operator]
+        try:
+            rows += await resync_cost(port)
+        except (TimeoutError, aiohttp.ClientError) as err:
+            rows.append({"name": "resync over every job", "error": repr(err)})
+        # The churn's jobs must not queue behind the throughput run's for kwok's 16 GPUs.
+        cluster.kubectl("delete", "automodeljobs", "--all", "-n", "bench-scale", "--wait=false")
+        await wait_until(lambda: not namespace_has_workloads(cluster, "bench-scale"), 900, "bench-scale cleaned up")
+        try:
+            rows += await churn(session, server, operator, port, await namespace("bench-churn"), waves, wave_size)
+        except (TimeoutError, aiohttp.ClientError) as err:
+            rows.append({"name": "operator RSS under churn", "error": repr(err)})
         await session.close()
     finally:
         if operator is not None:
@@ -442,12 +601,14 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency-jobs", type=int, default=200)
     parser.add_argument("--throughput-jobs", type=int, default=1000)
+    parser.add_argument("--churn-waves", type=int, default=5)
+    parser.add_argument("--churn-jobs", type=int, default=100, help="jobs per churn wave")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
     # A timeout's SIGTERM must still stop the cluster and the operator (the finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = asyncio.run(run(args.latency_jobs, args.throughput_jobs, workdir))
+    result = asyncio.run(run(args.latency_jobs, args.throughput_jobs, workdir, args.churn_waves, args.churn_jobs))
     result["logs"] = str(workdir)
     args.out.write_text(json.dumps(result, indent=2))
     return 0
