@@ -11,7 +11,7 @@ import yaml
 
 from kubetune import __version__
 from kubetune.api.resources import AUTOMODEL, UNSLOTH
-from kubetune.crdgen import dumps_json, json_schema, write_crds
+from kubetune.crdgen import dumps_json, json_schema, write_generated
 from kubetune.validation import validate_paths
 
 BACKENDS = {"automodel": AUTOMODEL, "unsloth": UNSLOTH}
@@ -42,7 +42,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    for path in write_crds(Path(args.root)):
+    for path in write_generated(Path(args.root)):
         print(path)
     return 0
 
@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", choices=("json", "yaml"), default="yaml")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("crds", help="write crds/*.yaml and helm/kubetune/crds/*.yaml from the models")
+    p = sub.add_parser(
+        "crds", help="write crds/*.yaml, helm/kubetune/crds/*.yaml and the chart's generated files/ from the models"
+    )
     p.add_argument("--root", default=".", help="repository root (default: .)")
     p.set_defaults(func=cmd_crds)
 
