@@ -18,6 +18,7 @@ import aiohttp
 import kopf
 
 from kubetune import __version__
+from kubetune.api.resources import RESOURCES
 from kubetune_api import constants as c
 
 USER_AGENT = f"{c.FIELD_MANAGER}/{__version__}"
@@ -70,11 +71,9 @@ PLURALS = {
     "RoleBinding": "rolebindings",
     "Job": "jobs",
     "PyTorchJob": "pytorchjobs",
-    "Model": "models",
-    "Fileset": "filesets",
-    "AutomodelJob": "automodeljobs",
-    "UnslothJob": "unslothjobs",
     "Lease": "leases",
+    # The kubetune kinds, from their table.
+    **{r.kind: r.plural for r in RESOURCES},
 }
 
 
