@@ -10,11 +10,13 @@ from pathlib import Path
 import yaml
 
 from kubetune import __version__
-from kubetune.api.resources import AUTOMODEL, UNSLOTH
-from kubetune.crdgen import dumps_json, json_schema, write_crds
+from kubetune.api.resources import BACKENDS as JOB_BACKENDS
+from kubetune.api.resources import JOB_RESOURCES, job_backend
+from kubetune.crdgen import dumps_json, json_schema, write_generated
 from kubetune.validation import validate_paths
 
-BACKENDS = {"automodel": AUTOMODEL, "unsloth": UNSLOTH}
+BACKENDS = {job_backend(r).name: r for r in JOB_RESOURCES}
+JOB_KINDS = ", ".join(r.kind for r in JOB_RESOURCES)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -42,14 +44,14 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    for path in write_crds(Path(args.root)):
+    for path in write_generated(Path(args.root)):
         print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kubetune", description="LLM fine-tuning jobs as Kubernetes resources (AutomodelJob, UnslothJob)."
+        prog="kubetune", description=f"LLM fine-tuning jobs as Kubernetes resources ({JOB_KINDS})."
     )
     parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", choices=("json", "yaml"), default="yaml")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("crds", help="write crds/*.yaml and helm/kubetune/crds/*.yaml from the models")
+    p = sub.add_parser(
+        "crds", help="write crds/*.yaml, helm/kubetune/crds/*.yaml and the chart's generated files/ from the models"
+    )
     p.add_argument("--root", default=".", help="repository root (default: .)")
     p.set_defaults(func=cmd_crds)
 
@@ -103,8 +107,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         print("kubetune operator: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
         return 2
     settings = OperatorSettings(
-        automodel_image=args.automodel_image,
-        unsloth_image=args.unsloth_image,
+        trainer_images={b.name: getattr(args, f"{b.name}_image") for b in JOB_BACKENDS},
         image_pull_policy=args.image_pull_policy,
         output_claim=args.output_claim,
     )
@@ -168,16 +171,14 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "(env KUBETUNE_WATCH_NAMESPACES when no flag is given)",
     )
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace (needs a ClusterRole)")
-    p.add_argument(
-        "--automodel-image",
-        default=_env_default("KUBETUNE_AUTOMODEL_IMAGE", defaults.automodel_image),
-        help="trainer image for AutomodelJobs (env KUBETUNE_AUTOMODEL_IMAGE)",
-    )
-    p.add_argument(
-        "--unsloth-image",
-        default=_env_default("KUBETUNE_UNSLOTH_IMAGE", defaults.unsloth_image),
-        help="trainer image for UnslothJobs (env KUBETUNE_UNSLOTH_IMAGE)",
-    )
+    for resource in JOB_RESOURCES:
+        backend = job_backend(resource)
+        env = f"KUBETUNE_{backend.name.upper()}_IMAGE"
+        p.add_argument(
+            f"--{backend.name}-image",
+            default=_env_default(env, backend.default_image),
+            help=f"trainer image for {resource.kind}s (env {env})",
+        )
     p.add_argument(
         "--image-pull-policy",
         default=_env_default("KUBETUNE_IMAGE_PULL_POLICY", "IfNotPresent"),
@@ -240,7 +241,7 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--python",
         help="interpreter with the trainer's dependencies "
-        "(default: $KUBETUNE_TRAINER_PYTHON / $KUBETUNE_UNSLOTH_PYTHON, else this one)",
+        f"(default: {' / '.join('$' + b.local_python_env for b in JOB_BACKENDS)}, else this one)",
     )
     p.add_argument(
         "--cpu-processes",

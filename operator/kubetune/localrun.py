@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from kubetune.api.backends import Backend
+from kubetune.api.resources import JOB_RESOURCES, job_backend
 from kubetune.controller.builders import total_gpus
 from kubetune.controller.references import EntityRecord, JobSpec, resolve_references
 from kubetune.render import NO_PROGRESS, TrainerPaths, dumps_config, render_trainer_config
 from kubetune.validation import ParsedResource, validate_paths
 from kubetune_api import constants as c
-from kubetune_api.automodel import AutomodelJobSpec
 
 REPO_TRAINERS = Path(__file__).resolve().parents[2] / "trainer-images"
 # The folder holding kubetune_api, the models the trainer parses its config with.
@@ -78,22 +79,21 @@ def _pick_job(resources: Sequence[ParsedResource], name: str | None) -> ParsedRe
         jobs = [r for r in jobs if r.name == name]
     if len(jobs) != 1:
         found = ", ".join(f"{r.kind}/{r.name}" for r in jobs) or "none"
-        raise RunError(f"expected exactly one AutomodelJob or UnslothJob, found {found}: pass --job NAME")
+        kinds = " or ".join(r.kind for r in JOB_RESOURCES)
+        raise RunError(f"expected exactly one {kinds}, found {found}: pass --job NAME")
     return jobs[0]
 
 
-def _trainer_python(kind: str, explicit: str | None) -> str:
-    env_name = "KUBETUNE_UNSLOTH_PYTHON" if kind == c.KIND_UNSLOTH else "KUBETUNE_TRAINER_PYTHON"
+def _trainer_python(kind: str, backend: Backend[Any], explicit: str | None) -> str:
+    env_name = backend.local_python_env
     python = explicit or os.environ.get(env_name) or sys.executable
-    needed = ["unsloth", "trl", "pydantic"] if kind == c.KIND_UNSLOTH else ["torch", "transformers", "peft", "pydantic"]
+    needed = list(backend.local_imports)
     probe = "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in sys.argv[1:]) else 3)"
     if subprocess.run([python, "-c", probe, *needed], capture_output=True).returncode != 0:
-        venv = "unsloth" if kind == c.KIND_UNSLOTH else "test"
         raise RunError(
             f"{python} cannot import {', '.join(needed)}, which the {kind} trainer needs. Point {env_name} (or "
-            f"--python) at an environment that has them, e.g. `bash hack/run-in-venv.sh {venv} kubetune run ...` "
-            f"from the repository, or pip install -r trainer-images/{'unsloth' if venv == 'unsloth' else 'automodel'}"
-            "/requirements.txt"
+            f"--python) at an environment that has them, e.g. `bash hack/run-in-venv.sh {backend.local_venv} kubetune "
+            f"run ...` from the repository, or pip install -r {backend.requirements}"
         )
     return python
 
@@ -147,12 +147,15 @@ def plan_local_run(
         paths=paths,
         progress=NO_PROGRESS,
     )
-    module = "kubetune_trainer.unsloth" if job.kind == c.KIND_UNSLOTH else "kubetune_trainer.automodel"
-    interpreter = _trainer_python(job.kind, python) if check_environment else (python or sys.executable)
+    backend = job_backend(job.resource)
+    module = backend.trainer_module
+    interpreter = _trainer_python(job.kind, backend, python) if check_environment else (python or sys.executable)
     config_path = out / "config.json"
     gpus = total_gpus(spec)
     processes = cpu_processes or 1
-    if cpu_processes is None and isinstance(spec, AutomodelJobSpec) and gpus > 1:
+    # Several GPUs on one machine mean torchrun, as in the PyTorchJob; a backend that is
+    # never distributed sees its GPUs from one process.
+    if cpu_processes is None and backend.distributed and gpus > 1:
         visible = _visible_gpus(interpreter) if check_environment else 0
         if visible < gpus:
             raise RunError(

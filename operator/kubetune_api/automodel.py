@@ -12,6 +12,11 @@ from kubetune_api.common import (
     Reference,
     RuleCheckedSpec,
     StrictModel,
+    image_field,
+    integrations_field,
+    output_description_field,
+    output_name_field,
+    suspend_field,
 )
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -162,15 +167,8 @@ class AutomodelParallelism(StrictModel):
 class AutomodelOutput(StrictModel):
     """The Model entity the job produces."""
 
-    name: str | None = Field(
-        default=None,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        max_length=253,
-        description="Name of the output Model entity; default: `<job name>-output`.",
-    )
-    description: str | None = Field(
-        default=None, max_length=1024, description="Description stored on the output Model entity."
-    )
+    name: str | None = output_name_field()
+    description: str | None = output_description_field()
 
 
 def _total(p: Any) -> int:
@@ -278,14 +276,6 @@ class AutomodelJobSpec(RuleCheckedSpec):
         default_factory=AutomodelParallelism, description="Nodes, GPUs and tensor/pipeline/context/expert parallelism."
     )
     output: AutomodelOutput = Field(default_factory=AutomodelOutput, description="The output Model entity.")
-    integrations: Integrations | None = Field(default=None, description="Experiment trackers (optional).")
-    suspend: bool = Field(
-        default=False,
-        description="kubetune extension: create the workload suspended (Kueue admits it by clearing this).",
-    )
-    image: str | None = Field(
-        max_length=1024,
-        default=None,
-        min_length=1,
-        description="kubetune extension: trainer image for this job; default: the operator's Automodel image.",
-    )
+    integrations: Integrations | None = integrations_field()
+    suspend: bool = suspend_field()
+    image: str | None = image_field("Automodel")

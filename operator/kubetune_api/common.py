@@ -70,6 +70,45 @@ class Integrations(StrictModel):
     wandb: WandbIntegration | None = Field(default=None, description="Weights & Biases tracking.")
 
 
+# Fields every job kind has, in the place each spec puts them (a shared base class would
+# move them first, and with them the CRDs' property order). Each call is a new field.
+
+
+def output_name_field() -> Any:
+    """`spec.output.name`: the output Model's name, a DNS-1123 subdomain."""
+    return Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="Name of the output Model entity; default: `<job name>-output`.",
+    )
+
+
+def output_description_field() -> Any:
+    return Field(default=None, max_length=1024, description="Description stored on the output Model entity.")
+
+
+def integrations_field() -> Any:
+    return Field(default=None, description="Experiment trackers (optional).")
+
+
+def suspend_field() -> Any:
+    return Field(
+        default=False,
+        description="kubetune extension: create the workload suspended (Kueue admits it by clearing this).",
+    )
+
+
+def image_field(backend: str) -> Any:
+    """`spec.image`; `backend` names the operator's default image in the description."""
+    return Field(
+        max_length=1024,
+        default=None,
+        min_length=1,
+        description=f"kubetune extension: trainer image for this job; default: the operator's {backend} image.",
+    )
+
+
 def nested_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation such as `Section | None` or `list[Section]`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

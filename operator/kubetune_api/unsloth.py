@@ -12,6 +12,11 @@ from kubetune_api.common import (
     Reference,
     RuleCheckedSpec,
     StrictModel,
+    image_field,
+    integrations_field,
+    output_description_field,
+    output_name_field,
+    suspend_field,
 )
 from kubetune_api.constants import UNSLOTH_DEFAULT_TARGET_MODULES
 
@@ -169,15 +174,8 @@ class UnslothOutput(StrictModel):
         description="lora: the adapter; merged_16bit: adapter merged into the base, 16-bit checkpoint; "
         "merged_4bit: merged, 4-bit checkpoint. merged_* only with finetuning_type lora.",
     )
-    name: str | None = Field(
-        default=None,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        max_length=253,
-        description="Name of the output Model entity; default: `<job name>-output`.",
-    )
-    description: str | None = Field(
-        default=None, max_length=1024, description="Description stored on the output Model entity."
-    )
+    name: str | None = output_name_field()
+    description: str | None = output_description_field()
 
 
 UNSLOTH_RULES: tuple[CrossFieldRule, ...] = (
@@ -285,14 +283,6 @@ class UnslothJobSpec(RuleCheckedSpec):
     optimizer: UnslothOptimizer = Field(default_factory=UnslothOptimizer, description="Optimizer settings.")
     hardware: UnslothHardware = Field(default_factory=UnslothHardware, description="GPU selection and precision.")
     output: UnslothOutput = Field(default_factory=UnslothOutput, description="Save method and output Model entity.")
-    integrations: Integrations | None = Field(default=None, description="Experiment trackers (optional).")
-    suspend: bool = Field(
-        default=False,
-        description="kubetune extension: create the workload suspended (Kueue admits it by clearing this).",
-    )
-    image: str | None = Field(
-        max_length=1024,
-        default=None,
-        min_length=1,
-        description="kubetune extension: trainer image for this job; default: the operator's Unsloth image.",
-    )
+    integrations: Integrations | None = integrations_field()
+    suspend: bool = suspend_field()
+    image: str | None = image_field("Unsloth")

@@ -25,6 +25,7 @@ from kubetune_api import constants as c
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
+# `make generate` sets it: the golden files are rewritten from the builders instead of compared.
 UPDATE = os.environ.get("KUBETUNE_UPDATE_GOLDEN") == "1"
 
 
@@ -65,8 +66,12 @@ def test_golden(example: str) -> None:
     golden = GOLDEN / example
     if UPDATE:
         golden.write_text(text)
-    assert golden.exists(), f"no golden file {golden}: run KUBETUNE_UPDATE_GOLDEN=1 pytest {__file__}"
-    assert text == golden.read_text(), f"builder output changed for {example}; if intended, regenerate the golden files"
+    relative = golden.relative_to(ROOT)
+    assert golden.exists(), f"{relative} is missing: run `make generate` and commit the result"
+    assert text == golden.read_text(), (
+        f"{relative} differs from the builders' output for examples/{example}: if the change is intended, "
+        "run `make generate` and commit the result"
+    )
 
 
 def _pods(child: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:

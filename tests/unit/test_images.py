@@ -444,7 +444,8 @@ def test_operator_default_images_are_the_built_ones() -> None:
 
     listed = subprocess.run(["bash", "hack/images.sh", "--list"], cwd=ROOT, capture_output=True, text=True, check=True)
     _, automodel, unsloth = listed.stdout.split()
-    assert (OperatorSettings().automodel_image, OperatorSettings().unsloth_image) == (automodel, unsloth)
+    images = OperatorSettings().trainer_images
+    assert (images["automodel"], images["unsloth"]) == (automodel, unsloth)
 
 
 @pytest.mark.slow

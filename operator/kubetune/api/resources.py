@@ -1,17 +1,19 @@
-"""The kubetune kinds: their spec models, plurals, short names and printer columns.
-Everything that is generated (CRDs, JSON schemas, RBAC rules) reads this table."""
+"""The kubetune kinds: their spec models, plurals, short names, printer columns and, for
+a job kind, its backend descriptor (api/backends.py). Everything that is generated (CRDs,
+JSON schemas, RBAC rules, the chart's list of job kinds) reads this table, and the
+operator, `kubetune run` and the CLI find a job's backend through it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 
+from kubetune.api.backends import AUTOMODEL_BACKEND, UNSLOTH_BACKEND, Backend, UnknownBackend
 from kubetune_api import constants as c
-from kubetune_api.automodel import AutomodelJobSpec
 from kubetune_api.entities import EntityStatus, FilesetSpec, ModelSpec
 from kubetune_api.status import JobStatus
-from kubetune_api.unsloth import UnslothJobSpec
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,11 @@ class Resource:
     status_model: type[BaseModel]
     description: str
     columns: tuple[PrinterColumn, ...]
-    is_job: bool
+    backend: Backend[Any] | None = None  # a job kind's trainer; None for an entity
+
+    @property
+    def is_job(self) -> bool:
+        return self.backend is not None
 
 
 _AGE = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
@@ -46,7 +52,7 @@ AUTOMODEL = Resource(
     plural="automodeljobs",
     singular="automodeljob",
     short_names=("amj",),
-    spec_model=AutomodelJobSpec,
+    spec_model=AUTOMODEL_BACKEND.spec_model,
     status_model=JobStatus,
     description="An Automodel fine-tuning job (SFT or distillation; LoRA, merged LoRA or full weights).",
     columns=(
@@ -59,7 +65,7 @@ AUTOMODEL = Resource(
         PrinterColumn("Child", ".status.child.name", priority=1),
         _AGE,
     ),
-    is_job=True,
+    backend=AUTOMODEL_BACKEND,
 )
 
 UNSLOTH = Resource(
@@ -67,7 +73,7 @@ UNSLOTH = Resource(
     plural="unslothjobs",
     singular="unslothjob",
     short_names=("usj",),
-    spec_model=UnslothJobSpec,
+    spec_model=UNSLOTH_BACKEND.spec_model,
     status_model=JobStatus,
     description="An Unsloth fine-tuning job (single-GPU LoRA or full weights, 4-bit / 8-bit loading).",
     columns=(
@@ -80,7 +86,7 @@ UNSLOTH = Resource(
         PrinterColumn("Child", ".status.child.name", priority=1),
         _AGE,
     ),
-    is_job=True,
+    backend=UNSLOTH_BACKEND,
 )
 
 MODEL = Resource(
@@ -97,7 +103,6 @@ MODEL = Resource(
         PrinterColumn("Ready", ".status.ready", "boolean"),
         _AGE,
     ),
-    is_job=False,
 )
 
 FILESET = Resource(
@@ -113,9 +118,30 @@ FILESET = Resource(
         PrinterColumn("Ready", ".status.ready", "boolean"),
         _AGE,
     ),
-    is_job=False,
 )
 
 RESOURCES: tuple[Resource, ...] = (AUTOMODEL, UNSLOTH, MODEL, FILESET)
 BY_KIND: dict[str, Resource] = {r.kind: r for r in RESOURCES}
 JOB_RESOURCES: tuple[Resource, ...] = tuple(r for r in RESOURCES if r.is_job)
+BACKENDS: tuple[Backend[Any], ...] = tuple(r.backend for r in JOB_RESOURCES if r.backend is not None)
+_BACKEND_BY_SPEC: dict[type[BaseModel], Backend[Any]] = {b.spec_model: b for b in BACKENDS}
+
+
+def job_backend(resource: Resource) -> Backend[Any]:
+    """The backend of a job kind; an entity kind (or a kind outside the table) has none."""
+    if resource.backend is None:
+        raise UnknownBackend(
+            f"{resource.kind} is not a job kind: it has no backend (operator/kubetune/api/backends.py)"
+        )
+    return resource.backend
+
+
+def spec_backend(spec: BaseModel) -> Backend[Any]:
+    """The backend whose spec model `spec` is (exactly: a subclass is another model)."""
+    backend = _BACKEND_BY_SPEC.get(type(spec))
+    if backend is None:
+        raise UnknownBackend(
+            f"{type(spec).__name__} is the spec model of no backend: add its Backend to "
+            "operator/kubetune/api/backends.py and its Resource to operator/kubetune/api/resources.py"
+        )
+    return backend

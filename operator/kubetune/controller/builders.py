@@ -18,29 +18,34 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from kubetune.api.resources import Resource
+from kubetune.api.backends import Backend, JobSpec, OutputFormat
+from kubetune.api.resources import BACKENDS, Resource, job_backend, spec_backend
 from kubetune.controller.references import EntityRecord
 from kubetune.render import TrainerPaths, cluster_paths, dumps_config, kubernetes_progress, render_trainer_config
 from kubetune_api import constants as c
-from kubetune_api.automodel import AutomodelJobSpec
-from kubetune_api.unsloth import UnslothJobSpec
 
-JobSpec = AutomodelJobSpec | UnslothJobSpec
 JOB_BACKOFF_LIMIT = 2
 PYTORCHJOB_BACKOFF_LIMIT = 3
 MAX_JOB_NAME = 40  # leaves room for "-automodel-trainer" and the pod suffixes within 63
+
+
+def default_trainer_images() -> dict[str, str]:
+    return {b.name: b.default_image for b in BACKENDS}
 
 
 @dataclass(frozen=True)
 class OperatorSettings:
     """The operator's configuration (the chart's values)."""
 
-    automodel_image: str = "ghcr.io/kubetune/trainer-automodel:0.1.0"
-    unsloth_image: str = "ghcr.io/kubetune/trainer-unsloth:0.1.0"
+    # By backend name (`--<name>-image`); a backend missing here uses its default image.
+    trainer_images: Mapping[str, str] = field(default_factory=default_trainer_images)
     image_pull_policy: str = "IfNotPresent"
     output_claim: str = "kubetune-output"
+
+    def trainer_image(self, backend: Backend[Any]) -> str:
+        return self.trainer_images.get(backend.name) or backend.default_image
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ class ChildNames:
 
 
 def backend(resource: Resource) -> str:
-    return "automodel" if resource.kind == c.KIND_AUTOMODEL else "unsloth"
+    """The backend's name, as the children's names carry it; an error for a non-job kind."""
+    return job_backend(resource).name
 
 
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -112,15 +118,11 @@ def child_names(resource: Resource, name: str) -> ChildNames:
 
 
 def total_gpus(spec: JobSpec) -> int:
-    if isinstance(spec, AutomodelJobSpec):
-        return spec.parallelism.total_gpus
-    return spec.hardware.gpu_count
+    return spec_backend(spec).total_gpus(spec)
 
 
 def uses_pytorchjob(spec: JobSpec) -> bool:
-    return isinstance(spec, AutomodelJobSpec) and (
-        spec.parallelism.num_nodes > 1 or spec.parallelism.num_gpus_per_node > 1
-    )
+    return spec_backend(spec).uses_pytorchjob(spec)
 
 
 def owner_reference(inputs: JobInputs) -> dict[str, Any]:
@@ -263,12 +265,7 @@ def _env(inputs: JobInputs) -> list[dict[str, Any]]:
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    if isinstance(inputs.spec, UnslothJobSpec):
-        # Inside the pod the device plugin numbers the allotted GPUs from 0, so the
-        # selection is "the first N" whatever indices the spec named on the host.
-        env.append(
-            {"name": "CUDA_VISIBLE_DEVICES", "value": ",".join(str(i) for i in range(inputs.spec.hardware.gpu_count))}
-        )
+    env += job_backend(inputs.resource).pod_env(inputs.spec)
     integrations = inputs.spec.integrations
     if integrations and integrations.mlflow and integrations.mlflow.token_secret:
         ref = integrations.mlflow.token_secret
@@ -280,15 +277,11 @@ def _env(inputs: JobInputs) -> list[dict[str, Any]]:
 
 
 def _image(inputs: JobInputs) -> str:
-    if inputs.spec.image:
-        return inputs.spec.image
-    if isinstance(inputs.spec, AutomodelJobSpec):
-        return inputs.settings.automodel_image
-    return inputs.settings.unsloth_image
+    return inputs.spec.image or inputs.settings.trainer_image(job_backend(inputs.resource))
 
 
 def _command(inputs: JobInputs) -> list[str]:
-    module = f"kubetune_trainer.{backend(inputs.resource)}"
+    module = job_backend(inputs.resource).trainer_module
     if uses_pytorchjob(inputs.spec):
         # torchrun reads its whole launch from the PET_* variables the training-operator
         # sets for an elastic PyTorchJob: --nnodes (min:max), --nproc-per-node, and a c10d
@@ -309,11 +302,7 @@ RESTRICTED_CONTAINER_SECURITY = {
 def build_pod_template(inputs: JobInputs, container_name: str, restart_policy: str) -> dict[str, Any]:
     names = child_names(inputs.resource, inputs.name)
     volumes, mounts = _volumes_and_mounts(inputs)
-    gpus = (
-        inputs.spec.parallelism.num_gpus_per_node
-        if isinstance(inputs.spec, AutomodelJobSpec)
-        else inputs.spec.hardware.gpu_count
-    )
+    gpus = job_backend(inputs.resource).gpus_per_pod(inputs.spec)
     container: dict[str, Any] = {
         "name": container_name,
         "image": _image(inputs),
@@ -414,11 +403,11 @@ def build_batch_job(inputs: JobInputs) -> dict[str, Any]:
 
 
 def build_pytorchjob(inputs: JobInputs) -> dict[str, Any]:
-    assert isinstance(inputs.spec, AutomodelJobSpec)
+    backend = job_backend(inputs.resource)
     names = child_names(inputs.resource, inputs.name)
     template = build_pod_template(inputs, c.PYTORCHJOB_CONTAINER, "ExitCode")
     restart = template["spec"].pop("restartPolicy")
-    nodes = inputs.spec.parallelism.num_nodes
+    nodes = backend.nodes(inputs.spec)
     # Workers only, with a fixed-size elastic policy: torchrun's c10d rendezvous on
     # worker 0 waits for its peers itself. A Master replica would make the
     # training-operator inject its `init-pytorch` container into every Worker (an
@@ -430,7 +419,7 @@ def build_pytorchjob(inputs: JobInputs) -> dict[str, Any]:
         "kind": "PyTorchJob",
         "metadata": _child_metadata(inputs, names.child),
         "spec": {
-            "nprocPerNode": str(inputs.spec.parallelism.num_gpus_per_node),
+            "nprocPerNode": str(backend.gpus_per_pod(inputs.spec)),
             "elasticPolicy": {"minReplicas": nodes, "maxReplicas": nodes, "rdzvBackend": "c10d"},
             "runPolicy": {
                 "backoffLimit": PYTORCHJOB_BACKOFF_LIMIT,
@@ -472,12 +461,8 @@ def output_subpath(inputs: JobInputs) -> str:
     return f"{inputs.name}/{inputs.uid}"
 
 
-def output_format(spec: JobSpec) -> Literal["full", "adapter"]:
-    if isinstance(spec, AutomodelJobSpec):
-        return "adapter" if spec.training.finetuning_type == "lora" else "full"
-    if spec.training.finetuning_type == "lora" and spec.output.save_method == "lora":
-        return "adapter"
-    return "full"
+def output_format(spec: JobSpec) -> OutputFormat:
+    return spec_backend(spec).output_format(spec)
 
 
 def output_dir(fmt: str) -> str:
@@ -489,7 +474,7 @@ def build_output_model(inputs: JobInputs) -> dict[str, Any]:
     """The Model entity a finished job produces (the trainer wrote it under output/)."""
     fmt = output_format(inputs.spec)
     base = inputs.entities.get("model")
-    base_ref = inputs.spec.model if isinstance(inputs.spec, AutomodelJobSpec) else inputs.spec.model.name
+    base_ref = job_backend(inputs.resource).base_model(inputs.spec)
     spec: dict[str, Any] = {
         "storage": {
             "pvc": {"claimName": inputs.settings.output_claim, "path": f"{output_subpath(inputs)}/{output_dir(fmt)}"}

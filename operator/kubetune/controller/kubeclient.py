@@ -19,6 +19,7 @@ import aiohttp
 import kopf
 
 from kubetune import __version__
+from kubetune.api.resources import RESOURCES
 from kubetune.controller import metrics
 from kubetune_api import constants as c
 
@@ -72,11 +73,9 @@ PLURALS = {
     "RoleBinding": "rolebindings",
     "Job": "jobs",
     "PyTorchJob": "pytorchjobs",
-    "Model": "models",
-    "Fileset": "filesets",
-    "AutomodelJob": "automodeljobs",
-    "UnslothJob": "unslothjobs",
     "Lease": "leases",
+    # The kubetune kinds, from their table.
+    **{r.kind: r.plural for r in RESOURCES},
 }
 
 

@@ -1,18 +1,26 @@
-"""The permissions the operator needs, as data: the Helm chart's Role/ClusterRole
-and the tests read this one list. No wildcard verbs, resources or groups."""
+"""The permissions the operator needs, as data: `make generate` writes them into the
+Helm chart (files/operator*-rules.yaml, read by templates/rbac.yaml) and the tests read
+them. No wildcard verbs, resources or groups.
+
+The kubetune.io resources come from the table of kinds (api/resources.py), so a new
+kind gets its permissions without a second list to keep in step."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.resources import JOB_RESOURCES, MODEL, RESOURCES
 from kubetune_api import constants as c
+
+_PLURALS = [r.plural for r in RESOURCES]
+_JOB_PLURALS = [r.plural for r in JOB_RESOURCES]
 
 OPERATOR_RULES: list[dict[str, Any]] = [
     # The kinds it watches. No get, patch or update: it reads them from its watches and
     # writes only their status (a trainer's progress is the trainer's own write).
     {
         "apiGroups": [c.GROUP],
-        "resources": ["automodeljobs", "unslothjobs", "models", "filesets"],
+        "resources": _PLURALS,
         "verbs": ["list", "watch"],
     },
     # Status: phase, conditions, child, output of jobs; readiness of entities. `get` is
@@ -20,17 +28,17 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     # what its creator holds.
     {
         "apiGroups": [c.GROUP],
-        "resources": ["automodeljobs/status", "unslothjobs/status", "models/status", "filesets/status"],
+        "resources": [f"{plural}/status" for plural in _PLURALS],
         "verbs": ["get", "patch"],
     },
     # ownerReferences with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
     {
         "apiGroups": [c.GROUP],
-        "resources": ["automodeljobs/finalizers", "unslothjobs/finalizers"],
+        "resources": [f"{plural}/finalizers" for plural in _JOB_PLURALS],
         "verbs": ["update"],
     },
     # The output Model entity of a finished job (get: whose is a Model of that name, after a 409).
-    {"apiGroups": [c.GROUP], "resources": ["models"], "verbs": ["get", "create"]},
+    {"apiGroups": [c.GROUP], "resources": [MODEL.plural], "verbs": ["get", "create"]},
     # The workloads: a PyTorchJob (multi-GPU / multi-node) or a batch Job (one GPU).
     # get after a create answered 409; patch passes suspend on.
     {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},

@@ -8,11 +8,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.api.backends import JobSpec, Reference
+from kubetune.api.resources import spec_backend
 from kubetune_api import constants as c
-from kubetune_api.automodel import AutomodelJobSpec
-from kubetune_api.unsloth import UnslothJobSpec
 
-JobSpec = AutomodelJobSpec | UnslothJobSpec
+__all__ = [
+    "EntityRecord",
+    "JobSpec",
+    "Lookup",
+    "Reference",
+    "ReferenceProblem",
+    "Resolution",
+    "job_references",
+    "resolve_references",
+    "split_reference",
+]
 
 
 @dataclass(frozen=True)
@@ -42,16 +52,6 @@ class EntityRecord:
 
 
 @dataclass(frozen=True)
-class Reference:
-    """One reference field of a job."""
-
-    field: str  # full path, e.g. spec.training.teacher_model
-    kind: str  # Model or Fileset
-    value: str
-    role: str  # model, teacher_model, training_data, validation_data
-
-
-@dataclass(frozen=True)
 class ReferenceProblem:
     field: str
     reason: str
@@ -66,29 +66,8 @@ class Resolution:
 
 
 def job_references(spec: JobSpec) -> list[Reference]:
-    if isinstance(spec, AutomodelJobSpec):
-        refs = [
-            Reference("spec.model", c.KIND_MODEL, spec.model, "model"),
-            Reference("spec.dataset.training", c.KIND_FILESET, spec.dataset.training, "training_data"),
-        ]
-        if spec.dataset.validation:
-            refs.append(
-                Reference("spec.dataset.validation", c.KIND_FILESET, spec.dataset.validation, "validation_data")
-            )
-        if spec.training.teacher_model:
-            refs.append(
-                Reference("spec.training.teacher_model", c.KIND_MODEL, spec.training.teacher_model, "teacher_model")
-            )
-        return refs
-    refs = [
-        Reference("spec.model.name", c.KIND_MODEL, spec.model.name, "model"),
-        Reference("spec.dataset.path", c.KIND_FILESET, spec.dataset.path, "training_data"),
-    ]
-    if spec.dataset.validation_path:
-        refs.append(
-            Reference("spec.dataset.validation_path", c.KIND_FILESET, spec.dataset.validation_path, "validation_data")
-        )
-    return refs
+    """The job's reference fields, as its backend declares them."""
+    return spec_backend(spec).references(spec)
 
 
 def split_reference(value: str, job_namespace: str) -> tuple[str, str]:
