@@ -925,6 +925,7 @@ PER_JOB_TABLES = (
     "specs",
     "refusals",
     "outputs_made",
+    "pod_checks",
 )
 
 

@@ -168,6 +168,7 @@ class Reconciler:
         self.child_kinds: set[str] | None = None  # the child kinds installed when the operator started
         self.on_new_child_kind: Callable[[list[str]], None] = lambda kinds: None
         self._outputs_made: dict[JobKey, str] = {}  # output Model created (or found) by this process
+        self._pod_checks: dict[JobKey, PodCheck] = {}  # Events looked at for a child without pods
 
     def _lock(self, key: JobKey) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -236,6 +237,7 @@ class Reconciler:
             table.pop(key, None)
         self.waiting.discard(key)
         self._outputs_made.pop(key, None)
+        self._pod_checks.pop(key, None)
         retry = self._retries.pop(key, None)
         if retry is not None:
             retry.cancel()
@@ -255,6 +257,7 @@ class Reconciler:
             "specs": self._specs,
             "refusals": self._refusals,
             "outputs_made": self._outputs_made,
+            "pod_checks": self._pod_checks,
             "entity_ready": self.entity_ready,
             "entities": self.world.entities,
             "claims": self.world.claims,
@@ -329,18 +332,29 @@ class Reconciler:
             self.on_new_child_kind(sorted(kinds - self.child_kinds))
             return 0
         keys = list(self.jobs)
-        for key in keys:
-            if key not in self.jobs:
-                continue  # deleted during the pass: taking its lock would make the lock again
-            async with self._lock(key):
+        # Several jobs at a time: a pass mostly waits on the API server (a status write, an
+        # Events list for a child without pods), and one job after another made a resync
+        # over 1,200 jobs take minutes while the operator started (make bench).
+        lanes = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+        async def one(key: JobKey) -> None:
+            async with lanes:
                 if key not in self.jobs:
-                    continue
-                cached = self.children.get(key)
-                if key in listed:
-                    self.children[key] = listed[key]
-                elif cached is not None and cached.get("kind") in kinds:
-                    del self.children[key]  # gone, and its DELETED event was missed
-                await self._guarded(key, partial(self._reconcile, key))
+                    return  # deleted during the pass: taking its lock would make the lock again
+                async with self._lock(key):
+                    if key not in self.jobs:
+                        return
+                    cached = self.children.get(key)
+                    if key in listed:
+                        self.children[key] = listed[key]
+                    elif cached is not None and cached.get("kind") in kinds:
+                        del self.children[key]  # gone, and its DELETED event was missed
+                    await self._guarded(key, partial(self._reconcile, key))
+
+        # One job's error does not stop the others' passes; the first is raised after.
+        errors = [e for e in await asyncio.gather(*(one(k) for k in keys), return_exceptions=True) if e]
+        if errors:
+            raise errors[0]
         return len(keys)
 
     def _spec(self, key: JobKey) -> JobSpec | str:
@@ -539,6 +553,8 @@ class Reconciler:
         blocker = next(iter(sorted((self.blockers.get(key) or {}).values())), None)
         if state.phase == st.PENDING and blocker is None and not st.child_has_pods(child):
             blocker = await self._creation_refusal(key, child)
+        else:
+            self._pod_checks.pop(key, None)
         current = self.jobs[key].get("status") or {}
         status = st.status_from_child(
             current,
@@ -565,15 +581,27 @@ class Reconciler:
         uid = (child.get("metadata") or {}).get("uid")
         if not uid:
             return None
-        self._retry_later(key, POD_CREATION_CHECK_S)
+        now = time.monotonic()
+        last = self._pod_checks.get(key)
+        if last is not None and last.uid == uid and now < last.due:
+            return last.found  # every event of the child would otherwise list Events again
+        # Looked at again after 10 s, then less and less often: a burst of 1,000 jobs leaves
+        # many children without pods for a while (the Job controller's own pace), and a
+        # fixed 10 s made their Events LISTs most of the operator's requests.
+        interval = POD_CREATION_CHECK_S if last is None or last.uid != uid else last.interval * 2
+        interval = min(interval, POD_CREATION_CHECK_MAX_S)
+        self._retry_later(key, interval)
+        found: tuple[str, str] | None = None
         try:
             events = await self.client.list(
                 f"/api/v1/namespaces/{key[1]}/events", field_selector=f"involvedObject.uid={uid},reason=FailedCreate"
             )
         except ApiError as err:
             log.warning("%s %s/%s: cannot list the child's events: %s", *key, err)
-            return None
-        return st.creation_refusal(child, events.get("items") or [])
+        else:
+            found = st.creation_refusal(child, events.get("items") or [])
+        self._pod_checks[key] = PodCheck(uid, now + interval, interval, found)
+        return found
 
     async def _pass_suspend(self, key: JobKey, spec: JobSpec, child: Mapping[str, Any], generation: int | None) -> None:
         """After the child exists only `suspend` may change (CEL): pass a new generation on,
@@ -904,6 +932,7 @@ class _Leftover(Exception):
 LEFTOVER_RETRY_S = 2.0
 
 
+RESYNC_CONCURRENCY = 16  # jobs a resync passes at once (the client has 32 connections)
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 60.0
 # A refusal (quota, admission policy) changes only when someone acts: ask less often.
@@ -911,6 +940,18 @@ REFUSED_RETRY_FIRST_S = 5.0
 REFUSED_RETRY_MAX_S = 600.0
 # A child without pods is looked at again this often, for a refused pod creation.
 POD_CREATION_CHECK_S = 10.0
+POD_CREATION_CHECK_MAX_S = 160.0
+
+
+@dataclass(frozen=True)
+class PodCheck:
+    """The last look at a pod-less child's Events: for which child, when to look again,
+    the interval that led there, and what was found."""
+
+    uid: str
+    due: float
+    interval: float
+    found: tuple[str, str] | None
 
 
 def is_transient(err: BaseException) -> bool:
