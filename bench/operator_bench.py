@@ -44,6 +44,7 @@ sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "tests"), str(ROOT / 
 
 from localcluster import LocalCluster  # noqa: E402
 
+from kubetune.controller.reconciler import PER_JOB_TABLES  # noqa: E402
 from support.kube import OperatorProcess, grant_operator, install_crds  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
@@ -308,18 +309,6 @@ def with_baseline(rows: list[dict[str, Any]], base: list[dict[str, Any]], label:
 
 RESYNC_S = 15
 ROWS: list[dict[str, Any]] = []
-PER_JOB_TABLES = (
-    "jobs",
-    "children",
-    "blockers",
-    "trainer_exits",
-    "waiting",
-    "locks",
-    "failures",
-    "retries",
-    "specs",
-    "pod_checks",
-)
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from kubetune.controller.rbac import OPERATOR_RULES
+from kubetune.controller.reconciler import PER_JOB_TABLES
 from support.helm import render
 from support.kube import OperatorProcess, get, grant_operator, install_crds, wait_condition_reason, wait_phase
 
@@ -909,24 +910,6 @@ def test_pytorchjob_kind_installed_after_the_operator(
             cluster.kubectl("create", "-f", "-", input=json.dumps(crd))
         proc.stop()
         operator.start()
-
-
-# Per-job tables: each must be empty once the namespace's jobs are deleted (the world's
-# tables, entities and claims, follow those objects and are not counted here).
-PER_JOB_TABLES = (
-    "jobs",
-    "children",
-    "blockers",
-    "trainer_exits",
-    "waiting",
-    "locks",
-    "failures",
-    "retries",
-    "specs",
-    "refusals",
-    "outputs_made",
-    "pod_checks",
-)
 
 
 def test_no_per_job_state_outlives_its_jobs(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Container
+from typing import Any, cast
 
 import pytest
 
@@ -306,3 +307,26 @@ def test_child_state_reads_either_kind() -> None:
     assert st.child_state({"kind": "PyTorchJob", "status": {"conditions": running}}).phase == st.RUNNING
     assert st.child_state({"kind": "Job", "status": {"ready": 1}}).phase == st.RUNNING
     assert st.child_state({"kind": "Job", "spec": {"suspend": True}}).phase == st.SUSPENDED
+
+
+def test_forget_job_empties_every_per_job_table() -> None:
+    """PER_JOB_TABLES names tables the metrics expose, and forget_job drops a job's entry
+    from each of them (a table added without both would grow with every job ever seen)."""
+    from kubetune.controller.builders import OperatorSettings
+    from kubetune.controller.reconciler import PER_JOB_TABLES, Reconciler
+
+    reconciler = Reconciler(None, OperatorSettings(), lambda *_: None)  # type: ignore[arg-type]  # no requests
+    tables = reconciler.tables()
+    assert set(PER_JOB_TABLES) <= set(tables), set(PER_JOB_TABLES) - set(tables)
+    key = ("AutomodelJob", "team-a", "gone")
+    for name in PER_JOB_TABLES:
+        table = tables[name]
+        if isinstance(table, set):
+            table.add(key)
+        else:
+            assert isinstance(table, dict), name
+            table[key] = object()
+    reconciler._retries.clear()  # a real entry is a task, which forget_job cancels
+    reconciler.forget_job(key)
+    left = [name for name in PER_JOB_TABLES if key in cast(Container[Any], tables[name])]
+    assert not left, f"forget_job keeps {left}"

@@ -243,7 +243,7 @@ class Reconciler:
             retry.cancel()
 
     def tables(self) -> dict[str, Sized]:
-        """Every in-memory table, by name, for the metrics: the per-job ones must empty
+        """Every in-memory table, by name, for the metrics: the PER_JOB_TABLES must empty
         when the jobs are deleted; the world's follow the entities, claims and volumes."""
         return {
             "jobs": self.jobs,
@@ -932,6 +932,22 @@ class _Leftover(Exception):
 LEFTOVER_RETRY_S = 2.0
 
 
+# The tables of Reconciler.tables() that hold an entry per job, dropped with the job
+# (what tests and make bench check through kubetune_tracked_entries).
+PER_JOB_TABLES = (
+    "jobs",
+    "children",
+    "blockers",
+    "trainer_exits",
+    "waiting",
+    "locks",
+    "failures",
+    "retries",
+    "specs",
+    "refusals",
+    "outputs_made",
+    "pod_checks",
+)
 RESYNC_CONCURRENCY = 16  # jobs a resync passes at once (the client has 32 connections)
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 60.0
