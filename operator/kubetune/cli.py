@@ -189,16 +189,21 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         default=_env_default("KUBETUNE_OUTPUT_CLAIM", defaults.output_claim),
         help="PersistentVolumeClaim (in each job's namespace) that receives outputs (env KUBETUNE_OUTPUT_CLAIM)",
     )
+    # The port defaults come from the environment as strings, converted by argparse only
+    # when the flag is absent: Kubernetes puts KUBETUNE_METRICS_PORT=tcp://10.96.0.5:8081 in
+    # every pod of a namespace with a Service named kubetune-metrics (the chart's, for the
+    # release "kubetune"), and int() of that at parser build crashed the operator pod even
+    # with --metrics-port given. Now a bad value is an error only when it is the one used.
     p.add_argument(
         "--health-port",
         type=int,
-        default=int(_env_default("KUBETUNE_HEALTH_PORT", "8080")),
+        default=_env_default("KUBETUNE_HEALTH_PORT", "8080"),  # a string: argparse converts it only if used
         help="serve GET /healthz on this port; 0 turns it off",
     )
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=int(_env_default("KUBETUNE_METRICS_PORT", "8081")),
+        default=_env_default("KUBETUNE_METRICS_PORT", "8081"),  # a string: argparse converts it only if used
         help="serve Prometheus metrics at GET /metrics on this port (env KUBETUNE_METRICS_PORT); 0 turns it off",
     )
     p.add_argument("--verbose", action="store_true", help="log every handled event (kopf.objects at INFO)")

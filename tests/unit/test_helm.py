@@ -600,6 +600,23 @@ def test_rendered_command_parses_with_the_operator_cli(scope: str) -> None:
     assert parsed.metrics_port == container["ports"][1]["containerPort"] == 8081
 
 
+def test_service_link_variables_do_not_break_the_operator_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen on the real node: the Service <release>-metrics made Kubernetes set
+    KUBETUNE_METRICS_PORT=tcp://IP:8081 in the operator pod, and `kubetune operator`
+    crashed building its parser. The chart turns service links off, and the command the
+    chart renders parses even with such variables set."""
+    from kubetune.cli import build_parser
+
+    docs = render()
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    (container,) = pod["containers"]
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "tcp://10.96.40.254:8081")
+    monkeypatch.setenv("KUBETUNE_HEALTH_PORT", "tcp://10.96.40.255:8080")
+    parsed = build_parser().parse_args(container["args"])
+    assert (parsed.metrics_port, parsed.health_port) == (8081, 8080)
+
+
 def test_metrics_service_and_optional_service_monitor() -> None:
     docs = render()
     deployment = only(docs, "Deployment")
