@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import statistics
 import sys
@@ -37,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "tests"), str(ROOT / "operator")]
@@ -45,7 +43,8 @@ sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "tests"), str(ROOT / 
 from localcluster import LocalCluster  # noqa: E402
 
 from kubetune.controller.reconciler import PER_JOB_TABLES  # noqa: E402
-from support.kube import OperatorProcess, grant_operator, install_crds  # noqa: E402
+from support.kube import Metrics, OperatorProcess, free_port, grant_operator, install_crds  # noqa: E402
+from support.kube import scrape as scrape_now  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 
@@ -311,34 +310,22 @@ RESYNC_S = 15
 ROWS: list[dict[str, Any]] = []
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+async def scrape(port: int) -> Metrics:
+    return await asyncio.to_thread(scrape_now, port)  # urllib: off the loop the watchers use
 
 
-async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as answer:
-        text = await answer.text()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-async def scrape_when_up(port: int, timeout: float = 120) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape_when_up(port: int, timeout: float = 120) -> Metrics:
     deadline = time.monotonic() + timeout
     while True:
         try:
             return await scrape(port)
-        except aiohttp.ClientError:
+        except OSError:  # URLError included: the operator is still starting
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
 
 
-def tracked(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], table: str) -> float:
+def tracked(metrics: Metrics, table: str) -> float:
     return metrics.get(("kubetune_tracked_entries", (("table", table),)), 0.0)
 
 
@@ -364,7 +351,7 @@ async def resync_cost(port: int) -> list[dict[str, Any]]:
     # steady-state figure is a later one.
     deadline = time.monotonic() + 40 * RESYNC_S
 
-    async def after(resyncs: float) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async def after(resyncs: float) -> Metrics:
         while (metrics := await scrape(port)).get(count, 0) < resyncs:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"fewer than {resyncs:.0f} resyncs in forty periods")
@@ -584,7 +571,7 @@ async def run(n_latency: int, n_throughput: int, workdir: Path, waves: int = 5, 
         OPERATOR[:] = [operator]
         try:
             rows += await resync_cost(port)
-        except (TimeoutError, aiohttp.ClientError) as err:
+        except (TimeoutError, OSError, aiohttp.ClientError) as err:
             rows.append({"name": "resync over every job", "error": repr(err)})
         # The churn's jobs must not queue behind the throughput run's for kwok's 16 GPUs.
         # One deletecollection request (kubectl deletes one object at a time: minutes for 1,000).
@@ -593,7 +580,7 @@ async def run(n_latency: int, n_throughput: int, workdir: Path, waves: int = 5, 
         await wait_until(lambda: not namespace_has_workloads(cluster, "bench-scale"), 900, "bench-scale cleaned up")
         try:
             rows += await churn(session, server, operator, port, await namespace("bench-churn"), waves, wave_size)
-        except (TimeoutError, aiohttp.ClientError) as err:
+        except (TimeoutError, OSError, aiohttp.ClientError) as err:
             rows.append({"name": "operator RSS under churn", "error": repr(err)})
         await session.close()
     finally:

@@ -7,7 +7,6 @@ own ServiceAccount with exactly the chart's RBAC rules."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +19,16 @@ import yaml
 from kubetune.controller.rbac import OPERATOR_RULES
 from kubetune.controller.reconciler import PER_JOB_TABLES
 from support.helm import render
-from support.kube import OperatorProcess, get, grant_operator, install_crds, wait_condition_reason, wait_phase
+from support.kube import (
+    OperatorProcess,
+    free_port,
+    get,
+    grant_operator,
+    install_crds,
+    scrape,
+    wait_condition_reason,
+    wait_phase,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -59,25 +67,6 @@ def job(kind: str, name: str, spec: dict[str, Any], annotations: dict[str, str] 
 
 LORA = {"model": "smollm2-135m", "dataset": {"training": "chat-train"}}
 UNSLOTH = {"model": {"name": "smollm2-135m"}, "dataset": {"path": "chat-train"}}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """GET /metrics, parsed with prometheus_client's own parser: sample name and labels -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
