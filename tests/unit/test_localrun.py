@@ -74,7 +74,9 @@ def operator_config(path: Path) -> dict[str, Any]:
     job = next(r for r in parsed if r.resource.is_job)
     spec = cast(JobSpec, job.spec)
     entities = resolve_references(spec, "default", world.lookup).entities
-    inputs = JobInputs(BY_KIND[job.kind], job.name, "default", "uid-1", spec, entities)
+    inputs = JobInputs(
+        resource=BY_KIND[job.kind], name=job.name, namespace="default", uid="uid-1", spec=spec, entities=entities
+    )
     return dict(json.loads(build_config_map(inputs)["data"]["config.json"]))
 
 

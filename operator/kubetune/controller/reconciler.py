@@ -454,17 +454,17 @@ class Reconciler:
             return
         self.waiting.discard(key)
         inputs = JobInputs(
-            BY_KIND[key[0]],
-            key[2],
-            key[1],
-            meta["uid"],
-            spec,
-            resolution.entities,
-            self.settings,
-            dict(meta.get("labels") or {}),
-            dict(meta.get("annotations") or {}),
-            generation,
-            output_model,
+            resource=BY_KIND[key[0]],
+            name=key[2],
+            namespace=key[1],
+            uid=meta["uid"],
+            spec=spec,
+            entities=resolution.entities,
+            settings=self.settings,
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+            generation=generation,
+            output_model=output_model,
         )
         *support, child = build_all(inputs)
         uid = meta["uid"]
@@ -773,13 +773,13 @@ class Reconciler:
         resolution = resolve_references(spec, key[1], self.world.lookup)
         annotations = (self.children[key].get("metadata") or {}).get("annotations") or {}
         inputs = JobInputs(
-            BY_KIND[key[0]],
-            key[2],
-            key[1],
-            body["metadata"]["uid"],
-            spec,
-            resolution.entities,
-            self.settings,
+            resource=BY_KIND[key[0]],
+            name=key[2],
+            namespace=key[1],
+            uid=body["metadata"]["uid"],
+            spec=spec,
+            entities=resolution.entities,
+            settings=self.settings,
             output_model=annotations.get(c.ANNOTATION_OUTPUT_MODEL),
         )
         made = await self._create_model_once(inputs)
