@@ -18,8 +18,8 @@ from kubetune.controller.builders import (
     build_output_model,
     child_names,
 )
-from kubetune.controller.reconciler import World
 from kubetune.controller.references import JobSpec, resolve_references
+from kubetune.controller.world import World
 from kubetune.validation import validate_paths
 from kubetune_api import constants as c
 

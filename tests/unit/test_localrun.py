@@ -15,8 +15,8 @@ import yaml
 
 from kubetune.api.resources import BY_KIND
 from kubetune.controller.builders import JobInputs, build_config_map
-from kubetune.controller.reconciler import World
 from kubetune.controller.references import JobSpec, resolve_references
+from kubetune.controller.world import World
 from kubetune.localrun import RunError, plan_local_run
 from kubetune.validation import validate_paths
 
