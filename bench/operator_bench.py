@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from localcluster import LocalCluster
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "tests"), str(ROOT / "operator")]
-
-from localcluster import LocalCluster  # noqa: E402
+# tests/ for the operator-process helpers the cluster tier uses too (support.kube); the
+# localcluster package and the operator come from PYTHONPATH (hack/run-in-venv.sh).
+sys.path[:0] = [str(ROOT / "tests")]
 
 from support.kube import OperatorProcess, grant_operator, install_crds  # noqa: E402
 

@@ -4,6 +4,7 @@
 # (kubelet + containerd, pods really run; root): see hack/cluster/README.md.
 # NODES=real-only: the real node alone and untainted, no kwok nodes (the e2e tier's cluster).
 # State in ${KUBETUNE_CLUSTER_DIR:-<repo>/.cluster}; then: export KUBECONFIG=.cluster/kubeconfig
+# Run by make, whose PYTHONPATH holds hack/cluster (the localcluster package).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 case "${NODES:-kwok}" in
@@ -24,4 +25,4 @@ case "${NODES:-kwok}" in
     ;;
 esac
 bash "${here}/build.sh" >&2
-exec python3 "${here}/localcluster.py" up
+exec python3 -m localcluster up
