@@ -43,6 +43,8 @@ def job_key_of(child: Mapping[str, Any]) -> JobKey | None:
 
 
 class ChildPasses(RetryPasses):
+    """Child and pod events, `suspend` passed on, a refused pod creation, the output Model."""
+
     async def on_child(self, key: JobKey, child: Mapping[str, Any], deleted: bool = False) -> None:
         if key not in self.jobs:
             # No lock for a job not (or no longer) known: a lock made here would outlive the

@@ -26,6 +26,8 @@ log = logging.getLogger("kubetune.operator")
 
 
 class EntityPasses(RetryPasses):
+    """Entity, claim and volume events; the checks against the World a job's start makes."""
+
     async def on_entity(self, body: Mapping[str, Any], deleted: bool) -> None:
         meta = body["metadata"]
         ekey = (body["kind"], meta["namespace"], meta["name"])

@@ -54,7 +54,8 @@ LEFTOVER_RETRY_S = 2.0
 
 
 class JobPasses(ChildPasses, EntityPasses):
-    # --- jobs -------------------------------------------------------------------------
+    """Job events, the resync, and the job's pass (`_reconcile`) with its status writes."""
+
     # Trust: a job's status is written by the operator AND by the trainer's per-job
     # identity (progress), so nothing in it steers a request. The child's kind and name
     # come from the builders, the generation last passed on from an annotation on the
