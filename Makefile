@@ -2,7 +2,8 @@
 # Kubernetes binaries) live in a cache outside the clone: $(KUBETUNE_CACHE).
 SHELL := /bin/bash
 export KUBETUNE_CACHE ?= $(HOME)/.cache/kubetune
-export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer-images$(if $(PYTHONPATH),:$(PYTHONPATH))
+# The same path as hack/run-in-venv.sh: the packages, and hack/cluster for the localcluster package.
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer-images:$(CURDIR)/hack/cluster$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: test lint generate crds cluster-build cluster-up cluster-down demo bench images help
 

@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from localcluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "hack" / "cluster"), str(ROOT / "tests"), str(ROOT / "operator")]
-
-from localcluster import LocalCluster  # noqa: E402
+# tests/ for the operator-process helpers the cluster tier uses too (support.kube); the
+# localcluster package and the operator come from PYTHONPATH (hack/run-in-venv.sh).
+sys.path[:0] = [str(ROOT / "tests")]
 
 from kubetune.controller.reconciler import PER_JOB_TABLES  # noqa: E402
 from support.kube import Metrics, OperatorProcess, free_port, grant_operator, install_crds  # noqa: E402

@@ -3,13 +3,14 @@
 # rows on the local cluster's real node, on the claims that examples/storage.yaml names in
 # NAMESPACE: models:/smollm2-135m-instruct, datasets:/chat/{train,validation}, and an empty
 # kubetune-output. Each claim gets a directory on the node as a PersistentVolume pre-bound to
-# it (`localcluster.py volume`); apply examples/storage.yaml before or after.
+# it (`python3 -m localcluster volume`); apply examples/storage.yaml before or after.
 # Needs `make cluster-up NODES=real` or `NODES=real-only` (root).
 # Usage: bash e2e/seed-local.sh NAMESPACE
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ns=${1:?usage: bash e2e/seed-local.sh NAMESPACE}
-lc=(python3 hack/cluster/localcluster.py)
+# hack/run-in-venv.sh puts hack/cluster, the localcluster package, on PYTHONPATH.
+lc=(bash hack/run-in-venv.sh test python -m localcluster)
 model=$(bash hack/run-in-venv.sh test python hack/smollm2.py)
 models=$("${lc[@]}" volume "$ns" models)
 datasets=$("${lc[@]}" volume "$ns" datasets)

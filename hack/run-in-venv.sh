@@ -13,5 +13,6 @@ esac
 cd "$here"
 venv=$(bash hack/venv.sh "$which" "${reqs[@]}")
 export PATH="$venv/bin:$PATH"
-export PYTHONPATH="$here/operator:$here/trainer-images${PYTHONPATH:+:$PYTHONPATH}"
+# hack/cluster holds the localcluster package (tests, benchmarks and `python -m localcluster`).
+export PYTHONPATH="$here/operator:$here/trainer-images:$here/hack/cluster${PYTHONPATH:+:$PYTHONPATH}"
 exec "$@"

@@ -43,7 +43,7 @@ for stage in "${stages[@]}"; do
       bash hack/run-in-venv.sh dev mypy
       MYPYPATH=operator:tests:hack/cluster:tests/unit bash hack/run-in-venv.sh dev mypy --strict \
         --ignore-missing-imports --explicit-package-bases tests/support tests/cluster tests/unit tests/e2e \
-        hack/cluster/localcluster.py hack/cluster/wrapmod.py hack/cluster/tcpforward.py bench/operator_bench.py
+        hack/cluster/localcluster hack/cluster/wrapmod.py hack/cluster/tcpforward.py bench/operator_bench.py
       # The trainer package needs torch's types, which only the test environment has;
       # unsloth is absent there, so its type: ignore lines are not "unused".
       bash hack/run-in-venv.sh test mypy --strict --ignore-missing-imports --no-warn-unused-ignores \

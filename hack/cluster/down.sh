@@ -2,5 +2,6 @@
 # make cluster-down: stop every process cluster-up started (by recorded pid) and
 # remove ${KUBETUNE_CLUSTER_DIR:-<repo>/.cluster}.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-exec python3 "${here}/localcluster.py" down
+# hack/cluster holds the localcluster package (stdlib only): runnable without make too.
+export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)${PYTHONPATH:+:${PYTHONPATH}}"
+exec python3 -m localcluster down

@@ -14,7 +14,7 @@
 # Debian 12 ships and were checked by hand to run kubelet 1.36 pods; building
 # containerd v2 from its Go module would add minutes to a cold build for no test it
 # enables. The versions are pinned by the Debian release (bookworm point releases
-# only take security fixes); localcluster.py checks the containerd minor at start.
+# only take security fixes); localcluster checks the containerd minor at start.
 # Idempotent: installs only what is missing (apt-get update only then).
 # Usage: bash hack/cluster/node-deps.sh [--check] [--images]
 set -euo pipefail

@@ -24,4 +24,6 @@ case "${NODES:-kwok}" in
     ;;
 esac
 bash "${here}/build.sh" >&2
-exec python3 "${here}/localcluster.py" up
+# hack/cluster holds the localcluster package (stdlib only): runnable without make too.
+export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
+exec python3 -m localcluster up

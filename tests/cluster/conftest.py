@@ -1,4 +1,4 @@
-"""Fixtures for tests against the local control plane (hack/cluster/localcluster.py).
+"""Fixtures for tests against the local control plane (hack/cluster/localcluster).
 
 `cluster` (session): a running LocalCluster. By default a fresh one is started in a
 temporary directory and stopped when the session ends, also on failure. Set
@@ -18,17 +18,14 @@ makes those tests fail, not skip.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from localcluster import ClusterError, LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "hack" / "cluster"))
-
-from localcluster import ClusterError, LocalCluster  # noqa: E402
 
 _session_cluster: list[LocalCluster] = []
 _wants_real_node: list[bool] = []

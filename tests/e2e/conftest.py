@@ -16,17 +16,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from localcluster import ClusterError, LocalCluster, read_versions
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "hack" / "cluster"))
-
-from localcluster import ClusterError, LocalCluster, read_versions  # noqa: E402
 
 README = REPO / "README.md"
 
@@ -77,7 +74,7 @@ def shell_env(cluster: LocalCluster) -> dict[str, str]:
         raise ClusterError(f"{helm_dir / 'helm'} is missing; run `bash hack/cluster/build.sh helm`")
     env = dict(os.environ)
     env["KUBECONFIG"] = str(cluster.kubeconfig)
-    # The README's `localcluster.py` commands find the cluster here (default: .cluster).
+    # The README's `localcluster` commands find the cluster here (default: .cluster).
     env["KUBETUNE_CLUSTER_DIR"] = str(cluster.base_dir)
     env["PATH"] = f"{helm_dir}:{env['PATH']}"
     return env

@@ -61,7 +61,7 @@ def test_a_job_resource_without_a_backend_builds_nothing() -> None:
     body = yaml.safe_load((ROOT / "examples" / "automodel-lora.yaml").read_text())
     spec = cast(JobSpec, JOB_RESOURCES[0].spec_model.model_validate(body["spec"]))
     with pytest.raises(UnknownBackend, match="ThirdJob is not a job kind"):
-        build_all(JobInputs(resource, "j", "ns", "uid", spec, {}))
+        build_all(JobInputs(resource=resource, name="j", namespace="ns", uid="uid", spec=spec, entities={}))
 
 
 # A kind branch: `isinstance(x, <Backend>JobSpec)`, or a comparison with a job kind's name.

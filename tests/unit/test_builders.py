@@ -18,8 +18,8 @@ from kubetune.controller.builders import (
     build_output_model,
     child_names,
 )
-from kubetune.controller.reconciler import World
 from kubetune.controller.references import JobSpec, resolve_references
+from kubetune.controller.world import World
 from kubetune.validation import validate_paths
 from kubetune_api import constants as c
 
@@ -45,14 +45,14 @@ def example_inputs(job_file: str, namespace: str = "team-a", **overrides: Any) -
     resolution = resolve_references(spec, namespace, world.lookup)
     assert not resolution.problems
     return JobInputs(
-        job.resource,
-        job.name,
-        namespace,
-        "11111111-2222-3333-4444-555555555555",
-        spec,
-        resolution.entities,
-        OperatorSettings(),
-        {c.LABEL_KUEUE_QUEUE: "gpu-queue"} if "qlora" in job_file else {},
+        resource=job.resource,
+        name=job.name,
+        namespace=namespace,
+        uid="11111111-2222-3333-4444-555555555555",
+        spec=spec,
+        entities=resolution.entities,
+        settings=OperatorSettings(),
+        labels={c.LABEL_KUEUE_QUEUE: "gpu-queue"} if "qlora" in job_file else {},
     )
 
 

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -736,8 +735,7 @@ def test_chart_installs_on_a_real_api_server(tmp_path: Path) -> None:
     # stage may run before the cluster stage has built them.
     build = subprocess.run(["bash", "hack/cluster/build.sh"], cwd=ROOT, capture_output=True, text=True)
     assert build.returncode == 0, f"`bash hack/cluster/build.sh` failed:\n{build.stdout[-3000:]}{build.stderr[-3000:]}"
-    sys.path.insert(0, str(ROOT / "hack" / "cluster"))
-    from localcluster import LocalCluster  # type: ignore[import-not-found,unused-ignore]
+    from localcluster import LocalCluster
 
     cluster = LocalCluster(tmp_path / "cluster")
     cluster.up()

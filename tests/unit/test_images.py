@@ -503,3 +503,25 @@ def test_operator_image_steps_install_a_working_kubetune(tmp_path: Path) -> None
     assert "--all-namespaces" in helped.stdout
     # What `kubetune operator` imports when it starts (kopf, the handlers), from the pins alone.
     run(tmp_path / "image-venv/bin/python", "-c", "import kubetune.controller.handlers, kubetune.cli")
+
+
+def test_product_and_images_import_nothing_from_tests() -> None:
+    """The operator, the trainers and the scripts shipped beside the images (the GPU checks)
+    run where tests/ is not: none of them may put tests/ on sys.path or import a module
+    that lives there (support, tiny_llama, unsloth_helpers, ...)."""
+    test_modules = {"tests", "support", "conftest"} | {p.stem for p in (ROOT / "tests").rglob("*.py")}
+    found = []
+    for path in sorted([*(ROOT / "operator").rglob("*.py"), *(ROOT / "trainer-images").rglob("*.py")]):
+        relative = path.relative_to(ROOT)
+        tree = ast.parse(path.read_text(), str(relative))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                if isinstance(node, ast.Attribute) and node.attr == "path" and ast.unparse(node) == "sys.path":
+                    found.append(f"{relative}:{node.lineno}: edits or reads sys.path")
+                continue
+            found += [f"{relative}:{node.lineno}: imports {n}" for n in names if n.split(".")[0] in test_modules]
+    assert not found, "\n".join(found)

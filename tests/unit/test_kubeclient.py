@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from kubetune.controller.kubeclient import ApiError, KubeClient
-from kubetune.controller.reconciler import is_transient
+from kubetune.controller.retry import is_transient
 
 
 async def _serve_and_call(status: int, body: str, content_type: str) -> ApiError | dict[str, object]:

@@ -15,8 +15,8 @@ import yaml
 
 from kubetune.api.resources import BY_KIND
 from kubetune.controller.builders import JobInputs, build_config_map
-from kubetune.controller.reconciler import World
 from kubetune.controller.references import JobSpec, resolve_references
+from kubetune.controller.world import World
 from kubetune.localrun import RunError, plan_local_run
 from kubetune.validation import validate_paths
 
@@ -74,7 +74,9 @@ def operator_config(path: Path) -> dict[str, Any]:
     job = next(r for r in parsed if r.resource.is_job)
     spec = cast(JobSpec, job.spec)
     entities = resolve_references(spec, "default", world.lookup).entities
-    inputs = JobInputs(BY_KIND[job.kind], job.name, "default", "uid-1", spec, entities)
+    inputs = JobInputs(
+        resource=BY_KIND[job.kind], name=job.name, namespace="default", uid="uid-1", spec=spec, entities=entities
+    )
     return dict(json.loads(build_config_map(inputs)["data"]["config.json"]))
 
 

@@ -8,8 +8,8 @@ from typing import Any, cast
 import pytest
 
 from kubetune.controller import status as st
-from kubetune.controller.reconciler import World
 from kubetune.controller.references import resolve_references
+from kubetune.controller.world import World
 from kubetune_api.automodel import AutomodelJobSpec
 from kubetune_api.status import Condition, ConditionType, JobStatus
 from kubetune_api.unsloth import UnslothJobSpec

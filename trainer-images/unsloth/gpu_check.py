@@ -7,11 +7,16 @@ peft + trl + bitsandbytes (a separate process that never imports unsloth) on the
 same random ~0.5B Llama, tokens and batch. Prints a table and writes
 OUT/gpu_check.json. Exits non-zero when a run fails or the GPU run substituted
 any setting (on a GPU every field must be honoured).
+
+Imports the trainer (trainer-images) and the operator's renderer (operator), which
+gpu_check.sh puts on PYTHONPATH; nothing from tests/: the model, tokenizer and rows it
+needs are made here.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -21,21 +26,80 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "training"))
-sys.path.insert(0, str(REPO / "tests" / "training" / "unsloth"))
-sys.path.insert(0, str(REPO / "trainer-images"))
-sys.path.insert(0, str(REPO / "operator"))
-
 STEPS = 20
 BATCH = 8
 SEQ = 1024
 
 
+# Random sentences over a small vocabulary, for the tokenizer's training and the rows. The
+# same words, special tokens and chat template as the training tests' tiny Llama
+# (tests/training/tiny_llama.py), so that rows tokenize to the same lengths as in earlier
+# runs of this check and their numbers stay comparable.
+WORDS = [
+    "the", "a", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "zero", "plus",
+    "minus", "equals", "what", "is", "add", "sum", "of", "and", "answer", "question", "reverse", "copy",
+    "word", "list", "number", "red", "green", "blue", "cat", "dog", "bird", "fish", "tree", "house", "river",
+    "small", "big", "fast", "slow", "hello", "world", "please", "repeat", "after", "me", "say", "it",
+    "again", "yes", "no", "ok", "done",
+]  # fmt: skip
+PAD, BOS, EOS = "<pad>", "<s>", "<|end|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def sentences(count: int, seed: int) -> list[str]:
+    """Lines of 3 to 12 words and up to 3 numbers, shuffled, with a closing mark."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        tokens = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))]
+        tokens += [str(rng.randint(0, 99)) for _ in range(rng.randint(0, 3))]
+        rng.shuffle(tokens)
+        lines.append(" ".join(tokens) + rng.choice([".", "?", "!", ":", ","]))
+    return lines
+
+
+def build_tokenizer(out: Path, vocab_size: int) -> Any:
+    """A byte-level BPE trained on `sentences`, saved with its chat template; plain text gets a BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sentences(2000, seed=0), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+        model_max_length=512,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return fast
+
+
 def build_model(work: Path) -> Path:
-    """A random Llama of about 0.5B parameters (throughput needs no trained weights) + the test tokenizer."""
+    """A random Llama of about 0.5B parameters (throughput needs no trained weights) + the tokenizer."""
     import torch
-    from tiny_llama import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = work / "model"
@@ -64,29 +128,49 @@ def build_model(work: Path) -> Path:
 
 def write_data(work: Path) -> Path:
     """Rows of 40 to 700 tokens, so that packing has padding to remove."""
-    from tiny_llama import synthetic_corpus, write_jsonl
-
-    lines = synthetic_corpus(20000, seed=0)
+    lines = sentences(20000, seed=0)
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.sample(lines, rng.randint(4, 60)))} for _ in range(600)]
-    write_jsonl(work / "data" / "train.jsonl", rows)
+    path = work / "data" / "train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return work / "data"
 
 
-def trainer_run(name: str, work: Path, model_dir: Path, data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    from unsloth_helpers import config_document, unsloth_spec
+def config_document(name: str, model_dir: Path, data: Path, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The trainer config the operator would render for an UnslothJob with these sections
+    (each merged into the defaults), with the paths of this machine."""
+    from kubetune.api.resources import UNSLOTH
+    from kubetune.render import NO_PROGRESS, TrainerPaths, render_trainer_config
+    from kubetune_api.unsloth import UnslothJobSpec
 
-    spec = unsloth_spec(
-        **{
-            "model": {"max_seq_length": SEQ},
-            "schedule": {"max_steps": STEPS, "logging_steps": 5},
-            "batch": {"per_device_train_batch_size": BATCH},
-            **overrides,
-        }
+    document: dict[str, Any] = {"model": {"name": "tiny-llama"}, "dataset": {"path": "train"}}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(document.get(key), dict):
+            document[key] = {**document[key], **value}
+        else:
+            document[key] = copy.deepcopy(value)
+    return render_trainer_config(
+        UNSLOTH,
+        name=name,
+        namespace="default",
+        uid="00000000-0000-0000-0000-000000000000",
+        spec=UnslothJobSpec.model_validate(document),
+        paths=TrainerPaths(model=str(model_dir), training_data=str(data), output=str(out)),
+        progress=NO_PROGRESS,
     )
+
+
+def trainer_run(name: str, work: Path, model_dir: Path, data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    sections = {
+        "model": {"max_seq_length": SEQ},
+        "schedule": {"max_steps": STEPS, "logging_steps": 5},
+        "batch": {"per_device_train_batch_size": BATCH},
+        **overrides,
+    }
     out = work / name
     config = work / f"{name}.json"
-    config.write_text(json.dumps(config_document(spec, model=model_dir, training_data=data, output=out, name=name)))
+    config.write_text(json.dumps(config_document(name, model_dir, data, out, sections)))
     env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(work / f"{name}.termination-log")}
     started = time.monotonic()
     done = subprocess.run(

@@ -74,7 +74,7 @@ run() {
   [ -d .whl ] || { echo "gpu_check.sh: .whl/ is missing; run 'gpu_check.sh prepare' here and carry .whl" >&2; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD/trainer-images:$PWD/operator:$PWD/tests/training"
+  export PYTHONPATH="/tmp/site:$PWD/trainer-images:$PWD/operator"
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
   python3 -c "import torch, transformers, trl, peft, bitsandbytes, unsloth; print('versions:', torch.__version__, transformers.__version__, trl.__version__, peft.__version__, bitsandbytes.__version__, unsloth.__version__)"
   python3 "$here/gpu_check.py" --work /tmp/gpu-check --out "${OUT:-/tmp/gpu-check-out}"

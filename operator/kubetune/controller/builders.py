@@ -48,7 +48,9 @@ class OperatorSettings:
         return self.trainer_images.get(backend.name) or backend.default_image
 
 
-@dataclass(frozen=True)
+# Keyword-only: eleven fields, four of them strings and two optional mappings, are too
+# easy to pass in the wrong order by position (a name where the namespace belongs).
+@dataclass(frozen=True, kw_only=True)
 class JobInputs:
     """Everything the builders need: the job, validated, and its entities, resolved."""
 

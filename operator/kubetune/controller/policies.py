@@ -3,7 +3,7 @@ chart's generated file and the tests).
 
 The trainer's per-job identity may patch its job's status (RBAC cannot narrow a
 grant to one field), and it reports progress there. The operator never acts on a
-status field (reconciler.py, "Trust"), but a forged phase would still show until its
+status field (jobs.py, "Trust"), but a forged phase would still show until its
 next pass. This ValidatingAdmissionPolicy makes the API server itself refuse a
 trainer's write to anything but `status.progress`."""
 

@@ -10,10 +10,13 @@ root and the packages of hack/cluster/node-deps.sh; see hack/cluster/README.md.
 
 Standard library only, so that `make cluster-up` runs with any python3 >= 3.11.
 
-CLI:   python3 hack/cluster/localcluster.py up|down|status
-       python3 hack/cluster/localcluster.py kubeconfig USER [--group G ...]
-       python3 hack/cluster/localcluster.py volume NAMESPACE CLAIM [--size 10Gi]
+CLI (from the repository root; hack/run-in-venv.sh and the Makefile put hack/cluster
+on PYTHONPATH):
+       PYTHONPATH=hack/cluster python3 -m localcluster up|down|status
+       PYTHONPATH=hack/cluster python3 -m localcluster kubeconfig USER [--group G ...]
+       PYTHONPATH=hack/cluster python3 -m localcluster volume NAMESPACE CLAIM [--size 10Gi]
 Python:
+       from localcluster import LocalCluster
        cluster = LocalCluster(Path("/tmp/x"))
        cluster.up()
        cluster.kubectl("get", "nodes")
@@ -44,7 +47,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+# hack/cluster: versions.env, kwok/, manifests/ and tcpforward.py beside this package.
+HERE = Path(__file__).resolve().parents[1]
 REPO = HERE.parent.parent
 
 # Start order; down() stops in reverse.
@@ -1173,7 +1177,7 @@ class LocalCluster:
         if len(version) < 3 or not version[2].lstrip("v").startswith(CONTAINERD_MINOR + "."):
             raise ClusterError(
                 f"{found['containerd']} reports {' '.join(version)!r}; the real node's containerd config "
-                f"(localcluster.py, containerd_config) is written for containerd {CONTAINERD_MINOR}.x, Debian 12's"
+                f"(localcluster's containerd_config) is written for containerd {CONTAINERD_MINOR}.x, Debian 12's"
             )
         if "overlay" not in Path("/proc/filesystems").read_text():
             subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
@@ -1507,7 +1511,7 @@ class LocalCluster:
                     raise ClusterError(
                         f"the local cluster in {other} already runs the real node (one per machine: the bridge "
                         f"{CNI_BRIDGE}, the pod network {POD_CIDR} and the cgroup /{CGROUP_ROOT} are machine-wide); "
-                        f"stop it with `python3 hack/cluster/localcluster.py --dir {other} down`"
+                        f"stop it with `KUBETUNE_CLUSTER_DIR={other} make cluster-down`"
                     )
                 _cleanup_node_host(
                     previous.node_dir, binaries["kube-proxy"], binaries["ip"], containerd_root(self.cache)
@@ -2045,7 +2049,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"localcluster: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

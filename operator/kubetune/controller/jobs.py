@@ -1,0 +1,390 @@
+"""The job and status passes: validate → resolve → build → create-or-get → write status once.
+
+A job's pass (`_reconcile`) runs for its own watch event, for an event of its child,
+pods or entities (children.py, entities.py), on a retry (retry.py) and on each resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any, cast
+
+from pydantic import ValidationError
+
+from kubetune.api.resources import BY_KIND
+from kubetune.controller import status as st
+from kubetune.controller.builders import MAX_JOB_NAME, JobInputs, build_all, child_ref, output_format, total_gpus
+from kubetune.controller.children import ChildPasses
+from kubetune.controller.entities import EntityPasses
+from kubetune.controller.kubeclient import ApiError, object_path
+from kubetune.controller.reconcile_state import JobKey, body_ref
+from kubetune.controller.references import JobSpec, ReferenceProblem, resolve_references
+from kubetune.controller.retry import REFUSED_RETRY_FIRST_S, REFUSED_RETRY_MAX_S, is_transient
+from kubetune_api import constants as c
+from kubetune_api.status import ChildRef, Condition, JobStatus, OutputRef
+
+log = logging.getLogger("kubetune.operator")
+
+RESYNC_CONCURRENCY = 16  # jobs a resync passes at once (the client has 32 connections)
+
+
+def _pending_status(conditions: list[Condition], generation: int | None) -> JobStatus:
+    """A job with no child: nothing of a child's (or a forger's) may remain in its status."""
+    return JobStatus(
+        phase=st.PENDING,
+        conditions=conditions,
+        observed_generation=generation,
+        child=None,
+        output=None,
+        start_time=None,
+        completion_time=None,
+    )
+
+
+class _Conflict(Exception):
+    pass
+
+
+class _Leftover(Exception):
+    """An object of the job's name left by an earlier job of the same name."""
+
+
+LEFTOVER_RETRY_S = 2.0
+
+
+class JobPasses(ChildPasses, EntityPasses):
+    """Job events, the resync, and the job's pass (`_reconcile`) with its status writes."""
+
+    # Trust: a job's status is written by the operator AND by the trainer's per-job
+    # identity (progress), so nothing in it steers a request. The child's kind and name
+    # come from the builders, the generation last passed on from an annotation on the
+    # child, and every field but `progress` is computed whole from the child on each pass,
+    # so a forged phase, condition, child or output is overwritten by the next pass (which
+    # the forging write itself triggers). The one fact read from status is that a job
+    # without a child finished: its child is gone (deleted by hand, a TTL) and the
+    # outcome stands (docs/OPERATOR.md, "What status is trusted").
+
+    def forget_job(self, key: JobKey) -> None:
+        for table in (
+            self.jobs,
+            self.children,
+            self.blockers,
+            self.trainer_exits,
+            self._locks,
+            self._failures,
+            self._specs,
+            self._refusals,
+        ):
+            table.pop(key, None)
+        self.waiting.discard(key)
+        self._outputs_made.pop(key, None)
+        self._pod_checks.pop(key, None)
+        retry = self._retries.pop(key, None)
+        if retry is not None:
+            retry.cancel()
+
+    async def on_job(self, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (body["kind"], meta["namespace"], meta["name"])
+        async with self._lock(key):
+            known = self.jobs.get(key)
+            if known is not None and known["metadata"].get("uid") != meta.get("uid"):
+                self.forget_job(key)  # deleted and re-created under the same name
+            self.jobs[key] = dict(body)
+            await self._guarded(key, partial(self._reconcile, key))
+
+    async def resync(self, namespaces: Sequence[str]) -> int:
+        """Level-based pass over every job, with the children listed afresh: a watch event
+        that never arrived (a dropped stream, a child finished or deleted unseen) cannot
+        leave a job behind. Costs one LIST per child kind and namespace, then work in
+        memory; a job whose status is right is not written. Returns the jobs passed."""
+        listed, kinds = await self._list_children(namespaces)
+        if self.child_kinds is not None and kinds - self.child_kinds:
+            # A child kind installed after the start (the training-operator's PyTorchJob CRD):
+            # kopf resolves the resources it watches once, so the operator must restart.
+            self.on_new_child_kind(sorted(kinds - self.child_kinds))
+            return 0
+        keys = list(self.jobs)
+        # Several jobs at a time: a pass mostly waits on the API server (a status write, an
+        # Events list for a child without pods), and one job after another made a resync
+        # over 1,200 jobs take minutes while the operator started (make bench).
+        lanes = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+        async def one(key: JobKey) -> None:
+            async with lanes:
+                if key not in self.jobs:
+                    return  # deleted during the pass: taking its lock would make the lock again
+                async with self._lock(key):
+                    if key not in self.jobs:
+                        return
+                    cached = self.children.get(key)
+                    if key in listed:
+                        self.children[key] = listed[key]
+                    elif cached is not None and cached.get("kind") in kinds:
+                        del self.children[key]  # gone, and its DELETED event was missed
+                    await self._guarded(key, partial(self._reconcile, key))
+
+        # One job's error does not stop the others' passes; the first is raised after.
+        errors = [e for e in await asyncio.gather(*(one(k) for k in keys), return_exceptions=True) if e]
+        if errors:
+            raise errors[0]
+        return len(keys)
+
+    def _spec(self, key: JobKey) -> JobSpec | str:
+        """The validated spec, once per generation (pydantic on every pod event adds up)."""
+        meta = self.jobs[key]["metadata"]
+        stamp = (meta.get("uid"), meta.get("generation"))
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        resource = BY_KIND[key[0]]
+        try:
+            spec: JobSpec | str = cast(JobSpec, resource.spec_model.model_validate(self.jobs[key].get("spec") or {}))
+        except ValidationError as err:
+            spec = "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        self._specs[key] = (stamp, spec)
+        return spec
+
+    async def _write_status(self, key: JobKey, status: JobStatus) -> None:
+        body = self.jobs[key]
+        current = body.get("status") or {}
+        update = st.status_patch(status)
+        if not st.changed(current, update):
+            return
+        resource = BY_KIND[key[0]]
+        path = f"/apis/{c.API_VERSION}/namespaces/{key[1]}/{resource.plural}/{key[2]}/status"
+        try:
+            written = await self.client.merge_patch(path, {"status": update})
+        except ApiError as err:
+            if err.status == 404:  # deleted meanwhile
+                self.forget_job(key)
+                return
+            raise
+        self.jobs[key] = written
+        old_phase, new_phase = current.get("phase"), update.get("phase")
+        if new_phase and new_phase != old_phase:
+            reason, message = self._phase_reason(update)
+            kind = (
+                "Warning"
+                if new_phase == st.FAILED or (new_phase == st.PENDING and reason not in ("Created",))
+                else "Normal"
+            )
+            self.post_event(body_ref(written), kind, reason, message)
+
+    @staticmethod
+    def _phase_reason(update: Mapping[str, Any]) -> tuple[str, str]:
+        phase = update["phase"]
+        cond_type = {st.SUCCEEDED: st.COND_SUCCEEDED, st.FAILED: st.COND_FAILED, st.SUSPENDED: st.COND_SUSPENDED}.get(
+            phase, st.COND_RUNNING
+        )
+        for conds_key in (cond_type, st.COND_REFERENCES):
+            cond = st.find_condition(update.get("conditions"), conds_key)
+            if cond is not None and (cond["status"] == "True" or phase == st.PENDING):
+                return str(cond["reason"]), f"{phase}: {cond['message']}"
+        return phase, phase
+
+    async def _reconcile(self, key: JobKey) -> None:
+        body = self.jobs[key]
+        meta, current = body["metadata"], body.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            self.waiting.discard(key)
+            return
+        generation = meta.get("generation")
+        now = st.now_rfc3339()
+        spec = self._spec(key)
+        if isinstance(spec, str):
+            # The API server's schema should have refused this; say why instead of crash-looping.
+            await self._fail(key, "InvalidSpec", spec, generation, now)
+            return
+        if len(key[2]) > MAX_JOB_NAME:
+            await self._fail(
+                key,
+                "NameTooLong",
+                f"metadata.name must be at most {MAX_JOB_NAME} characters (child names add a suffix)",
+                generation,
+                now,
+            )
+            return
+        child = self._own_child(key)
+        if child is None:
+            if current.get("phase") in st.TERMINAL:
+                self.waiting.discard(key)
+                return
+            await self._start(key, spec, generation, now)
+            return
+        await self._pass_suspend(key, spec, child, generation)
+        await self._write_status(key, await self._status_from_child(key, spec, generation, now))
+
+    async def _start(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> None:
+        """Resolve the references and create the job's objects (create-or-get)."""
+        if self._refusals.get(key) and key in self._retries:
+            return  # refused and waiting for its slow retry: events (our own writes too) do not hurry it
+        body = self.jobs[key]
+        meta, current = body["metadata"], body.get("status") or {}
+        resolution = resolve_references(spec, key[1], self.world.lookup)
+        problems = list(resolution.problems) + self._claim_problems(key[1], resolution.entities)
+        output_model, output_problem = self._output_model_name(key, spec, meta["uid"])
+        if output_problem is not None:
+            problems.append(output_problem)
+        if problems:
+            self.waiting.add(key)
+            await self._write_status(key, self._pending(current, problems, generation, now))
+            return
+        self.waiting.discard(key)
+        inputs = JobInputs(
+            resource=BY_KIND[key[0]],
+            name=key[2],
+            namespace=key[1],
+            uid=meta["uid"],
+            spec=spec,
+            entities=resolution.entities,
+            settings=self.settings,
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+            generation=generation,
+            output_model=output_model,
+        )
+        *support, child = build_all(inputs)
+        uid = meta["uid"]
+        try:
+            # Two round trips instead of five: the pod needs its ConfigMap and ServiceAccount
+            # before the child exists, and a RoleBinding needs its Role first.
+            await asyncio.gather(*(self._create_or_get(o, uid) for o in support if o["kind"] != "RoleBinding"))
+            *_, made = await asyncio.gather(
+                *(self._create_or_get(o, uid) for o in [*(o for o in support if o["kind"] == "RoleBinding"), child])
+            )
+        except _Leftover as err:
+            # Deleted and applied again: the garbage collector is still removing the
+            # earlier job's objects. Wait for it instead of failing.
+            problem = ReferenceProblem("metadata.name", "PreviousJobCleanup", str(err), waiting=True)
+            await self._write_status(key, self._pending(current, [problem], generation, now))
+            self._retry_later(key, LEFTOVER_RETRY_S)
+            return
+        except _Conflict as err:
+            await self._fail(key, "ChildNameTaken", str(err), generation, now)
+            return
+        except ApiError as err:
+            if err.refusal is not None:
+                # A quota or a policy said no: that may change (quota frees, an admin edits
+                # the policy), so the job shows why and asks again on a slow backoff.
+                await self._refused(key, err.refusal, err.message, generation, now)
+                return
+            if err.status == 404 and child["kind"] == "PyTorchJob":
+                message = (
+                    f"the PyTorchJob kind ({c.PYTORCHJOB_API_VERSION}) is not installed: install the Kubeflow "
+                    "training-operator; the operator notices it within --resync-seconds and restarts to watch it"
+                )
+                await self._refused(key, "PyTorchJobNotInstalled", message, generation, now)
+                return
+            if is_transient(err):
+                raise
+            # The API server found what we built invalid: no retry will fix it.
+            await self._fail(key, "WorkloadRejected", str(err), generation, now)
+            return
+        self._refusals.pop(key, None)
+        # Fold in what the child says now (just created, or already there), so that its
+        # first watch event finds nothing to change: one status write, not two.
+        if self._own_child(key) is None:
+            self.children[key] = {**made, "apiVersion": child["apiVersion"], "kind": child["kind"]}
+        await self._pass_suspend(key, spec, self.children[key], generation)
+        await self._write_status(key, await self._status_from_child(key, spec, generation, now))
+
+    async def _refused(self, key: JobKey, reason: str, why: str, generation: int | None, now: str) -> None:
+        refusals = self._refusals[key] = self._refusals.get(key, 0) + 1
+        delay = min(REFUSED_RETRY_MAX_S, REFUSED_RETRY_FIRST_S * 2 ** (refusals - 1))
+        current = self.jobs[key].get("status") or {}
+        message = f"{why} (asking again in {delay:.0f} s)"
+        conditions = st.owned_conditions(
+            current.get("conditions"),
+            [
+                (st.COND_REFERENCES, True, "Resolved", "every reference resolved"),
+                (st.COND_CREATED, False, reason, message),
+            ],
+            generation,
+            now,
+        )
+        await self._write_status(key, _pending_status(conditions, generation))
+        log.warning("%s %s/%s: %s", *key, message)
+        if refusals == 1 and key in self.jobs:
+            self.post_event(body_ref(self.jobs[key]), "Warning", reason, why)
+        self._retry_later(key, delay)
+
+    async def _status_from_child(self, key: JobKey, spec: JobSpec, generation: int | None, now: str) -> JobStatus:
+        """Every status field but the trainer's `progress`, from the child and its pods."""
+        ref = child_ref(BY_KIND[key[0]], key[2], spec)
+        child = self.children[key]
+        state = st.child_state(child)
+        blocker = next(iter(sorted((self.blockers.get(key) or {}).values())), None)
+        if state.phase == st.PENDING and blocker is None and not st.child_has_pods(child):
+            blocker = await self._creation_refusal(key, child)
+        else:
+            self._pod_checks.pop(key, None)
+        current = self.jobs[key].get("status") or {}
+        status = st.status_from_child(
+            current,
+            state,
+            generation,
+            now,
+            blocker,
+            f"created {ref['kind']} {ref['name']}",
+            max((self.trainer_exits.get(key) or {}).values(), default=(None, None))[1],
+        )
+        status.observed_generation = generation
+        status.gpus = total_gpus(spec)
+        status.child = ChildRef.model_validate(ref)
+        status.output = None
+        if state.phase == st.SUCCEEDED:
+            status.output = OutputRef(model=await self._create_output_model(key, spec), format=output_format(spec))
+        return status
+
+    def _pending(
+        self, current: Mapping[str, Any], problems: list[ReferenceProblem], generation: int | None, now: str
+    ) -> JobStatus:
+        first = problems[0]
+        message = "; ".join(p.message for p in problems)
+        conditions = st.owned_conditions(
+            current.get("conditions"), [(st.COND_REFERENCES, False, first.reason, message)], generation, now
+        )
+        return _pending_status(conditions, generation)
+
+    async def _fail(self, key: JobKey, reason: str, message: str, generation: int | None, now: str) -> None:
+        self.waiting.discard(key)
+        current = self.jobs[key].get("status") or {}
+        conditions = st.owned_conditions(
+            current.get("conditions"), [(st.COND_FAILED, True, reason, message)], generation, now
+        )
+        await self._write_status(
+            key,
+            JobStatus(
+                phase=st.FAILED,
+                conditions=conditions,
+                observed_generation=generation,
+                completion_time=current.get("completionTime") or now,
+                child=None,
+                output=None,
+            ),
+        )
+
+    async def _create_or_get(self, obj: Mapping[str, Any], owner_uid: str) -> Mapping[str, Any]:
+        try:
+            return await self.client.create(obj)
+        except ApiError as err:
+            if err.status != 409:
+                raise
+        existing = await self.client.get(object_path(obj))
+        owners = existing.get("metadata", {}).get("ownerReferences") or []
+        if any(o.get("uid") == owner_uid for o in owners):
+            return existing
+        labels, ours = existing.get("metadata", {}).get("labels") or {}, obj["metadata"]["labels"]
+        same_job = all(labels.get(k) == ours[k] for k in (c.LABEL_JOB_NAME, c.LABEL_JOB_KIND, c.LABEL_MANAGED_BY))
+        # Owned by a job of this kind and name with another uid: that job is gone (names are
+        # unique), so the garbage collector will remove it. An orphan would stay forever.
+        if same_job and owners and all(o.get("kind") == ours[c.LABEL_JOB_KIND] for o in owners):
+            raise _Leftover(
+                f"{obj['kind']} {obj['metadata']['name']} of an earlier {ours[c.LABEL_JOB_KIND]} of this name still "
+                "exists; waiting for the garbage collector to remove it"
+            )
+        raise _Conflict(f"{obj['kind']} {obj['metadata']['name']} already exists and belongs to something else")
