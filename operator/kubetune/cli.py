@@ -13,7 +13,7 @@ from kubetune import __version__
 from kubetune.api.resources import BACKENDS as JOB_BACKENDS
 from kubetune.api.resources import JOB_RESOURCES, job_backend
 from kubetune.crdgen import dumps_json, json_schema, write_generated
-from kubetune.validation import validate_paths
+from kubetune.validation import memory_warnings, validate_paths
 
 BACKENDS = {job_backend(r).name: r for r in JOB_RESOURCES}
 JOB_KINDS = ", ".join(r.kind for r in JOB_RESOURCES)
@@ -29,6 +29,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not parsed:
         print("no kubetune resources found (apiVersion kubetune.io/v1alpha1)", file=sys.stderr)
         return 1
+    # Warnings, not problems: the exit status stays 0 (the guideline is conservative).
+    for warning in memory_warnings(parsed, args.gpu_memory_gb or None):
+        print(warning, file=sys.stderr)
     note = f", {skipped} other document(s) skipped" if skipped else ""
     print(f"{len(parsed)} kubetune resource(s) valid{note}", file=sys.stderr)
     return 0
@@ -58,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="validate manifests offline, as the API server would")
     p.add_argument("-f", "--file", action="append", required=True, metavar="PATH", help="file, folder or - (stdin)")
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=0.0,
+        help="GB per GPU where the jobs will run (80 for an 80 GB H100), for the memory pre-flight check of jobs "
+        "whose Model (with spec.parameters) is among the files; 0: only the GPU count is checked",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schema", help="print the live JSON schema of a backend's spec, defaults included")
@@ -110,6 +120,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         trainer_images={b.name: getattr(args, f"{b.name}_image") for b in JOB_BACKENDS},
         image_pull_policy=args.image_pull_policy,
         output_claim=args.output_claim,
+        gpu_memory_gb=args.gpu_memory_gb or None,
     )
     ensure_identity()
     leadership = (
@@ -188,6 +199,14 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--output-claim",
         default=_env_default("KUBETUNE_OUTPUT_CLAIM", defaults.output_claim),
         help="PersistentVolumeClaim (in each job's namespace) that receives outputs (env KUBETUNE_OUTPUT_CLAIM)",
+    )
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=_env_default("KUBETUNE_GPU_MEMORY_GB", "0"),  # a string: argparse converts it only if used
+        help="GB per GPU on the cluster's nodes, as the card is sold (80 for an 80 GB H100), for the memory "
+        "pre-flight check against the seed's guidelines (env KUBETUNE_GPU_MEMORY_GB; 0: unknown, only the GPU "
+        "count is checked)",
     )
     # The port defaults come from the environment as strings, converted by argparse only
     # when the flag is absent: Kubernetes puts KUBETUNE_METRICS_PORT=tcp://10.96.0.5:8081 in

@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kubetune.api.resources import BY_KIND, JOB_RESOURCES, Resource
+from kubetune.api.resources import BY_KIND, JOB_RESOURCES, Resource, spec_backend
+from kubetune.memory import memory_risk
 from kubetune_api import constants as c
 from kubetune_api.common import nested_model
 
@@ -225,6 +226,29 @@ def validate_paths(paths: Iterable[str]) -> tuple[list[ParsedResource], list[Pro
         elif not doc_problems:
             skipped += 1
     return parsed, problems, skipped
+
+
+def memory_warnings(parsed: Iterable[ParsedResource], gb_per_gpu: float | None) -> list[str]:
+    """The memory pre-flight check for the jobs among `parsed` whose Model is among them
+    too (the same name, in the same namespace or the reference's workspace): one line per
+    job below the seed's GPU memory guideline, naming the file, the job and the row."""
+    parsed = list(parsed)
+    models = {(r.namespace, r.name): r for r in parsed if r.kind == c.KIND_MODEL}
+    warnings = []
+    for job in parsed:
+        if job.kind not in {r.kind for r in JOB_RESOURCES}:
+            continue
+        backend = spec_backend(job.spec)
+        ref = next((r for r in backend.references(job.spec) if r.role == "model"), None)
+        if ref is None:
+            continue
+        workspace, _, name = ref.value.rpartition("/")
+        model = models.get((workspace or job.namespace, name))
+        parameters = getattr(model.spec, "parameters", None) if model is not None else None
+        why = memory_risk(parameters, backend.memory_method(job.spec), backend.total_gpus(job.spec), gb_per_gpu)
+        if why is not None:
+            warnings.append(f"{job.source}:{job.index} {job.kind}/{job.name}: warning: MemoryRisk: {why}")
+    return warnings
 
 
 def iter_problem_lines(problems: Iterable[Problem]) -> Iterator[str]:

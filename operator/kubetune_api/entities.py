@@ -95,6 +95,13 @@ class ModelSpec(RuleCheckedSpec):
         default=None, gt=0, description="Vocabulary size; a teacher and its student must match."
     )
     description: str | None = Field(default=None, max_length=1024, description="What the model is.")
+    parameters: int | None = Field(
+        default=None,
+        gt=0,
+        description="Parameter count (e.g. 8030261248 for an 8B model). When given, jobs on this model are checked "
+        "against the seed's GPU memory guidelines: a job asking for fewer or smaller GPUs gets condition "
+        'MemoryRisk, a warning, never a refusal (docs/OPERATOR.md, "Memory pre-flight check").',
+    )
     sharedWith: Namespaces | None = Field(
         default=None, description='Namespaces allowed to reference this entity as `workspace/name` ("*" = all).'
     )

@@ -23,6 +23,7 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    MEMORY_RISK = "MemoryRisk"  # below the seed's GPU memory guideline (a warning; kubetune.memory)
     # Model and Fileset
     READY = "Ready"
 

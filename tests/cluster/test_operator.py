@@ -669,6 +669,38 @@ def test_refused_pod_creation_is_shown(cluster: Any, operator: OperatorProcess, 
     assert done["status"]["phase"] == "Succeeded"
 
 
+def test_job_below_the_memory_guideline_gets_a_warning_and_still_runs(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """A Model that states its parameter count: a full-weight job on one GPU is below the
+    seed's guideline for its size (7-8B: 2-4 × 80 GB), so the job carries MemoryRisk=True
+    and a Warning Event naming the row, and runs anyway; a LoRA job on one GPU is not."""
+    prepare(cluster, namespace)
+    model = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": "llama-8b"},
+        "spec": {"parameters": 8_030_261_248, "storage": {"pvc": {"claimName": "models", "path": "llama-8b"}}},
+    }
+    apply(cluster, namespace, text=yaml.safe_dump(model))
+    full = {**LORA, "model": "llama-8b", "training": {"finetuning_type": "all_weights"}}
+    apply(cluster, namespace, text=job("AutomodelJob", "full-8b", full))
+    apply(cluster, namespace, text=job("AutomodelJob", "lora-8b", {**LORA, "model": "llama-8b"}))
+    done = wait_phase(cluster, operator, "automodeljob", "full-8b", namespace, {"Succeeded", "Failed"}, timeout=120)
+    assert done["status"]["phase"] == "Succeeded"  # a warning, never a refusal
+    risk = condition(done, "MemoryRisk")
+    assert risk["status"] == "True" and risk["reason"] == "BelowMemoryGuideline"
+    assert "7-8B models is 2-4 × 80 GB" in risk["message"] and "asks for 1 GPU(s)" in risk["message"]
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=full-8b", "-o", "json"
+    )
+    warned = [e for e in json.loads(events.stdout)["items"] if e["reason"] == "MemoryRisk"]
+    assert warned and all(e["type"] == "Warning" and "2-4 × 80 GB" in e["message"] for e in warned), warned
+    lora = wait_phase(cluster, operator, "automodeljob", "lora-8b", namespace, {"Succeeded", "Failed"}, timeout=120)
+    assert lora["status"]["phase"] == "Succeeded"
+    assert all(c["type"] != "MemoryRisk" for c in lora["status"]["conditions"])
+
+
 def test_outputs_never_collide(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
     """An AutomodelJob and an UnslothJob of one name, and a job deleted and applied again
     while its old children are still being removed, each train into their own directory

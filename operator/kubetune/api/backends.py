@@ -21,6 +21,9 @@ from kubetune_api.unsloth import UnslothJobSpec
 # Every job spec model, for the type checker; the descriptors decide everything else.
 JobSpec = AutomodelJobSpec | UnslothJobSpec
 OutputFormat = Literal["full", "adapter"]
+# The row of the seed's GPU memory guidelines a job is checked against (kubetune.memory);
+# None where the guideline does not apply.
+MemoryMethod = Literal["lora", "full"] | None
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
@@ -57,6 +60,7 @@ class Backend(Generic[SpecT]):
     output_format: Callable[[SpecT], OutputFormat]
     # What an adapter output names as its baseModel: the job's base model reference.
     base_model: Callable[[SpecT], str]
+    memory_method: Callable[[SpecT], MemoryMethod]
     # `kubetune run`: the modules the interpreter must import, the variable that names one
     # that can, the repository's environment that has them and the requirements to install.
     local_imports: tuple[str, ...]
@@ -96,6 +100,10 @@ def _automodel_output_format(spec: AutomodelJobSpec) -> OutputFormat:
     return "adapter" if spec.training.finetuning_type == "lora" else "full"
 
 
+def _automodel_memory_method(spec: AutomodelJobSpec) -> MemoryMethod:
+    return "full" if spec.training.finetuning_type == "all_weights" else "lora"
+
+
 AUTOMODEL_BACKEND: Backend[AutomodelJobSpec] = Backend(
     name="automodel",
     spec_model=AutomodelJobSpec,
@@ -108,6 +116,7 @@ AUTOMODEL_BACKEND: Backend[AutomodelJobSpec] = Backend(
     pod_env=lambda spec: [],
     output_format=_automodel_output_format,
     base_model=lambda spec: spec.model,
+    memory_method=_automodel_memory_method,
     local_imports=("torch", "transformers", "peft", "pydantic"),
     local_python_env="KUBETUNE_TRAINER_PYTHON",
     local_venv="test",
@@ -142,6 +151,14 @@ def _unsloth_output_format(spec: UnslothJobSpec) -> OutputFormat:
     return "full"
 
 
+def _unsloth_memory_method(spec: UnslothJobSpec) -> MemoryMethod:
+    # The seed's guideline is for 16-bit weights: 4-bit or 8-bit loading needs far less,
+    # by an amount the table does not give, so a quantized job is not checked.
+    if spec.model.load_in_4bit or spec.model.load_in_8bit:
+        return None
+    return "full" if spec.training.finetuning_type == "all_weights" else "lora"
+
+
 UNSLOTH_BACKEND: Backend[UnslothJobSpec] = Backend(
     name="unsloth",
     spec_model=UnslothJobSpec,
@@ -154,6 +171,7 @@ UNSLOTH_BACKEND: Backend[UnslothJobSpec] = Backend(
     pod_env=_unsloth_pod_env,
     output_format=_unsloth_output_format,
     base_model=lambda spec: spec.model.name,
+    memory_method=_unsloth_memory_method,
     local_imports=("unsloth", "trl", "pydantic"),
     local_python_env="KUBETUNE_UNSLOTH_PYTHON",
     local_venv="unsloth",

@@ -43,6 +43,9 @@ class OperatorSettings:
     trainer_images: Mapping[str, str] = field(default_factory=default_trainer_images)
     image_pull_policy: str = "IfNotPresent"
     output_claim: str = "kubetune-output"
+    # GB per GPU on this cluster's nodes, as the card is sold (80 for an 80 GB H100), for the
+    # memory pre-flight check; None: only the GPU count is checked (kubetune.memory).
+    gpu_memory_gb: float | None = None
 
     def trainer_image(self, backend: Backend[Any]) -> str:
         return self.trainer_images.get(backend.name) or backend.default_image

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from kubetune.api.resources import BY_KIND
+from kubetune.api.resources import BY_KIND, spec_backend
 from kubetune.controller import status as st
 from kubetune.controller.builders import MAX_JOB_NAME, JobInputs, build_all, child_ref, output_format, total_gpus
 from kubetune.controller.children import ChildPasses
@@ -23,6 +23,7 @@ from kubetune.controller.kubeclient import ApiError, object_path
 from kubetune.controller.reconcile_state import JobKey, body_ref
 from kubetune.controller.references import JobSpec, ReferenceProblem, resolve_references
 from kubetune.controller.retry import REFUSED_RETRY_FIRST_S, REFUSED_RETRY_MAX_S, is_transient
+from kubetune.memory import memory_risk
 from kubetune_api import constants as c
 from kubetune_api.status import ChildRef, Condition, JobStatus, OutputRef
 
@@ -173,6 +174,9 @@ class JobPasses(ChildPasses, EntityPasses):
                 else "Normal"
             )
             self.post_event(body_ref(written), kind, reason, message)
+        risk = st.find_condition(update.get("conditions"), st.COND_MEMORY_RISK)
+        if risk is not None and st.find_condition(current.get("conditions"), st.COND_MEMORY_RISK) is None:
+            self.post_event(body_ref(written), "Warning", st.COND_MEMORY_RISK, str(risk["message"]))
 
     @staticmethod
     def _phase_reason(update: Mapping[str, Any]) -> tuple[str, str]:
@@ -331,6 +335,7 @@ class JobPasses(ChildPasses, EntityPasses):
             blocker,
             f"created {ref['kind']} {ref['name']}",
             max((self.trainer_exits.get(key) or {}).values(), default=(None, None))[1],
+            self._memory_risk(key, spec),
         )
         status.observed_generation = generation
         status.gpus = total_gpus(spec)
@@ -339,6 +344,18 @@ class JobPasses(ChildPasses, EntityPasses):
         if state.phase == st.SUCCEEDED:
             status.output = OutputRef(model=await self._create_output_model(key, spec), format=output_format(spec))
         return status
+
+    def _memory_risk(self, key: JobKey, spec: JobSpec) -> str | None:
+        """Why the job asks for less GPU memory than the seed's guideline for its model's
+        size (the Model's spec.parameters) and method; None when it does not, or cannot be told."""
+        model = resolve_references(spec, key[1], self.world.lookup).entities.get("model")
+        parameters = (model.spec if model is not None else {}).get("parameters")
+        return memory_risk(
+            parameters if isinstance(parameters, int) else None,
+            spec_backend(spec).memory_method(spec),
+            total_gpus(spec),
+            self.settings.gpu_memory_gb,
+        )
 
     def _pending(
         self, current: Mapping[str, Any], problems: list[ReferenceProblem], generation: int | None, now: str

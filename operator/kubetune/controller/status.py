@@ -31,6 +31,7 @@ COND_RUNNING: Final = ConditionType.RUNNING
 COND_SUSPENDED: Final = ConditionType.SUSPENDED
 COND_SUCCEEDED: Final = ConditionType.SUCCEEDED
 COND_FAILED: Final = ConditionType.FAILED
+COND_MEMORY_RISK: Final = ConditionType.MEMORY_RISK
 
 
 def now_rfc3339() -> str:
@@ -253,10 +254,11 @@ def status_from_child(
     blocker: tuple[str, str] | None = None,
     created: str = "created the workload",
     trainer_reason: str | None = None,
+    memory_risk: str | None = None,
 ) -> JobStatus:
     """The job's phase, conditions and times, computed whole from its child's state
-    (and a pod's blocker, or the trainer's reason for failing): nothing of `current` but
-    condition timestamps survives."""
+    (and a pod's blocker, the trainer's reason for failing, or why the job is below its
+    GPU memory guideline): nothing of `current` but condition timestamps survives."""
     phase, reason, message = state.phase, state.reason, state.message
     if phase == PENDING and blocker is not None:
         reason, message = blocker
@@ -273,6 +275,9 @@ def status_from_child(
             message if phase == SUSPENDED else "",
         ),
     ]
+    if memory_risk is not None:
+        # Only while it holds: a condition on every job saying "no risk" would be noise.
+        wanted.append((COND_MEMORY_RISK, True, "BelowMemoryGuideline", memory_risk))
     if phase == SUCCEEDED:
         wanted.append((COND_SUCCEEDED, True, reason, message))
     if phase == FAILED:
