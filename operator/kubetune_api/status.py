@@ -28,6 +28,17 @@ class ConditionType(StrEnum):
     READY = "Ready"
 
 
+class FailureClass(StrEnum):
+    """Why a trainer pod stopped before the job was done, as the operator tells it from the
+    pod's conditions, its container's state and the trainer's termination message
+    (docs/FAILURES.md says what each means and what to do)."""
+
+    PREEMPTED = "Preempted"  # disrupted (preemption, eviction, node drain) or stopped by SIGTERM
+    OUT_OF_MEMORY = "OutOfMemory"  # the container was OOMKilled
+    TRAINER_ERROR = "TrainerError"  # the trainer's own error: bad data, bad config
+    NODE_FAILURE = "NodeFailure"  # the node went away or became unreachable under the pod
+
+
 # `status.conditions` is a map keyed by type (as metav1.Condition lists are): the API
 # server refuses two conditions of one type, and server-side apply merges them by type.
 CONDITIONS_BY_TYPE: dict[str, Any] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
@@ -102,6 +113,25 @@ class Progress(StatusModel):
     )
 
 
+MAX_RESTARTS = 20  # status.restarts keeps the newest this many
+
+
+class Restart(StatusModel):
+    """One trainer pod that stopped before the job was done: by whom, when and why. The
+    operator adds an entry (and a Warning Event) for each; a job that fails lists all but
+    the failure that ended it, whose class is then the Failed condition's reason."""
+
+    failure_class: FailureClass = Field(description="Preempted, OutOfMemory, TrainerError or NodeFailure.")
+    time: str = Field(max_length=64, description="When the pod stopped (RFC 3339).")
+    pod: str = Field(max_length=253, description="The pod that stopped.")
+    message: str = Field(default="", max_length=1024, description="What the pod, its node or the trainer said.")
+    step: int | None = Field(
+        default=None,
+        description="The last step the trainer had reported then: the next pod resumes from the last checkpoint at "
+        "or before it.",
+    )
+
+
 class OutputRef(StatusModel):
     """The Model entity the job produced."""
 
@@ -127,3 +157,8 @@ class JobStatus(StatusModel):
     child: ChildRef | None = Field(default=None, description="The workload that runs the job.")
     progress: Progress | None = Field(default=None, description="Training progress.")
     output: OutputRef | None = Field(default=None, description="The produced Model entity.")
+    restarts: list[Restart] | None = Field(
+        default=None,
+        max_length=MAX_RESTARTS,
+        description=f"Trainer pods that stopped before the job was done, oldest first (the newest {MAX_RESTARTS}).",
+    )

@@ -117,10 +117,62 @@ def test_pod_failure_fails_the_job_with_the_child_reason(
     apply(cluster, namespace, text=job("AutomodelJob", "multi-fails", multi, fail))
     single = wait_phase(cluster, operator, "automodeljob", "single-fails", namespace, {"Failed", "Succeeded"})
     assert single["status"]["phase"] == "Failed"
-    assert condition(single, "Failed")["reason"] == "PodFailurePolicy"
+    # The trainer's own error (exit code 1): failed at once, no restart, the class as the reason.
+    failed = condition(single, "Failed")
+    assert failed["reason"] == "TrainerError" and "failed on request" in failed["message"], failed
+    assert "PodFailurePolicy" not in failed["message"] or "FailJob" in failed["message"]
+    assert not single["status"].get("restarts")
     multi_body = wait_phase(cluster, operator, "automodeljob", "multi-fails", namespace, {"Failed", "Succeeded"})
     assert multi_body["status"]["phase"] == "Failed"
-    assert condition(multi_body, "Failed")["reason"] == "PyTorchJobFailed"
+    assert condition(multi_body, "Failed")["reason"] == "TrainerError"
+
+
+def test_out_of_memory_restarts_then_fails_with_the_fields_to_lower(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """A trainer OOMKilled (kwok plays the kernel: exit 137, reason OOMKilled) is retried
+    by the Job's backoff (2 retries), each listed in status.restarts with an Event; the
+    last one fails the job with reason OutOfMemory and the fields that lower its memory."""
+    prepare(cluster, namespace)
+    oom = {"kubetune.io/fake-fail": "true", "kubetune.io/fake-exit-code": "137", "kubetune.io/fake-reason": "OOMKilled"}
+    apply(cluster, namespace, text=job("AutomodelJob", "oom", LORA, oom))
+    body = wait_phase(cluster, operator, "automodeljob", "oom", namespace, {"Failed", "Succeeded"}, timeout=150)
+    assert body["status"]["phase"] == "Failed"
+    failed = condition(body, "Failed")
+    assert failed["reason"] == "OutOfMemory", failed
+    assert "OOMKilled" in failed["message"] and "batch.micro_batch_size" in failed["message"], failed
+    restarts = body["status"]["restarts"]
+    assert [r["failureClass"] for r in restarts] == ["OutOfMemory", "OutOfMemory"], restarts
+    assert len({r["pod"] for r in restarts}) == 2 and all(r["time"] for r in restarts)
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=oom", "-o", "json"
+    )
+    told = [e for e in json.loads(events.stdout)["items"] if e["reason"] == "OutOfMemory"]
+    assert {pod for e in told for pod in (r["pod"] for r in restarts) if pod in e["message"]} == {
+        r["pod"] for r in restarts
+    }
+
+
+def test_evicted_pod_is_a_preemption_that_resumes(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+    """An eviction through the Eviction API (what a node drain and Kueue's preemption use)
+    marks the pod DisruptionTarget: the Job's pod failure policy ignores it (no retry
+    spent), the operator lists a Preempted restart, and the job succeeds on a new pod."""
+    prepare(cluster, namespace)
+    apply(cluster, namespace, text=job("UnslothJob", "drained", UNSLOTH, {"kubetune.io/fake-duration": "8s"}))
+    wait_phase(cluster, operator, "unslothjob", "drained", namespace, {"Running"})
+    pods = json.loads(
+        cluster.kubectl("get", "pods", "-n", namespace, "-l", "kubetune.io/job-name=drained", "-o", "json").stdout
+    )["items"]
+    name = pods[0]["metadata"]["name"]
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace}}
+    cluster.kubectl(
+        "create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{name}/eviction", "-f", "-", input=json.dumps(eviction)
+    )
+    done = wait_phase(cluster, operator, "unslothjob", "drained", namespace, {"Succeeded", "Failed"}, timeout=120)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
+    restarts = done["status"]["restarts"]
+    assert [(r["failureClass"], r["pod"]) for r in restarts] == [("Preempted", name)], restarts
+    assert "EvictionByEvictionAPI" in restarts[0]["message"], restarts
 
 
 def test_unschedulable_job_stays_pending_and_says_why(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
@@ -587,6 +639,9 @@ def test_deleted_trainer_pod_is_replaced_and_the_job_succeeds(
     assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
     child = get(cluster, "job", done["status"]["child"]["name"], namespace)
     assert child["status"].get("failed") == 1 and child["status"].get("succeeded") == 1
+    restarts = done["status"]["restarts"]
+    assert [(r["failureClass"], r["pod"]) for r in restarts] == [("Preempted", pods[0]["metadata"]["name"])]
+    assert "exit code 143" in restarts[0]["message"], restarts
 
 
 def test_image_policy_refuses_images_from_other_registries(

@@ -11,7 +11,7 @@ from kubetune.controller import status as st
 from kubetune.controller.references import resolve_references
 from kubetune.controller.world import World
 from kubetune_api.automodel import AutomodelJobSpec
-from kubetune_api.status import Condition, ConditionType, JobStatus
+from kubetune_api.status import Condition, ConditionType, FailureClass, JobStatus
 from kubetune_api.unsloth import UnslothJobSpec
 
 
@@ -35,7 +35,8 @@ def test_status_writes_are_typed_models_dumped_by_alias() -> None:
     set to None goes as null (a merge patch clears it), a field never set is not sent."""
     status = st.status_from_child({}, st.ChildState(st.FAILED, "BackoffLimitExceeded", "pods failed", "t0"), 3, "t1")
     patch = st.status_patch(status)
-    assert set(patch) == {"phase", "conditions", "startTime", "completionTime"}
+    assert set(patch) == {"phase", "conditions", "startTime", "completionTime", "restarts"}
+    assert patch["restarts"] is None  # none: sent as null, so a child made again clears the old list
     assert patch["phase"] == "Failed" and patch["completionTime"] == "t1"
     assert [c["type"] for c in patch["conditions"]] == [
         "ReferencesResolved",
@@ -160,17 +161,19 @@ def test_failed_job_shows_the_trainers_reason() -> None:
             ]
         },
     }
-    found = st.trainer_exit(pod)
-    assert found == ("t9", "/data/rows.jsonl line 6: not valid JSON (Expecting value) (exit code 1)")
-    assert st.trainer_exit({"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0}}}]}}) is None
+    found = st.pod_failure(pod)
+    assert found is not None and found.failure_class == FailureClass.TRAINER_ERROR and found.time == "t9"
+    assert found.message == "/data/rows.jsonl line 6: not valid JSON (Expecting value) (exit code 1)"
+    assert st.pod_failure({"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0}}}]}}) is None
     failed = st.status_patch(st.status_from_child(
         {}, st.ChildState(st.FAILED, "PodFailurePolicy", "exit code 1 matching FailJob rule"), 1, "t9",
-        trainer_reason=found[1] if found else None,
+        failures=[found],
     ))  # fmt: skip
     cond = st.find_condition(failed["conditions"], st.COND_FAILED)
-    assert cond is not None and cond["reason"] == "PodFailurePolicy"
+    assert cond is not None and cond["reason"] == "TrainerError"
     assert cond["message"].startswith("/data/rows.jsonl line 6: not valid JSON"), cond["message"]
     assert cond["message"].endswith("exit code 1 matching FailJob rule")
+    assert failed["restarts"] is None  # the failure that ended the job is no restart
 
 
 def test_child_without_pods_shows_a_refused_creation() -> None:
@@ -330,3 +333,72 @@ def test_forget_job_empties_every_per_job_table() -> None:
     reconciler.forget_job(key)
     left = [name for name in PER_JOB_TABLES if key in cast(Container[Any], tables[name])]
     assert not left, f"forget_job keeps {left}"
+
+
+def _pod(status: dict[str, Any], name: str = "j-automodel-0") -> dict[str, Any]:
+    return {"metadata": {"name": name, "uid": f"uid-{name}"}, "status": status}
+
+
+def _terminated(code: int, reason: str = "Error", message: str = "", at: str = "t5") -> dict[str, Any]:
+    done = {"exitCode": code, "reason": reason, "finishedAt": at, "message": message}
+    return {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": done}}]}
+
+
+def _disrupted(reason: str) -> dict[str, Any]:
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "m", "lastTransitionTime": "t4"}
+    return {"phase": "Running", "conditions": [cond]}
+
+
+@pytest.mark.parametrize(
+    ("status", "failure_class", "words"),
+    [
+        (_terminated(137, "OOMKilled"), FailureClass.OUT_OF_MEMORY, "ran out of memory (OOMKilled, exit code 137)"),
+        (_terminated(143, message="preempted: checkpoint saved at step 40"), FailureClass.PREEMPTED, "step 40"),
+        (_terminated(137), FailureClass.PREEMPTED, "stopped by a signal (exit code 137)"),
+        (_terminated(1, message="bad row"), FailureClass.TRAINER_ERROR, "bad row (exit code 1)"),
+        (_terminated(2), FailureClass.TRAINER_ERROR, "exited with code 2"),
+        (_disrupted("PreemptionByScheduler"), FailureClass.PREEMPTED, "PreemptionByScheduler: m"),
+        (_disrupted("EvictionByEvictionAPI"), FailureClass.PREEMPTED, "EvictionByEvictionAPI"),
+        (_disrupted("DeletionByTaintManager"), FailureClass.NODE_FAILURE, "DeletionByTaintManager"),
+        (_disrupted("DeletionByPodGC"), FailureClass.NODE_FAILURE, "DeletionByPodGC"),
+        ({"phase": "Failed", "reason": "Evicted", "message": "low on memory"}, FailureClass.PREEMPTED, "low on"),
+        ({"phase": "Failed", "reason": "NodeLost", "message": "node gone"}, FailureClass.NODE_FAILURE, "node gone"),
+    ],
+)
+def test_each_failure_class_from_the_pod(status: dict[str, Any], failure_class: FailureClass, words: str) -> None:
+    found = st.pod_failure(_pod(status))
+    assert found is not None and found.failure_class == failure_class and words in found.message, found
+
+
+def test_a_running_waiting_or_succeeded_pod_is_no_failure() -> None:
+    assert st.pod_failure(_pod({"phase": "Running"})) is None
+    waiting = {"containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}
+    assert st.pod_failure(_pod(waiting)) is None  # a blocker (pod_blocker), not a failure
+    assert st.pod_failure(_pod(_terminated(0, "Completed"))) is None
+
+
+def test_restarts_list_every_failure_but_the_one_that_ended_the_job() -> None:
+    preempted = st.PodFailure(FailureClass.PREEMPTED, "t1", "p0", "PreemptionByScheduler: m", step=40)
+    oom = st.PodFailure(FailureClass.OUT_OF_MEMORY, "t2", "p1", "the container ran out of memory", step=55)
+    running = st.ChildState(st.RUNNING, "Running", "the trainer pod is running", "t0")
+    status = st.status_patch(st.status_from_child({}, running, 1, "t3", failures=[oom, preempted]))
+    assert [(r["failureClass"], r["pod"], r["step"]) for r in status["restarts"]] == [
+        ("Preempted", "p0", 40),
+        ("OutOfMemory", "p1", 55),
+    ]
+    ended = st.ChildState(st.FAILED, "BackoffLimitExceeded", "Job has reached the specified backoff limit", "t0")
+    status = st.status_patch(
+        st.status_from_child({}, ended, 1, "t3", failures=[oom, preempted], out_of_memory_hint="lower the batch")
+    )
+    cond = st.find_condition(status["conditions"], st.COND_FAILED)
+    assert cond is not None and cond["reason"] == "OutOfMemory"
+    assert (
+        cond["message"].startswith("the container ran out of memory; Job has reached")
+        and "lower the batch" in cond["message"]
+    )
+    assert [r["pod"] for r in status["restarts"]] == ["p0"]
+    # A deadline stops the pods itself: its reason stands, and every pod failure is listed.
+    deadline = st.ChildState(st.FAILED, "DeadlineExceeded", "Job was active longer than specified deadline", "t0")
+    status = st.status_patch(st.status_from_child({}, deadline, 1, "t3", failures=[preempted]))
+    cond = st.find_condition(status["conditions"], st.COND_FAILED)
+    assert cond is not None and cond["reason"] == "DeadlineExceeded" and len(status["restarts"]) == 1

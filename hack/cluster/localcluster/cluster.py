@@ -74,6 +74,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 FAKE_FAIL_ANNOTATION = "kubetune.io/fake-fail"
 FAKE_DURATION_ANNOTATION = "kubetune.io/fake-duration"
 FAKE_EXIT_CODE_ANNOTATION = "kubetune.io/fake-exit-code"
+FAKE_REASON_ANNOTATION = "kubetune.io/fake-reason"
 GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
 CPU_NODES = ("kwok-cpu-0",)
 STORAGE_CLASS = "kubetune-local"

@@ -61,6 +61,8 @@ class Backend(Generic[SpecT]):
     # What an adapter output names as its baseModel: the job's base model reference.
     base_model: Callable[[SpecT], str]
     memory_method: Callable[[SpecT], MemoryMethod]
+    # What to change when a trainer pod is OOMKilled: the fields that lower its memory.
+    out_of_memory_hint: str
     # `kubetune run`: the modules the interpreter must import, the variable that names one
     # that can, the repository's environment that has them and the requirements to install.
     local_imports: tuple[str, ...]
@@ -117,6 +119,8 @@ AUTOMODEL_BACKEND: Backend[AutomodelJobSpec] = Backend(
     output_format=_automodel_output_format,
     base_model=lambda spec: spec.model,
     memory_method=_automodel_memory_method,
+    out_of_memory_hint="to use less memory, lower batch.micro_batch_size or training.max_seq_length, use "
+    "finetuning_type lora, or spread the model over more GPUs (parallelism)",
     local_imports=("torch", "transformers", "peft", "pydantic"),
     local_python_env="KUBETUNE_TRAINER_PYTHON",
     local_venv="test",
@@ -172,6 +176,8 @@ UNSLOTH_BACKEND: Backend[UnslothJobSpec] = Backend(
     output_format=_unsloth_output_format,
     base_model=lambda spec: spec.model.name,
     memory_method=_unsloth_memory_method,
+    out_of_memory_hint="to use less memory, lower batch.per_device_train_batch_size or model.max_seq_length, "
+    "load in 4-bit (model.load_in_4bit), or use finetuning_type lora",
     local_imports=("unsloth", "trl", "pydantic"),
     local_python_env="KUBETUNE_UNSLOTH_PYTHON",
     local_venv="unsloth",

@@ -70,27 +70,20 @@ class ChildPasses(RetryPasses):
             self.children[key] = child
 
     async def on_pod(self, key: JobKey, pod: Mapping[str, Any], deleted: bool) -> None:
-        name = pod["metadata"]["name"]
+        name, uid = pod["metadata"]["name"], str(pod["metadata"].get("uid") or pod["metadata"]["name"])
         if deleted and key not in self.jobs:
             # The job is gone (its pods go after it): what its pods told is needed no more.
-            for table in (self.trainer_exits, self.blockers):
+            for table, pod_key in ((self.pod_failures, uid), (self.blockers, name)):
                 pods = table.get(key)
                 if pods is not None:
-                    pods.pop(name, None)
+                    pods.pop(pod_key, None)
                     if not pods:
                         del table[key]
             return
-        exit_ = st.trainer_exit(pod)
-        exits = self.trainer_exits.setdefault(key, {})
-        # Kept after the pod is deleted: the reason outlives a pod cleaned up by a retry.
-        new_exit = exit_ is not None and exits.get(name) != exit_
-        if exit_ is not None:
-            exits[name] = exit_
-        elif not exits:
-            self.trainer_exits.pop(key, None)
+        new_failure = self._note_failure(key, uid, pod)
         blocker = None if deleted else st.pod_blocker(pod)
         pods = self.blockers.get(key) or {}
-        if pods.get(name) == blocker and not new_exit:
+        if pods.get(name) == blocker and not new_failure:
             return  # nothing new (also: a pod that never had a blocker and has none now)
         if blocker is None:
             pods.pop(name, None)
@@ -105,6 +98,29 @@ class ChildPasses(RetryPasses):
         async with self._lock(key):
             if key in self.jobs and key in self.children:
                 await self._guarded(key, partial(self._reconcile, key))
+
+    def _note_failure(self, key: JobKey, uid: str, pod: Mapping[str, Any]) -> bool:
+        """Keep why the pod stopped, if it did (kept after the pod is deleted: a preempted
+        pod is gone by the time its job is looked at); True when that is new."""
+        failure = st.pod_failure(pod)
+        known = self.pod_failures.get(key) or {}
+        if failure is None or uid in known:
+            return False
+        # The step the trainer had reported: from the job now, or, for a failure seen
+        # before an operator restart, from the entry status already lists.
+        status = (self.jobs.get(key) or {}).get("status") or {}
+        listed = next(
+            (
+                r.get("step")
+                for r in status.get("restarts") or []
+                if (r.get("pod"), r.get("time")) == (failure.pod, failure.time)
+            ),
+            None,
+        )
+        step = listed if listed is not None else (status.get("progress") or {}).get("step")
+        known[uid] = replace(failure, step=step if isinstance(step, int) else None)
+        self.pod_failures[key] = known
+        return True
 
     async def prime_children(self, namespaces: Sequence[str]) -> None:
         """Before the watches start: list the children that exist, so that a job's first

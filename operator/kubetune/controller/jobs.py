@@ -42,6 +42,7 @@ def _pending_status(conditions: list[Condition], generation: int | None) -> JobS
         output=None,
         start_time=None,
         completion_time=None,
+        restarts=None,
     )
 
 
@@ -73,7 +74,7 @@ class JobPasses(ChildPasses, EntityPasses):
             self.jobs,
             self.children,
             self.blockers,
-            self.trainer_exits,
+            self.pod_failures,
             self._locks,
             self._failures,
             self._specs,
@@ -174,6 +175,13 @@ class JobPasses(ChildPasses, EntityPasses):
                 else "Normal"
             )
             self.post_event(body_ref(written), kind, reason, message)
+        told = {(r.get("pod"), r.get("time")) for r in current.get("restarts") or []}
+        for restart in update.get("restarts") or []:
+            if (restart["pod"], restart["time"]) not in told:  # each once, across operator restarts too
+                message = (
+                    f"pod {restart['pod']} stopped: {restart['message']}; the next pod resumes from the last checkpoint"
+                )
+                self.post_event(body_ref(written), "Warning", restart["failureClass"], message)
         risk = st.find_condition(update.get("conditions"), st.COND_MEMORY_RISK)
         if risk is not None and st.find_condition(current.get("conditions"), st.COND_MEMORY_RISK) is None:
             self.post_event(body_ref(written), "Warning", st.COND_MEMORY_RISK, str(risk["message"]))
@@ -334,8 +342,9 @@ class JobPasses(ChildPasses, EntityPasses):
             now,
             blocker,
             f"created {ref['kind']} {ref['name']}",
-            max((self.trainer_exits.get(key) or {}).values(), default=(None, None))[1],
+            list((self.pod_failures.get(key) or {}).values()),
             self._memory_risk(key, spec),
+            spec_backend(spec).out_of_memory_hint,
         )
         status.observed_generation = generation
         status.gpus = total_gpus(spec)

@@ -18,6 +18,7 @@ from typing import Any
 from kubetune.controller.builders import OperatorSettings
 from kubetune.controller.kubeclient import KubeClient
 from kubetune.controller.references import JobSpec
+from kubetune.controller.status import PodFailure
 from kubetune.controller.world import World
 from kubetune_api import constants as c
 
@@ -30,7 +31,7 @@ PER_JOB_TABLES = (
     "jobs",
     "children",
     "blockers",
-    "trainer_exits",
+    "pod_failures",
     "waiting",
     "locks",
     "failures",
@@ -75,8 +76,9 @@ class ReconcilerState(ABC):
         self.jobs: dict[JobKey, dict[str, Any]] = {}  # latest body seen or written
         self.children: dict[JobKey, Mapping[str, Any]] = {}
         self.blockers: dict[JobKey, dict[str, tuple[str, str]]] = {}  # pod name -> blocker
-        # pod name -> (finishedAt, the trainer's reason) of pods that failed
-        self.trainer_exits: dict[JobKey, dict[str, tuple[str, str]]] = {}
+        # pod uid -> why that pod stopped before the job was done (a PyTorchJob's pod made
+        # again keeps its name, so the uid tells the two apart)
+        self.pod_failures: dict[JobKey, dict[str, PodFailure]] = {}
         self.waiting: set[JobKey] = set()
         self.entity_ready: dict[tuple[str, str, str], bool] = {}  # what the entity's status says now
         self._locks: dict[JobKey, asyncio.Lock] = {}
@@ -99,7 +101,7 @@ class ReconcilerState(ABC):
             "jobs": self.jobs,
             "children": self.children,
             "blockers": self.blockers,
-            "trainer_exits": self.trainer_exits,
+            "pod_failures": self.pod_failures,
             "waiting": self.waiting,
             "locks": self._locks,
             "failures": self._failures,

@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final, Literal
 
+from kubetune_api import constants as c
 from kubetune_api.entities import EntityStatus
-from kubetune_api.status import Condition, ConditionType, JobStatus, Phase
+from kubetune_api.status import MAX_RESTARTS, Condition, ConditionType, FailureClass, JobStatus, Phase, Restart
 
 PENDING: Final = "Pending"
 RUNNING: Final = "Running"
@@ -190,17 +191,86 @@ def pod_blocker(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def trainer_exit(pod: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(finishedAt, reason) of a pod whose container ended with a non-zero exit code and a
-    termination message: the trainer's one-line reason (its /dev/termination-log; the
-    kubelet falls back to the log's tail), which says more than the child's own words
-    ("failed with exit code 1 matching FailJob rule")."""
-    for container in (pod.get("status") or {}).get("containerStatuses") or []:
-        done = (container.get("state") or {}).get("terminated") or {}
-        lines = [line.strip() for line in str(done.get("message") or "").splitlines() if line.strip()]
-        if done.get("exitCode") and lines:
-            return str(done.get("finishedAt") or ""), f"{lines[-1]} (exit code {done['exitCode']})"
-    return None
+@dataclass(frozen=True)
+class PodFailure:
+    """A trainer pod that stopped before the job was done, classified (FailureClass)."""
+
+    failure_class: FailureClass
+    time: str
+    pod: str
+    message: str
+    step: int | None = None  # the trainer's last reported step when the failure was seen
+
+    def restart(self) -> Restart:
+        return Restart(
+            failure_class=self.failure_class, time=self.time, pod=self.pod, message=self.message, step=self.step
+        )
+
+
+# DisruptionTarget reasons that say the node took the pod away, not a scheduler or an
+# administrator: the taint manager evicting from a NotReady or unreachable node, and the
+# pod garbage collector removing the pods of a deleted node.
+_NODE_DISRUPTIONS = frozenset({"DeletionByTaintManager", "DeletionByPodGC"})
+# Pod status reasons of a node that went away under the pod (the node lifecycle
+# controller, graceful node shutdown).
+_NODE_POD_REASONS = frozenset({"NodeLost", "NodeShutdown", "Terminated"})
+# Exit codes of a trainer stopped by a signal: SIGTERM (the trainer saved a checkpoint,
+# docs/CONTRACT.md section 2) or SIGKILL after the grace period (not OOMKilled).
+_SIGNAL_EXITS = frozenset({c.EXIT_PREEMPTED, 137})
+
+
+def _one_line(text: str, limit: int = 900) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def pod_failure(pod: Mapping[str, Any]) -> PodFailure | None:
+    """Why a trainer pod stopped before its work was done, classified; None while it runs,
+    after it succeeded, or if it is only waiting (a blocker, pod_blocker)."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    name = str(meta.get("name") or "")
+    terminated = next(
+        (
+            done
+            for container in status.get("containerStatuses") or []
+            if (done := (container.get("state") or {}).get("terminated") or {}).get("exitCode")
+        ),
+        None,
+    )
+    finished = str((terminated or {}).get("finishedAt") or "")
+    disrupted = _true(status.get("conditions") or [], "DisruptionTarget")
+    if disrupted is not None:
+        reason = str(disrupted.get("reason") or "DisruptionTarget")
+        kind = FailureClass.NODE_FAILURE if reason in _NODE_DISRUPTIONS else FailureClass.PREEMPTED
+        said = disrupted.get("message") or "the pod was disrupted"
+        return PodFailure(
+            kind, str(disrupted.get("lastTransitionTime") or finished), name, _one_line(f"{reason}: {said}")
+        )
+    if status.get("phase") == "Failed" and status.get("reason") in (_NODE_POD_REASONS | {"Evicted"}):
+        kind = FailureClass.PREEMPTED if status["reason"] == "Evicted" else FailureClass.NODE_FAILURE
+        said = status.get("message") or status["reason"]
+        return PodFailure(kind, finished, name, _one_line(f"{status['reason']}: {said}"))
+    if terminated is None:
+        return None
+    code = terminated["exitCode"]
+    lines = [line.strip() for line in str(terminated.get("message") or "").splitlines() if line.strip()]
+    # The trainer's one-line reason (its /dev/termination-log; the kubelet falls back to the
+    # log's tail) says more than the child's own words ("exit code 1 matching FailJob rule").
+    said = lines[-1] if lines else ""
+    if terminated.get("reason") == "OOMKilled":
+        return PodFailure(
+            FailureClass.OUT_OF_MEMORY, finished, name, f"the container ran out of memory (OOMKilled, exit code {code})"
+        )
+    if code in _SIGNAL_EXITS:
+        told = f": {said}" if said else ""
+        return PodFailure(
+            FailureClass.PREEMPTED, finished, name, _one_line(f"stopped by a signal (exit code {code}){told}")
+        )
+    return PodFailure(
+        FailureClass.TRAINER_ERROR,
+        finished,
+        name,
+        _one_line(f"{said} (exit code {code})" if said else f"exited with code {code}"),
+    )
 
 
 def child_has_pods(child: Mapping[str, Any]) -> bool:
@@ -246,6 +316,14 @@ def owned_conditions(
     ]
 
 
+# The child's Failed reasons that mean "its pods failed" (the batch Job's pod failure
+# policy or backoff limit, the PyTorchJob's failure): the pods' own failure says more.
+# Others (DeadlineExceeded: the Job controller stopped the pods itself) are kept.
+_POD_FAILURE_REASONS = frozenset(
+    {"PodFailurePolicy", "BackoffLimitExceeded", "FailedIndexes", "MaxFailedIndexesExceeded", "PyTorchJobFailed"}
+)
+
+
 def status_from_child(
     current: Mapping[str, Any],
     state: ChildState,
@@ -253,17 +331,24 @@ def status_from_child(
     now: str,
     blocker: tuple[str, str] | None = None,
     created: str = "created the workload",
-    trainer_reason: str | None = None,
+    failures: Sequence[PodFailure] = (),
     memory_risk: str | None = None,
+    out_of_memory_hint: str = "",
 ) -> JobStatus:
-    """The job's phase, conditions and times, computed whole from its child's state
-    (and a pod's blocker, the trainer's reason for failing, or why the job is below its
-    GPU memory guideline): nothing of `current` but condition timestamps survives."""
+    """The job's phase, conditions, times and restarts, computed whole from its child's
+    state (and a pod's blocker, its pods' failures, or why the job is below its GPU
+    memory guideline): nothing of `current` but condition timestamps survives."""
     phase, reason, message = state.phase, state.reason, state.message
     if phase == PENDING and blocker is not None:
         reason, message = blocker
-    if phase == FAILED and trainer_reason is not None:
-        message = f"{trainer_reason}; {message}"
+    failures = sorted(failures, key=lambda f: f.time)
+    ended_by = None
+    if phase == FAILED and failures and reason in _POD_FAILURE_REASONS:
+        # The child says only that pods failed; the newest failure says why, in its class.
+        ended_by = failures[-1]
+        reason, message = ended_by.failure_class.value, f"{ended_by.message}; {message}"
+        if ended_by.failure_class == FailureClass.OUT_OF_MEMORY and out_of_memory_hint:
+            message = f"{message}; {out_of_memory_hint}"
     wanted = [
         (COND_REFERENCES, True, "Resolved", "every reference resolved"),
         (COND_CREATED, True, "Created", created),
@@ -282,11 +367,13 @@ def status_from_child(
         wanted.append((COND_SUCCEEDED, True, reason, message))
     if phase == FAILED:
         wanted.append((COND_FAILED, True, reason, message))
+    restarts = [f.restart() for f in failures if f is not ended_by][-MAX_RESTARTS:]
     return JobStatus(
         phase=phase,
         conditions=owned_conditions(current.get("conditions"), wanted, generation, now),
         start_time=state.start_time,
         completion_time=(state.completion_time or now) if phase in TERMINAL else None,
+        restarts=restarts or None,
     )
 
 
