@@ -71,7 +71,10 @@ class AutomodelTraining(StrictModel):
         default=None, description="LoRA configuration; filled with defaults when finetuning_type is a LoRA variant."
     )
     max_seq_length: int = Field(
-        default=2048, gt=0, description="Maximum sequence length; longer samples are truncated."
+        default=2048,
+        ge=2,
+        description="Maximum sequence length in tokens, at least 2 (a token and the next one it predicts); "
+        "longer samples are truncated.",
     )
     teacher_model: Reference | None = Field(
         default=None,

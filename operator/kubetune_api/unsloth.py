@@ -27,7 +27,11 @@ class UnslothModel(StrictModel):
     """Base model and how to load it."""
 
     name: Reference = Field(description="Base Model entity reference (name or workspace/name).")
-    max_seq_length: int = Field(default=2048, gt=0, description="Maximum sequence length.")
+    max_seq_length: int = Field(
+        default=2048,
+        ge=2,
+        description="Maximum sequence length in tokens, at least 2 (a token and the next one it predicts).",
+    )
     load_in_4bit: bool = Field(
         default=True, description="Load the base model in 4-bit (bitsandbytes). Mutually exclusive with load_in_8bit."
     )

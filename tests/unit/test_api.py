@@ -117,7 +117,7 @@ def test_enum_unknown_value_refused(model: Any, base: dict[str, Any], dotted: st
 
 RANGE_CASES = [
     # (model, base, field, bad value, good value)
-    (AutomodelJobSpec, AUTOMODEL_MIN, "training.max_seq_length", 0, 1),
+    (AutomodelJobSpec, AUTOMODEL_MIN, "training.max_seq_length", 1, 2),
     (AutomodelJobSpec, AUTOMODEL_MIN, "training.lora.rank", 0, 1),
     (AutomodelJobSpec, AUTOMODEL_MIN, "training.lora.alpha", 0, 1),
     (AutomodelJobSpec, AUTOMODEL_MIN, "training.distillation_ratio", 1.01, 1.0),
@@ -134,7 +134,7 @@ RANGE_CASES = [
     (AutomodelJobSpec, AUTOMODEL_MIN, "parallelism.num_nodes", 0, 1),
     (AutomodelJobSpec, AUTOMODEL_MIN, "parallelism.num_gpus_per_node", 0, 1),
     (AutomodelJobSpec, AUTOMODEL_MIN, "parallelism.expert_parallel_size", 0, 1),
-    (UnslothJobSpec, UNSLOTH_MIN, "model.max_seq_length", 0, 1),
+    (UnslothJobSpec, UNSLOTH_MIN, "model.max_seq_length", 1, 2),
     (UnslothJobSpec, UNSLOTH_MIN, "training.lora.rank", 0, 1),
     (UnslothJobSpec, UNSLOTH_MIN, "training.lora.alpha", 0, 1),
     (UnslothJobSpec, UNSLOTH_MIN, "training.lora.dropout", 1.5, 1.0),
