@@ -159,15 +159,12 @@ class UnslothHardware(StrictModel):
         default=None,
         pattern=GPU_LIST_PATTERN,
         max_length=64,
-        description='Comma-separated, distinct GPU indices ("0" or "0,1") for CUDA_VISIBLE_DEVICES '
-        "(selection, not reservation); the pod requests as many GPUs as listed (default 1). Unsloth trains on "
-        "one GPU: more indices make more GPUs visible, not faster training.",
+        description='Comma-separated, distinct GPU indices ("0" or "0,1") for CUDA_VISIBLE_DEVICES: a selection, '
+        "not a reservation. In the cluster the pod requests one GPU whatever the list holds (Unsloth trains on one) "
+        "and sees it as device 0, so the indices do not apply there; under `kubetune run` they select the host's "
+        "devices, and Unsloth trains on the first of them.",
     )
     precision: Literal["bf16", "fp16"] = Field(default="bf16", description="Mixed-precision dtype: bf16 or fp16.")
-
-    @property
-    def gpu_count(self) -> int:
-        return len(self.gpus.split(",")) if self.gpus else 1
 
 
 class UnslothOutput(StrictModel):
