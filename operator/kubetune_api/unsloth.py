@@ -47,10 +47,17 @@ class UnslothDataset(StrictModel):
 
     path: Reference = Field(description="Training Fileset reference (name or workspace/name).")
     text_field: str = Field(
-        default="text", min_length=1, max_length=256, description="Row field consumed by the trainer."
+        default="text",
+        min_length=1,
+        max_length=256,
+        description="Row field consumed by the trainer: a row that has it is trained on as plain text, whatever "
+        "else it holds (unless apply_chat_template picks its conversation). Rows without it are read as messages "
+        "or prompt/completion. The log names the shapes each file was read as.",
     )
     apply_chat_template: bool = Field(
-        default=False, description="Apply the tokenizer's chat template to rows containing a messages field."
+        default=False,
+        description="Apply the tokenizer's chat template to rows containing a messages field (or prompt and "
+        "completion as lists of messages), even when they also have text_field.",
     )
     validation_path: Reference | None = Field(default=None, description="Optional validation Fileset reference.")
     packing: bool = Field(default=False, description="Pack multiple samples into one sequence to reduce padding.")

@@ -68,9 +68,13 @@ def prepare_data(
     options = FormatOptions(max_seq_length=settings.max_seq_length, prompt_template=settings.prompt_template)
     train_examples, report = tokenize_rows(read_rows(cfg.paths.training_data), tokenizer, options)
     log(runtime, f"training data: {report.summary()}")
+    for line in report.file_lines():
+        log(runtime, f"training data file {line}")
     if cfg.paths.validation_data is not None:
         val_examples, val_report = tokenize_rows(read_rows(cfg.paths.validation_data), tokenizer, options)
         log(runtime, f"validation data: {val_report.summary()}")
+        for line in val_report.file_lines():
+            log(runtime, f"validation data file {line}")
     else:
         train_examples, val_examples = holdout_split(train_examples, seed=settings.seed)
         log(runtime, f"no validation fileset: held out {len(val_examples)} examples (seed {settings.seed})")

@@ -304,12 +304,19 @@ def run(
         "apply_chat_template": data["apply_chat_template"],
         "max_seq_length": data["max_seq_length"],
     }
-    train_ds, summary = load_tokenized_dataset(data["training_data"], **load)
-    info(f"training data: {summary}")
+    # Which shape each file was read as (text is the dataset.text_field column): a fileset
+    # whose rows hold both text and messages says here which one was trained on.
+    column = f"text = column {data['text_field']!r}"
+    train_ds, report = load_tokenized_dataset(data["training_data"], **load)
+    info(f"training data: {report.summary()}")
+    for line in report.file_lines():
+        info(f"training data file {line} ({column})")
     eval_ds = None
     if data["validation_data"] is not None:
-        eval_ds, summary = load_tokenized_dataset(data["validation_data"], **load)
-        info(f"validation data: {summary}")
+        eval_ds, report = load_tokenized_dataset(data["validation_data"], **load)
+        info(f"validation data: {report.summary()}")
+        for line in report.file_lines():
+            info(f"validation data file {line} ({column})")
 
     args = SFTConfig(**effective.sft_config)
     observed += observe_sft_config(args, effective)
