@@ -197,6 +197,26 @@ def test_rule(name: str) -> None:
     assert error_paths(model, bad) == [rule.spec_path]
 
 
+def test_val_check_interval_is_read_by_value_not_by_json_type() -> None:
+    """kubectl turns YAML `1.0` into `1` and the API server stores JSON `1.0` as `1`: what the
+    trainer gets must be the same either way (1 means one epoch; docs in the field description)."""
+    import json
+
+    def parsed(text: str) -> Any:
+        schedule = json.loads(text)
+        spec = AutomodelJobSpec.model_validate(with_value(AUTOMODEL_MIN, "schedule", schedule))
+        return spec.model_dump(mode="json")["schedule"]["val_check_interval"]
+
+    assert parsed('{"val_check_interval": 1}') == parsed('{"val_check_interval": 1.0}') == 1.0
+    assert parsed('{"val_check_interval": 4}') == parsed('{"val_check_interval": 4.0}') == 4.0
+    description = AutomodelJobSpec.model_json_schema()["$defs"]["AutomodelSchedule"]["properties"][
+        "val_check_interval"
+    ]["description"]
+    assert "1 and 1.0 both mean one epoch" in description
+    with pytest.raises(ValidationError, match=r"spec\.schedule\.val_check_interval: .*1 \(once per epoch\)"):
+        AutomodelJobSpec.model_validate(with_value(AUTOMODEL_MIN, "schedule.val_check_interval", 1.5))
+
+
 # --- normalisation ---------------------------------------------------------------------------
 
 
