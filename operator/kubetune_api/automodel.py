@@ -71,7 +71,10 @@ class AutomodelTraining(StrictModel):
         default=None, description="LoRA configuration; filled with defaults when finetuning_type is a LoRA variant."
     )
     max_seq_length: int = Field(
-        default=2048, gt=0, description="Maximum sequence length; longer samples are truncated."
+        default=2048,
+        ge=2,
+        description="Maximum sequence length in tokens, at least 2 (a token and the next one it predicts); "
+        "longer samples are truncated.",
     )
     teacher_model: Reference | None = Field(
         default=None,
@@ -115,8 +118,12 @@ class AutomodelSchedule(StrictModel):
     val_check_interval: float | None = Field(
         default=None,
         gt=0.0,
-        description="Validation cadence: a fraction of an epoch below 1 (0.5 = twice per epoch), or a whole number "
-        "of steps from 1 up. Null validates once per epoch.",
+        description="Validation cadence. Below 1: a fraction of an epoch, validated at each of its multiples "
+        "within every epoch (0.5 = twice per epoch: mid-epoch and at its end; on the first step at or past each "
+        "point when the epoch length is odd). A whole number from 2 up: every that many optimizer steps. Null or 1: "
+        "once per epoch. Every epoch end validates and saves a checkpoint, whatever the value. The number decides, "
+        "not its type: the API server stores 1.0 as 1, so 1 and 1.0 both mean one epoch, never every step (for "
+        "every step, give a fraction no larger than 1 / steps per epoch).",
     )
     seed: int | None = Field(default=None, ge=0, description="Random seed; null picks one and logs it.")
 
@@ -253,7 +260,8 @@ AUTOMODEL_RULES: tuple[CrossFieldRule, ...] = (
             or s["val_check_interval"] < 1.0
             or float(s["val_check_interval"]).is_integer()
         ),
-        message="must be a fraction of an epoch below 1 (e.g. 0.5) or a whole number of steps (e.g. 100)",
+        message="must be a fraction of an epoch below 1 (e.g. 0.5), 1 (once per epoch) or a whole number of "
+        "steps from 2 (e.g. 100)",
         field=".val_check_interval",
     ),
 )

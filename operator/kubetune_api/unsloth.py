@@ -27,7 +27,11 @@ class UnslothModel(StrictModel):
     """Base model and how to load it."""
 
     name: Reference = Field(description="Base Model entity reference (name or workspace/name).")
-    max_seq_length: int = Field(default=2048, gt=0, description="Maximum sequence length.")
+    max_seq_length: int = Field(
+        default=2048,
+        ge=2,
+        description="Maximum sequence length in tokens, at least 2 (a token and the next one it predicts).",
+    )
     load_in_4bit: bool = Field(
         default=True, description="Load the base model in 4-bit (bitsandbytes). Mutually exclusive with load_in_8bit."
     )
@@ -43,10 +47,17 @@ class UnslothDataset(StrictModel):
 
     path: Reference = Field(description="Training Fileset reference (name or workspace/name).")
     text_field: str = Field(
-        default="text", min_length=1, max_length=256, description="Row field consumed by the trainer."
+        default="text",
+        min_length=1,
+        max_length=256,
+        description="Row field consumed by the trainer: a row that has it is trained on as plain text, whatever "
+        "else it holds (unless apply_chat_template picks its conversation). Rows without it are read as messages "
+        "or prompt/completion. The log names the shapes each file was read as.",
     )
     apply_chat_template: bool = Field(
-        default=False, description="Apply the tokenizer's chat template to rows containing a messages field."
+        default=False,
+        description="Apply the tokenizer's chat template to rows containing a messages field (or prompt and "
+        "completion as lists of messages), even when they also have text_field.",
     )
     validation_path: Reference | None = Field(default=None, description="Optional validation Fileset reference.")
     packing: bool = Field(default=False, description="Pack multiple samples into one sequence to reduce padding.")
@@ -155,15 +166,12 @@ class UnslothHardware(StrictModel):
         default=None,
         pattern=GPU_LIST_PATTERN,
         max_length=64,
-        description='Comma-separated, distinct GPU indices ("0" or "0,1") for CUDA_VISIBLE_DEVICES '
-        "(selection, not reservation); the pod requests as many GPUs as listed (default 1). Unsloth trains on "
-        "one GPU: more indices make more GPUs visible, not faster training.",
+        description='Comma-separated, distinct GPU indices ("0" or "0,1") for CUDA_VISIBLE_DEVICES: a selection, '
+        "not a reservation. In the cluster the pod requests one GPU whatever the list holds (Unsloth trains on one) "
+        "and sees it as device 0, so the indices do not apply there; under `kubetune run` they select the host's "
+        "devices, and Unsloth trains on the first of them.",
     )
     precision: Literal["bf16", "fp16"] = Field(default="bf16", description="Mixed-precision dtype: bf16 or fp16.")
-
-    @property
-    def gpu_count(self) -> int:
-        return len(self.gpus.split(",")) if self.gpus else 1
 
 
 class UnslothOutput(StrictModel):

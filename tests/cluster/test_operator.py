@@ -177,13 +177,11 @@ def test_evicted_pod_is_a_preemption_that_resumes(cluster: Any, operator: Operat
 
 def test_unschedulable_job_stays_pending_and_says_why(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
     prepare(cluster, namespace)
-    spec = {
-        "model": {"name": "smollm2-135m"},
-        "dataset": {"path": "chat-train"},
-        "hardware": {"gpus": "0,1,2,3,4,5,6,7,8"},
-    }
-    apply(cluster, namespace, text=job("UnslothJob", "too-big", spec))
-    body = wait_condition_reason(cluster, operator, "unslothjob", "too-big", namespace, "Running", "Unschedulable")
+    # 16 GPUs in one pod, on nodes of 8. (An UnslothJob cannot ask for this: it requests one GPU
+    # whatever hardware.gpus lists.)
+    spec = {**LORA, "parallelism": {"num_gpus_per_node": 16}, "batch": {"global_batch_size": 16}}
+    apply(cluster, namespace, text=job("AutomodelJob", "too-big", spec))
+    body = wait_condition_reason(cluster, operator, "automodeljob", "too-big", namespace, "Running", "Unschedulable")
     assert body["status"]["phase"] == "Pending"
     assert "nvidia.com/gpu" in condition(body, "Running")["message"]
 

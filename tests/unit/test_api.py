@@ -117,7 +117,7 @@ def test_enum_unknown_value_refused(model: Any, base: dict[str, Any], dotted: st
 
 RANGE_CASES = [
     # (model, base, field, bad value, good value)
-    (AutomodelJobSpec, AUTOMODEL_MIN, "training.max_seq_length", 0, 1),
+    (AutomodelJobSpec, AUTOMODEL_MIN, "training.max_seq_length", 1, 2),
     (AutomodelJobSpec, AUTOMODEL_MIN, "training.lora.rank", 0, 1),
     (AutomodelJobSpec, AUTOMODEL_MIN, "training.lora.alpha", 0, 1),
     (AutomodelJobSpec, AUTOMODEL_MIN, "training.distillation_ratio", 1.01, 1.0),
@@ -134,7 +134,7 @@ RANGE_CASES = [
     (AutomodelJobSpec, AUTOMODEL_MIN, "parallelism.num_nodes", 0, 1),
     (AutomodelJobSpec, AUTOMODEL_MIN, "parallelism.num_gpus_per_node", 0, 1),
     (AutomodelJobSpec, AUTOMODEL_MIN, "parallelism.expert_parallel_size", 0, 1),
-    (UnslothJobSpec, UNSLOTH_MIN, "model.max_seq_length", 0, 1),
+    (UnslothJobSpec, UNSLOTH_MIN, "model.max_seq_length", 1, 2),
     (UnslothJobSpec, UNSLOTH_MIN, "training.lora.rank", 0, 1),
     (UnslothJobSpec, UNSLOTH_MIN, "training.lora.alpha", 0, 1),
     (UnslothJobSpec, UNSLOTH_MIN, "training.lora.dropout", 1.5, 1.0),
@@ -197,6 +197,26 @@ def test_rule(name: str) -> None:
     assert error_paths(model, bad) == [rule.spec_path]
 
 
+def test_val_check_interval_is_read_by_value_not_by_json_type() -> None:
+    """kubectl turns YAML `1.0` into `1` and the API server stores JSON `1.0` as `1`: what the
+    trainer gets must be the same either way (1 means one epoch; docs in the field description)."""
+    import json
+
+    def parsed(text: str) -> Any:
+        schedule = json.loads(text)
+        spec = AutomodelJobSpec.model_validate(with_value(AUTOMODEL_MIN, "schedule", schedule))
+        return spec.model_dump(mode="json")["schedule"]["val_check_interval"]
+
+    assert parsed('{"val_check_interval": 1}') == parsed('{"val_check_interval": 1.0}') == 1.0
+    assert parsed('{"val_check_interval": 4}') == parsed('{"val_check_interval": 4.0}') == 4.0
+    description = AutomodelJobSpec.model_json_schema()["$defs"]["AutomodelSchedule"]["properties"][
+        "val_check_interval"
+    ]["description"]
+    assert "1 and 1.0 both mean one epoch" in description
+    with pytest.raises(ValidationError, match=r"spec\.schedule\.val_check_interval: .*1 \(once per epoch\)"):
+        AutomodelJobSpec.model_validate(with_value(AUTOMODEL_MIN, "schedule.val_check_interval", 1.5))
+
+
 # --- normalisation ---------------------------------------------------------------------------
 
 
@@ -234,8 +254,6 @@ def test_derived_sizes() -> None:
     )
     assert spec.parallelism.total_gpus == 16
     assert spec.parallelism.data_parallel_size == 4
-    assert UnslothJobSpec.model_validate(with_value(UNSLOTH_MIN, "hardware.gpus", "0,2,3")).hardware.gpu_count == 3
-    assert UnslothJobSpec.model_validate(UNSLOTH_MIN).hardware.gpu_count == 1
 
 
 def test_every_free_text_field_has_a_maximum_length() -> None:

@@ -17,6 +17,7 @@ from kubetune.controller.builders import (
     build_all,
     build_output_model,
     child_names,
+    total_gpus,
 )
 from kubetune.controller.references import JobSpec, resolve_references
 from kubetune.controller.world import World
@@ -163,12 +164,23 @@ def test_config_map_holds_the_validated_config() -> None:
     assert config["progress"]["plural"] == "automodeljobs" and config["progress"]["name"] == inputs.name
 
 
-def test_unsloth_gpu_selection_and_suspend_and_queue() -> None:
-    inputs = example_inputs("unsloth-qlora.yaml", hardware={"gpus": "2,3"}, suspend=True)
+@pytest.mark.parametrize("gpus", [None, "0", "2,3", "0,1,2,3,4,5,6,7"])
+def test_unsloth_gpus_select_devices_and_the_pod_requests_one(gpus: str | None) -> None:
+    """hardware.gpus is a selection, not a reservation (the seed): Unsloth trains on one GPU,
+    so the pod asks for one whatever the list holds, and sees it as device 0."""
+    inputs = example_inputs("unsloth-qlora.yaml", hardware={"gpus": gpus})
     child = build_all(inputs)[-1]
+    assert child["kind"] == "Job"
     container = child["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"][c.GPU_RESOURCE] == "2"
-    assert {"name": "CUDA_VISIBLE_DEVICES", "value": "0,1"} in container["env"]
+    assert container["resources"]["requests"][c.GPU_RESOURCE] == "1"
+    assert container["resources"]["limits"][c.GPU_RESOURCE] == "1"
+    assert {"name": "CUDA_VISIBLE_DEVICES", "value": "0"} in container["env"]
+    assert total_gpus(inputs.spec) == 1  # status.gpus
+
+
+def test_unsloth_suspend_and_queue() -> None:
+    inputs = example_inputs("unsloth-qlora.yaml", suspend=True)
+    child = build_all(inputs)[-1]
     assert child["spec"]["suspend"] is True
     assert child["metadata"]["labels"][c.LABEL_KUEUE_QUEUE] == "gpu-queue"
 

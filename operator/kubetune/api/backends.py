@@ -143,10 +143,15 @@ def _unsloth_references(spec: UnslothJobSpec) -> list[Reference]:
     return refs
 
 
+# Unsloth trains on one GPU, and hardware.gpus selects devices (the seed: "selection, not
+# reservation"): requesting one GPU per listed index would hold GPUs the trainer never uses.
+UNSLOTH_GPUS_PER_POD = 1
+
+
 def _unsloth_pod_env(spec: UnslothJobSpec) -> list[dict[str, Any]]:
-    # Inside the pod the device plugin numbers the allotted GPUs from 0, so the
-    # selection is "the first N" whatever indices the spec named on the host.
-    return [{"name": "CUDA_VISIBLE_DEVICES", "value": ",".join(str(i) for i in range(spec.hardware.gpu_count))}]
+    # The device plugin numbers the pod's GPU 0, and the trainer keeps a CUDA_VISIBLE_DEVICES
+    # it finds set: without this the spec's host indices ("2,3") would point at no device.
+    return [{"name": "CUDA_VISIBLE_DEVICES", "value": "0"}]
 
 
 def _unsloth_output_format(spec: UnslothJobSpec) -> OutputFormat:
@@ -171,7 +176,7 @@ UNSLOTH_BACKEND: Backend[UnslothJobSpec] = Backend(
     distributed=False,
     references=_unsloth_references,
     nodes=lambda spec: 1,
-    gpus_per_pod=lambda spec: spec.hardware.gpu_count,
+    gpus_per_pod=lambda spec: UNSLOTH_GPUS_PER_POD,
     pod_env=_unsloth_pod_env,
     output_format=_unsloth_output_format,
     base_model=lambda spec: spec.model.name,

@@ -111,6 +111,70 @@ def test_unknown_row_hint_fits_the_backend(tokenizer: Any) -> None:
     assert issubclass(DataError, ConfigError)  # one-line termination reason, no traceback
 
 
+CHAT = [{"role": "user", "content": "what is one plus one?"}, {"role": "assistant", "content": "the answer is 2."}]
+
+
+def unsloth_options(*, apply_chat_template: bool) -> FormatOptions:
+    """How the Unsloth trainer reads rows (kubetune_trainer.unsloth.dataset), text_field "body"."""
+    return FormatOptions(
+        max_seq_length=128,
+        text_field="body",
+        apply_chat_template=apply_chat_template,
+        prompt_template_available=False,
+        text_field_first=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "row,apply_chat_template,shape,trained",
+    [
+        # The column is there: it is what is trained on, whatever else the row holds.
+        ({"body": "one two", "prompt": "what? ", "completion": "three"}, False, "text", "one two<|end|>"),
+        ({"body": "one two", "prompt": "what? ", "completion": "three"}, True, "text", "one two<|end|>"),
+        ({"body": "one two", "messages": CHAT}, False, "text", "one two<|end|>"),
+        # ... unless apply_chat_template asks for the chat template and the row is a conversation.
+        ({"body": "one two", "messages": CHAT}, True, "messages", "the answer is 2.<|end|>\n"),
+        (
+            {"body": "one two", "prompt": CHAT[:1], "completion": CHAT[1:]},
+            True,
+            "prompt_completion",
+            "the answer is 2.<|end|>\n",
+        ),
+        # Without the column, the structured shapes apply.
+        ({"prompt": "what? ", "completion": "three"}, False, "prompt_completion", " three<|end|>"),
+        ({"messages": CHAT}, True, "messages", "the answer is 2.<|end|>\n"),
+    ],
+)
+def test_unsloth_text_field_is_the_column_consumed(
+    tokenizer: Any, row: dict[str, Any], apply_chat_template: bool, shape: str, trained: str
+) -> None:
+    (example,), report = tokenize_rows([row], tokenizer, unsloth_options(apply_chat_template=apply_chat_template))
+    assert report.shapes == {shape: 1}
+    assert trained_text(tokenizer, example) == trained
+
+
+def test_automodel_rows_keep_the_structured_shapes_first(tokenizer: Any) -> None:
+    """AutomodelJob has no text_field: a row with text and prompt/completion trains on the completion."""
+    row = {"text": "one two", "prompt": "what? ", "completion": "three"}
+    (example,), report = tokenize_rows([row], tokenizer, FormatOptions(max_seq_length=64))
+    assert report.shapes == {"prompt_completion": 1}
+    assert trained_text(tokenizer, example) == " three<|end|>"
+
+
+def test_the_report_says_which_shape_each_file_used(tokenizer: Any, tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"body": "one two", "prompt": "p ", "completion": "c"}] * 2)
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p ", "completion": "c"}, {"body": "three"}])
+    _, report = tokenize_rows(read_rows(tmp_path), tokenizer, unsloth_options(apply_chat_template=False))
+    assert report.file_shapes == {
+        str(tmp_path / "a.jsonl"): {"text": 2},
+        str(tmp_path / "b.jsonl"): {"prompt_completion": 1, "text": 1},
+    }
+    assert report.file_lines() == [
+        f"{tmp_path / 'a.jsonl'}: text=2",
+        f"{tmp_path / 'b.jsonl'}: prompt_completion=1, text=1",
+    ]
+
+
 def test_truncation_and_rows_left_without_targets(tokenizer: Any) -> None:
     long_prompt = "one two three four five six seven eight nine " * 4
     rows = [

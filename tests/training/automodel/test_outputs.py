@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,3 +113,34 @@ def test_epochs_and_fractional_validation_cadence(make_job: Callable[..., Job], 
     assert [m["epoch"] for m in metrics if "loss" in m] == [0.5, 1.0, 1.5, 2.0]
     assert [m["step"] for m in metrics if "val_loss" in m] == [0, 1, 2, 3, 4]
     assert all(m["max_steps"] == 4 for m in metrics if "loss" in m)
+
+
+@pytest.mark.parametrize(
+    "interval,validated,saved",
+    [
+        (0.5, [0, 3, 5, 8, 10], [3, 5, 8]),  # mid-epoch (step 3 of 5) and every epoch end
+        (1.0, [0, 5, 10], [5]),  # one epoch, not every step
+        (1, [0, 5, 10], [5]),  # 1.0 as the API server stores it: the same
+        (3, [0, 3, 5, 6, 9, 10], [3, 5, 6, 9]),  # a step count, and the epoch ends besides
+    ],
+)
+def test_validation_and_checkpoints_follow_the_cadence_over_odd_epochs(
+    make_job: Callable[..., Job],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    interval: float,
+    validated: list[int],
+    saved: list[int],
+) -> None:
+    from tiny_llama import task_rows, write_jsonl
+
+    # 40 rows / global batch 8 = 5 steps per epoch: half an epoch is no whole step.
+    data = write_jsonl(tmp_path / "odd" / "train.jsonl", task_rows(40, seed=8))
+    job = make_job(
+        tiny_spec(schedule={"max_steps": None, "epochs": 2, "val_check_interval": interval}), training_data=data
+    )
+    assert run_in_process(job) == 0
+    assert [m["step"] for m in job.metrics() if "val_loss" in m] == validated
+    # A checkpoint after every validation but the last (the run's end exports the model instead).
+    logged = re.findall(r"kubetune-trainer: checkpoint \S+/step-(\d+)", capsys.readouterr().err)
+    assert [int(s) for s in logged] == saved

@@ -428,13 +428,14 @@ def test_a_config_whose_paths_disagree_with_its_spec_is_refused() -> None:
 def test_a_pod_s_cuda_visible_devices_wins_over_host_indices(
     monkeypatch: pytest.MonkeyPatch, restore_environ: None
 ) -> None:
-    """The operator sets CUDA_VISIBLE_DEVICES=0,1 for hardware.gpus "2,3" (the pod sees its GPUs from 0)."""
+    """The operator's pod has one GPU, numbered 0, and CUDA_VISIBLE_DEVICES=0 whatever hardware.gpus
+    lists; without the operator (`kubetune run`) the spec's host indices select the devices."""
     from kubetune_trainer.unsloth.train import prepare_environment
 
     requested = mapped(unsloth_spec(hardware={"gpus": "2,3"}))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     prepare_environment(requested)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     prepare_environment(requested)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"

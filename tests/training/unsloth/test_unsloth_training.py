@@ -52,6 +52,11 @@ def run_in_process(config: Path) -> dict[str, Any]:
     return result
 
 
+def config_paths(config: Path) -> dict[str, str]:
+    paths: dict[str, str] = json.loads(config.read_text())["paths"]
+    return paths
+
+
 def expected_substitutions(config: Path, device: dict[str, Any]) -> list[dict[str, Any]]:
     """What the pure function predicts for the device the run reported."""
     document = json.loads(config.read_text())
@@ -77,6 +82,10 @@ def test_lora_run_through_the_entrypoint(
     assert done.returncode == 0, done.stderr[-4000:]
     assert not (tmp_path / "termination-log").exists()
     assert CPU_BANNER in done.stdout + done.stderr
+    # Which shape each file of the fileset was read as (part-0 holds messages rows, part-1 text rows).
+    train_dir = config_paths(config)["training_data"]
+    assert f"training data file {train_dir}/part-0.jsonl: messages=24 (text = column 'text')" in done.stderr
+    assert f"training data file {train_dir}/part-1.jsonl: text=24 (text = column 'text')" in done.stderr
 
     output = tmp_path / "output"
     result = json.loads((output / "result.json").read_text())

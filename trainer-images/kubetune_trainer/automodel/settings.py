@@ -1,10 +1,10 @@
 """The AutomodelJob spec as the loop needs it: read from the typed spec, with derived sizes.
 
 The spec arrives parsed into `kubetune_api`'s AutomodelJobSpec: types, enums,
-ranges and the cross-field rules (GPU and batch divisibility, teacher, LoRA)
-were checked once, by the model. What stays here is only what the loop adds:
-the derived sizes, the seed for a job that named none, and the one limit of
-this loop that the API does not have (a sequence of at least 2 tokens).
+ranges (a sequence of at least 2 tokens among them) and the cross-field rules
+(GPU and batch divisibility, teacher, LoRA) were checked once, by the model.
+What stays here is only what the loop adds: the derived sizes and the seed for
+a job that named none.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kubetune_api.automodel import AutomodelJobSpec
-from kubetune_trainer.common.config import AutomodelTrainerConfig, ConfigError, TrainerConfig, expect_kind
+from kubetune_trainer.common.config import AutomodelTrainerConfig, TrainerConfig, expect_kind
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,6 @@ def parse_settings(cfg: TrainerConfig) -> AutomodelSettings:
         cp=p.context_parallel_size,
         ep=p.expert_parallel_size,
     )
-    if training.max_seq_length < 2:
-        raise ConfigError(
-            f"spec.training.max_seq_length must be at least 2 (a token and its next one), got {training.max_seq_length}"
-        )
     seed_was_set = spec.schedule.seed is not None
     # Every rank and every restart of the job must pick the same seed (data order,
     # held-out split), so an unset seed derives from the job's identity.

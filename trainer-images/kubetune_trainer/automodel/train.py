@@ -25,6 +25,7 @@ from torch import nn
 from kubetune_api import constants as c
 from kubetune_trainer.automodel import checkpoint as ckpt
 from kubetune_trainer.automodel.batches import Batch, collate, global_batch_indices, rank_micro_batches
+from kubetune_trainer.automodel.cadence import validation_cadence
 from kubetune_trainer.automodel.distributed import Runtime, init_runtime
 from kubetune_trainer.automodel.losses import sft_or_distillation_loss
 from kubetune_trainer.automodel.model import (
@@ -68,9 +69,13 @@ def prepare_data(
     options = FormatOptions(max_seq_length=settings.max_seq_length, prompt_template=settings.prompt_template)
     train_examples, report = tokenize_rows(read_rows(cfg.paths.training_data), tokenizer, options)
     log(runtime, f"training data: {report.summary()}")
+    for line in report.file_lines():
+        log(runtime, f"training data file {line}")
     if cfg.paths.validation_data is not None:
         val_examples, val_report = tokenize_rows(read_rows(cfg.paths.validation_data), tokenizer, options)
         log(runtime, f"validation data: {val_report.summary()}")
+        for line in val_report.file_lines():
+            log(runtime, f"validation data file {line}")
     else:
         train_examples, val_examples = holdout_split(train_examples, seed=settings.seed)
         log(runtime, f"no validation fileset: held out {len(val_examples)} examples (seed {settings.seed})")
@@ -334,17 +339,12 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
-    if settings.val_check_interval is None:
-        val_every = steps_per_epoch
-    elif settings.val_check_interval < 1:
-        val_every = max(1, round(settings.val_check_interval * steps_per_epoch))
-    else:
-        val_every = int(settings.val_check_interval)
+    cadence = validation_cadence(settings.val_check_interval, steps_per_epoch)
     log(
         runtime,
         f"{len(data.train)} training rows, {len(data.validation)} validation examples; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, grad accumulation {settings.grad_accumulation}, "
-        f"validation every {val_every} steps",
+        f"validation and a checkpoint {cadence.describe()}",
     )
 
     model = build_model(cfg, settings, runtime)
@@ -478,7 +478,7 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
                 tokens_seen=tokens_seen,
             )
             log(runtime, f"step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f}")
-            if step % val_every == 0 or step == total_steps:
+            if cadence.validates_after(step) or step == total_steps:
                 validate(step)
                 last_validated = step
                 if step < total_steps:

@@ -1,6 +1,6 @@
 """Turning dataset rows into token ids and labels (-100 where no loss is taken).
 
-Row shapes, first match wins:
+Row shapes, first match wins (AutomodelJob):
 
 1. `dataset.prompt_template` is set: the template is rendered over the row's
    columns (syntax below) into the prompt. The target (trained on) is the
@@ -14,7 +14,13 @@ Row shapes, first match wins:
 3. `prompt` + `completion`: strings are concatenated as-is (no separator is
    added), lists of messages are rendered with the chat template; only the
    completion is trained on.
-4. `text` (or `text_field`): plain text, every token trained on.
+4. `text`: plain text, every token trained on.
+
+UnslothJob (`text_field_first`): the seed calls `dataset.text_field` the column
+the trainer consumes, so a row that has it is plain text (shape 4), unless
+`dataset.apply_chat_template` asks for the chat template and the row has
+`messages` (shape 2) or `prompt` + `completion` as lists of messages (shape 3).
+A row without the column falls back to shapes 2 and 3 as above.
 
 Prompt template syntax (Python `str.format`): `{column}` inserts the row's
 value of `column`; `{column[key]}` / `{column.attr}` index into a nested value;
@@ -61,6 +67,8 @@ class FormatOptions:
     apply_chat_template: bool = True
     add_eos: bool = True
     prompt_template_available: bool = True  # False for UnslothJob, whose schema has no prompt_template
+    # True for UnslothJob: a row's text_field column is what it trains on (see the module docstring).
+    text_field_first: bool = False
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 2:
@@ -76,6 +84,13 @@ class FormatReport:
     truncated: int = 0
     dropped_no_target: int = 0
     shapes: dict[str, int] = field(default_factory=dict)
+    # Row shapes per data file, in reading order: a fileset mixing shapes shows which file is which.
+    file_shapes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, source: str, shape: str) -> None:
+        self.shapes[shape] = self.shapes.get(shape, 0) + 1
+        in_file = self.file_shapes.setdefault(source, {})
+        in_file[shape] = in_file.get(shape, 0) + 1
 
     def summary(self) -> str:
         shapes = ", ".join(f"{k}={v}" for k, v in sorted(self.shapes.items()))
@@ -84,6 +99,13 @@ class FormatReport:
             f"{self.truncated} truncated to max_seq_length, "
             f"{self.dropped_no_target} dropped (no trained token left after truncation)"
         )
+
+    def file_lines(self) -> list[str]:
+        """One line per data file: the row shapes it was read as."""
+        return [
+            f"{source}: {', '.join(f'{k}={v}' for k, v in sorted(shapes.items()))}"
+            for source, shapes in self.file_shapes.items()
+        ]
 
 
 def template_fields(template: str) -> list[str]:
@@ -208,6 +230,25 @@ def _append_eos(example: TokenizedExample, tokenizer: Any, *, trained: bool) -> 
     example["labels"].append(int(eos) if trained else IGNORE_INDEX)
 
 
+def row_shape(data: dict[str, Any], options: FormatOptions) -> str | None:
+    """The shape a row is read as (the module docstring's order), or None when it has none."""
+    if options.prompt_template is not None:
+        return "prompt_template"
+    if "messages" in data and options.apply_chat_template:
+        return "messages"
+    has_prompt_completion = "prompt" in data and "completion" in data
+    if options.text_field_first and options.text_field in data:
+        conversational = isinstance(data.get("prompt"), list) and isinstance(data.get("completion"), list)
+        if has_prompt_completion and conversational and options.apply_chat_template:
+            return "prompt_completion"
+        return "text"
+    if has_prompt_completion:
+        return "prompt_completion"
+    if options.text_field in data:
+        return "text"
+    return None
+
+
 def format_row(row: Row | dict[str, Any], tokenizer: Any, options: FormatOptions) -> tuple[TokenizedExample, str]:
     """Tokenize one row (untruncated); returns the example and the row shape used.
 
@@ -216,7 +257,9 @@ def format_row(row: Row | dict[str, Any], tokenizer: Any, options: FormatOptions
     if not isinstance(row, Row):
         row = Row(data=row, source="<rows>", index=0)
     data = row.data
-    if options.prompt_template is not None:
+    shape = row_shape(data, options)
+    if shape == "prompt_template":
+        assert options.prompt_template is not None
         prompt, completion = _render_template(options.prompt_template, row)
         example = _label(
             tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))], add_special_tokens=True
@@ -224,11 +267,11 @@ def format_row(row: Row | dict[str, Any], tokenizer: Any, options: FormatOptions
         if options.add_eos:
             _append_eos(example, tokenizer, trained=True)
         return example, "prompt_template"
-    if "messages" in data and options.apply_chat_template:
+    if shape == "messages":
         messages = _check_messages(data["messages"], row, "messages")
         text, spans = _chat_segments(tokenizer, messages, row)
         return _label(tokenizer, text, spans, add_special_tokens=False), "messages"
-    if "prompt" in data and "completion" in data:
+    if shape == "prompt_completion":
         prompt, completion = data["prompt"], data["completion"]
         if isinstance(prompt, list) and isinstance(completion, list) and options.apply_chat_template:
             messages = _check_messages(prompt, row, "prompt") + _check_messages(completion, row, "completion")
@@ -248,7 +291,7 @@ def format_row(row: Row | dict[str, Any], tokenizer: Any, options: FormatOptions
         if options.add_eos:
             _append_eos(example, tokenizer, trained=True)
         return example, "prompt_completion"
-    if options.text_field in data:
+    if shape == "text":
         text = data[options.text_field]
         if not isinstance(text, str):
             raise DataError(f"{row.where}: {options.text_field} must be a string")
@@ -281,7 +324,7 @@ def tokenize_rows(
     for row in rows:
         report.rows += 1
         example, shape = format_row(row, tokenizer, options)
-        report.shapes[shape] = report.shapes.get(shape, 0) + 1
+        report.count(row.source if isinstance(row, Row) else "<rows>", shape)
         if len(example["input_ids"]) > options.max_seq_length:
             report.truncated += 1
             example = TokenizedExample(

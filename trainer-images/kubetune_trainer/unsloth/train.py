@@ -65,10 +65,10 @@ def last_checkpoint(checkpoints: Path) -> tuple[Path, int] | None:
 def prepare_environment(requested: UnslothKwargs) -> None:
     """Before torch loads: GPU selection, offline hub, integrations.
 
-    hardware.gpus names host GPU indices. In a pod the device plugin exposes only the
-    allotted GPUs, numbered from 0, and the operator sets CUDA_VISIBLE_DEVICES to match:
-    a value already in the environment therefore wins, and the spec's indices apply
-    where nothing set it (`kubetune run` on a multi-GPU host).
+    hardware.gpus names host GPU indices (a selection, not a reservation). In a pod the
+    device plugin exposes the one GPU the operator requested, numbered 0, and the operator
+    sets CUDA_VISIBLE_DEVICES=0: a value already in the environment therefore wins, and the
+    spec's indices apply where nothing set it (`kubetune run` on a multi-GPU host).
     """
     for key, value in {**OFFLINE_ENV, **UNSLOTH_ENV}.items():
         os.environ.setdefault(key, value)
@@ -76,7 +76,7 @@ def prepare_environment(requested: UnslothKwargs) -> None:
         if key == "CUDA_VISIBLE_DEVICES" and key in os.environ:
             info(
                 f"hardware.gpus {value!r}: keeping CUDA_VISIBLE_DEVICES={os.environ[key]!r} from the environment "
-                "(in a pod the allotted GPUs are renumbered from 0)"
+                "(in a pod the one allotted GPU is device 0)"
             )
             continue
         os.environ[key] = value
@@ -304,12 +304,19 @@ def run(
         "apply_chat_template": data["apply_chat_template"],
         "max_seq_length": data["max_seq_length"],
     }
-    train_ds, summary = load_tokenized_dataset(data["training_data"], **load)
-    info(f"training data: {summary}")
+    # Which shape each file was read as (text is the dataset.text_field column): a fileset
+    # whose rows hold both text and messages says here which one was trained on.
+    column = f"text = column {data['text_field']!r}"
+    train_ds, report = load_tokenized_dataset(data["training_data"], **load)
+    info(f"training data: {report.summary()}")
+    for line in report.file_lines():
+        info(f"training data file {line} ({column})")
     eval_ds = None
     if data["validation_data"] is not None:
-        eval_ds, summary = load_tokenized_dataset(data["validation_data"], **load)
-        info(f"validation data: {summary}")
+        eval_ds, report = load_tokenized_dataset(data["validation_data"], **load)
+        info(f"validation data: {report.summary()}")
+        for line in report.file_lines():
+            info(f"validation data file {line} ({column})")
 
     args = SFTConfig(**effective.sft_config)
     observed += observe_sft_config(args, effective)
