@@ -267,6 +267,19 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def without_hub_credentials(monkeypatch: Any, tmp_path: Any) -> dict[str, str]:
+    """This machine's Hub token (HF_TOKEN, `hf auth login`) kept out of a test, in this
+    process and in the environment returned for a child: the test says which token is sent."""
+    import huggingface_hub.constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    no_token = str(tmp_path / "no-hf-token")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", no_token)
+    monkeypatch.setenv("HF_TOKEN_PATH", no_token)
+    return {"HF_TOKEN_PATH": no_token}
+
+
 # --- a tiny model, built on the fly ------------------------------------------------------
 
 

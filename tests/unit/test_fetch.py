@@ -22,12 +22,19 @@ from moto.server import ThreadedMotoServer
 from kubetune_api.entities import FilesetSource, ModelSource
 from kubetune_fetch import FetchError, Progress, S3Credentials, fetch_source, read_marker, version_name
 from kubetune_fetch.layout import safe_relative_path
-from support.hfhub import HubServer, tiny_model_files
+from support.hfhub import HubServer, tiny_model_files, without_hub_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_test_token"
 CREDENTIALS = S3Credentials("kubetune-test", "kubetune-test-secret")
 BUCKET = "kubetune-data"
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    without_hub_credentials(monkeypatch, tmp_path_factory.mktemp("hf"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")
