@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 which=$1; shift
 case "$which" in
-  dev) reqs=(requirements/operator.txt requirements/dev.txt) ;;
+  dev) reqs=(requirements/operator.txt requirements/dev.txt requirements/fetch.txt requirements/test-servers.txt) ;;
   test) reqs=(requirements/operator.txt requirements/dev.txt trainer-images/automodel/requirements.txt) ;;
   unsloth) reqs=(trainer-images/unsloth/requirements.txt) ;;
   *) echo "hack/run-in-venv.sh: unknown environment '$which' (dev, test or unsloth)" >&2; exit 2 ;;

@@ -1,8 +1,9 @@
 """`kubetune run`: the same manifest `kubectl apply` takes, trained on this machine.
 
-Validate → resolve entities to local directories → render the config the operator
-would mount (same function) → run the trainer entrypoint the image runs, as one
-process or under torchrun → show progress from the trainer's metrics.jsonl.
+Validate → resolve entities to local directories (an entity with `spec.source` and no
+`localPath` is fetched into a local cache, once) → render the config the operator would
+mount (same function) → run the trainer entrypoint the image runs, as one process or
+under torchrun → show progress from the trainer's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kubetune.controller.references import EntityRecord, JobSpec, resolve_refere
 from kubetune.render import NO_PROGRESS, TrainerPaths, dumps_config, render_trainer_config
 from kubetune.validation import ParsedResource, validate_paths
 from kubetune_api import constants as c
+from kubetune_api.entities import FilesetSource, ModelSource
 
 REPO_TRAINERS = Path(__file__).resolve().parents[2] / "trainer-images"
 # The folder holding kubetune_api, the models the trainer parses its config with.
@@ -38,15 +40,48 @@ class RunError(Exception):
 
 
 @dataclass(frozen=True)
+class SourceFetch:
+    """An entity whose files `kubetune run` downloads from its spec.source before training."""
+
+    entity: str  # Kind/namespace/name, for messages
+    source: ModelSource | FilesetSource
+    root: Path  # the source's folder in the cache; the files land in root/version_name(source)
+
+    @property
+    def path(self) -> Path:
+        from kubetune_fetch.layout import version_name
+
+        return self.root / version_name(self.source)
+
+    @property
+    def origin(self) -> str:
+        if self.source.huggingface is not None:
+            hf = self.source.huggingface
+            return f"Hugging Face {hf.repoType} {hf.repo}@{hf.revision}"
+        assert self.source.s3 is not None
+        return f"s3://{self.source.s3.bucket}/{self.source.s3.prefix}"
+
+
+@dataclass(frozen=True)
 class LocalPlan:
     job: ParsedResource
     config: dict[str, Any]
     output: Path
     command: list[str]
     env: dict[str, str]
+    fetches: tuple[SourceFetch, ...] = ()
 
 
-def _local_lookup(resources: Sequence[ParsedResource]) -> Any:
+def sources_cache() -> Path:
+    """Where `kubetune run` keeps fetched sources: shared by every run and every manifest,
+    so a model named by ten jobs is downloaded once."""
+    base = os.environ.get("KUBETUNE_CACHE") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
+    )
+    return Path(base) / "sources"
+
+
+def _local_lookup(resources: Sequence[ParsedResource], fetches: dict[str, SourceFetch]) -> Any:
     entities: dict[tuple[str, str, str], ParsedResource] = {}
     for res in resources:
         if not res.resource.is_job:
@@ -61,8 +96,21 @@ def _local_lookup(resources: Sequence[ParsedResource]) -> Any:
         # Local runs share everything: consent is a cluster matter.
         spec["sharedWith"] = ["*"]
         problem: tuple[str, str] | None = None
-        if not local:
-            problem = ("NoLocalPath", f"it has no spec.storage.localPath (set it in {res.source})")
+        source = getattr(res.spec, "source", None)
+        if not local and source is not None:
+            # No files on this machine, but a place to fetch them from: the cache directory is
+            # known without the network (the dry run shows it); execute() fetches it.
+            # Imported here: a manifest whose files are all local runs without kubetune_fetch.
+            from kubetune_fetch.layout import cache_root
+
+            fetch = SourceFetch(f"{kind}/{namespace}/{name}", source, cache_root(sources_cache(), source))
+            fetches[fetch.entity] = fetch
+            spec["storage"]["localPath"] = str(fetch.path)
+        elif not local:
+            problem = (
+                "NoLocalPath",
+                f"it has no spec.storage.localPath and no spec.source (set one of them in {res.source})",
+            )
         else:
             path = Path(local) if Path(local).is_absolute() else (Path(res.source).parent / local).resolve()
             spec["storage"]["localPath"] = str(path)
@@ -118,9 +166,13 @@ def plan_local_run(
         raise RunError("\n".join(str(p) for p in problems))
     job = _pick_job(resources, job_name)
     spec = cast(JobSpec, job.spec)
-    resolution = resolve_references(spec, job.namespace or LOCAL_NAMESPACE, _local_lookup(resources))
+    fetches: dict[str, SourceFetch] = {}
+    resolution = resolve_references(spec, job.namespace or LOCAL_NAMESPACE, _local_lookup(resources, fetches))
     if resolution.problems:
-        hint = "\n  give the manifests of the Model and Fileset entities with -f, each with spec.storage.localPath"
+        hint = (
+            "\n  give the manifests of the Model and Fileset entities with -f, each with spec.storage.localPath "
+            "or spec.source"
+        )
         raise RunError(
             "\n".join(f"{job.source}: {job.kind}/{job.name}: {p.message}" for p in resolution.problems) + hint
         )
@@ -189,7 +241,42 @@ def plan_local_run(
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(REPO_TRAINERS), str(REPO_API), os.environ.get("PYTHONPATH")])
         )
-    return LocalPlan(job, config, out, command, env)
+    # Only the entities this job names (a manifest may hold others).
+    used = {f"{r.kind}/{r.namespace}/{r.name}" for r in resolution.entities.values()}
+    return LocalPlan(job, config, out, command, env, tuple(f for k, f in sorted(fetches.items()) if k in used))
+
+
+def fetch_sources(plan: LocalPlan, stream: TextIO = sys.stdout) -> None:
+    """Download what the plan's entities name in spec.source into the cache (a no-op for
+    what is there already). Credentials come from the environment: HF_TOKEN or the token of
+    `hf auth login`, the AWS_* variables or ~/.aws (Secrets are a cluster matter)."""
+    if not plan.fetches:
+        return
+    try:
+        from kubetune_fetch import FetchError, Progress, fetch_source
+    except ImportError as err:  # pragma: no cover - the dev environment has them
+        raise RunError(
+            f"fetching spec.source needs huggingface_hub and boto3 ({err}): pip install 'kubetune[fetch]' "
+            "(or -r requirements/fetch.txt), or set spec.storage.localPath to files already here"
+        ) from err
+    for fetch in plan.fetches:
+        line = ProgressLine(stream)
+        last = [0.0]
+
+        def report(p: Progress, line: ProgressLine = line, last: list[float] = last) -> None:
+            now = time.monotonic()
+            if now - last[0] > 1 or p.files_done == p.files_total:
+                last[0] = now
+                line._print(f"  {p.summary}", newline=not line.tty)
+
+        print(f"kubetune run: {fetch.entity}: {fetch.origin} → {fetch.path}", file=stream)
+        try:
+            result = fetch_source(fetch.source, fetch.root, progress=report)
+        except FetchError as err:
+            raise RunError(f"{fetch.entity}: cannot fetch spec.source: {err}") from err
+        line.finish()
+        if not result.downloaded:
+            print(f"  already here (fetched {result.marker.completed_at})", file=stream)
 
 
 def _read_new_metrics(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -281,6 +368,11 @@ def plot_loss(metrics: Path, png: Path) -> bool:
 
 
 def execute(plan: LocalPlan, stream: TextIO = sys.stdout) -> int:
+    try:
+        fetch_sources(plan, stream)
+    except RunError as err:
+        print(f"kubetune run: {err}", file=stream)
+        return 1
     plan.output.mkdir(parents=True, exist_ok=True)
     (plan.output / "config.json").write_text(dumps_config(plan.config))
     termination = plan.output / "termination-log"
@@ -327,4 +419,5 @@ def execute(plan: LocalPlan, stream: TextIO = sys.stdout) -> int:
 
 
 def describe(plan: LocalPlan) -> str:
-    return dumps_config(plan.config) + "command: " + shlex.join(plan.command) + "\n"
+    fetches = "".join(f"fetch: {f.entity}: {f.origin} → {f.path}\n" for f in plan.fetches)
+    return dumps_config(plan.config) + "command: " + shlex.join(plan.command) + "\n" + fetches

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -37,6 +37,143 @@ class Storage(StrictModel):
     )
 
 
+# --- where the files come from (issue 17) ------------------------------------------------
+
+# A Hub repository id: `name` or `owner/name` (the Hub's own rule: letters, digits, `-`, `_`, `.`).
+HF_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+# A git revision: a branch, tag or commit sha (git's ref rules, loosely: no spaces, no `..`).
+REVISION_PATTERN = r"^[A-Za-z0-9._/-]+$"
+
+Patterns = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=256)]],
+    Field(min_length=1, max_length=64),
+]
+
+
+class TokenSecret(StrictModel):
+    """A key of a Secret in the entity's namespace that holds an access token."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name, in the entity's namespace.")
+    key: str = Field(
+        default="token", min_length=1, max_length=253, description="Key inside the Secret; default: token."
+    )
+
+
+class CredentialsSecret(StrictModel):
+    """A Secret in the entity's namespace with S3 credentials, under the AWS variable names."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Secret name, in the entity's namespace. Its keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(and AWS_SESSION_TOKEN when the keys are temporary) are the credentials.",
+    )
+
+
+class HuggingFaceSource(StrictModel):
+    """A repository on the Hugging Face Hub, or on a Hub-compatible endpoint (a private hub or a mirror,
+    named by HF_ENDPOINT where the download runs)."""
+
+    repo: str = Field(
+        pattern=HF_REPO_PATTERN,
+        max_length=200,
+        description="Repository id, `owner/name` (e.g. HuggingFaceTB/SmolLM2-135M-Instruct).",
+    )
+    repoType: Literal["model", "dataset"] = Field(
+        default="model", description="model or dataset repository (they live under different URLs); default: model."
+    )
+    revision: str = Field(
+        default="main",
+        min_length=1,
+        max_length=255,
+        pattern=REVISION_PATTERN,
+        description="Branch, tag or commit sha; default: main. A branch is resolved to its commit once, when the "
+        "files are first downloaded, and kept; a new value downloads again into a new directory (jobs started on the "
+        "old one keep it).",
+    )
+    allowPatterns: Patterns | None = Field(
+        default=None,
+        description="Glob patterns of the files to download (e.g. `*.safetensors`, `*.json`); default: every file "
+        "of the repository.",
+    )
+    tokenSecret: TokenSecret | None = Field(
+        default=None,
+        description="Secret key holding a Hub access token, for private or gated repositories; default: none "
+        "(anonymous; `kubetune run` uses HF_TOKEN or the token of `hf auth login`).",
+    )
+
+
+class DatasetHuggingFaceSource(HuggingFaceSource):
+    """A repository on the Hugging Face Hub, or on a Hub-compatible endpoint (a private hub or a mirror,
+    named by HF_ENDPOINT where the download runs)."""
+
+    repoType: Literal["model", "dataset"] = Field(
+        default="dataset",
+        description="dataset or model repository (they live under different URLs); default: dataset.",
+    )
+
+
+class S3Source(StrictModel):
+    """Objects in an S3 bucket: AWS S3 or any S3-compatible store (MinIO, Ceph, R2, ...)."""
+
+    bucket: str = Field(
+        min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Bucket name."
+    )
+    prefix: str = Field(
+        default="",
+        max_length=1024,
+        description="Key prefix of the objects to download (e.g. `models/smollm2/`); each object lands at its key "
+        "less the prefix; default: empty (the whole bucket).",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="Endpoint URL of an S3-compatible store (e.g. http://minio.storage:9000); default: AWS S3 "
+        "(or AWS_ENDPOINT_URL where the download runs).",
+    )
+    region: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[a-z0-9-]+$",
+        description="Region of the bucket; default: AWS_REGION where the download runs, else us-east-1.",
+    )
+    credentialsSecret: CredentialsSecret | None = Field(
+        default=None,
+        description="Secret with the access keys; default: none (the environment's credentials, e.g. a pod "
+        "identity or ~/.aws for `kubetune run`, else anonymous access to a public bucket).",
+    )
+
+
+class ModelSource(StrictModel):
+    """Where the operator downloads the files from, once, into storage.pvc; every job then reuses them.
+    Exactly one of huggingface and s3."""
+
+    huggingface: HuggingFaceSource | None = Field(default=None, description="A Hugging Face Hub repository.")
+    s3: S3Source | None = Field(default=None, description="Objects under a prefix of an S3 bucket.")
+
+
+class FilesetSource(StrictModel):
+    """Where the operator downloads the files from, once, into storage.pvc; every job then reuses them.
+    Exactly one of huggingface and s3."""
+
+    huggingface: DatasetHuggingFaceSource | None = Field(
+        default=None, description="A Hugging Face Hub repository (a dataset repository unless repoType says model)."
+    )
+    s3: S3Source | None = Field(default=None, description="Objects under a prefix of an S3 bucket.")
+
+
+Source = ModelSource | FilesetSource
+
+
+def source_field() -> Any:
+    return Field(
+        default=None,
+        description="Where to download the files from (Hugging Face Hub or S3) when they are not already on "
+        "storage: the files land in storage.pvc (or, for `kubetune run` without localPath, in a local cache).",
+    )
+
+
 ENTITY_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         name="storage-has-a-location",
@@ -45,6 +182,14 @@ ENTITY_RULES: tuple[CrossFieldRule, ...] = (
         check=lambda s: "pvc" in s or "localPath" in s,
         message="needs pvc (for a cluster) or localPath (for kubetune run), or both",
         field=".pvc",
+    ),
+    CrossFieldRule(
+        name="source-is-one-of",
+        scope=("source",),
+        cel="has(self.huggingface) != has(self.s3)",
+        check=lambda s: ("huggingface" in s) != ("s3" in s),
+        message="give exactly one of source.huggingface and source.s3",
+        field=".huggingface",
     ),
 )
 
@@ -57,6 +202,7 @@ class FilesetSpec(RuleCheckedSpec):
     RULES: ClassVar[tuple[CrossFieldRule, ...]] = ENTITY_RULES
 
     storage: Storage = Field(description="Where the files are.")
+    source: FilesetSource | None = source_field()
     description: str | None = Field(default=None, max_length=1024, description="What the data is.")
     sharedWith: Namespaces | None = Field(
         default=None, description='Namespaces allowed to reference this entity as `workspace/name` ("*" = all).'
@@ -82,6 +228,7 @@ class ModelSpec(RuleCheckedSpec):
     RULES: ClassVar[tuple[CrossFieldRule, ...]] = MODEL_RULES
 
     storage: Storage = Field(description="Where the model directory is.")
+    source: ModelSource | None = source_field()
     format: Literal["full", "adapter"] = Field(
         default="full", description="full weights, or a LoRA adapter of baseModel."
     )

@@ -153,6 +153,11 @@ RULE_CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
         {"storage": {"localPath": "data"}},
         {"storage": {}},
     ),
+    "source-is-one-of": (
+        FilesetSpec,
+        {"storage": {"localPath": "data"}, "source": {"s3": {"bucket": "data"}}},
+        {"storage": {"localPath": "data"}, "source": {"s3": {"bucket": "data"}, "huggingface": {"repo": "org/chat"}}},
+    ),
     "adapter-needs-base": (
         ModelSpec,
         {"storage": {"pvc": {"claimName": "m"}}, "format": "adapter", "baseModel": "base"},

@@ -17,7 +17,7 @@ from seed_defaults import (
 )
 
 from kubetune_api.automodel import AUTOMODEL_RULES, AutomodelJobSpec
-from kubetune_api.entities import MODEL_RULES
+from kubetune_api.entities import MODEL_RULES, FilesetSpec, ModelSpec
 from kubetune_api.unsloth import UNSLOTH_RULES, UnslothJobSpec
 from support.specs import AUTOMODEL_MIN, RULE_CASES, UNSLOTH_MIN, get_path, with_value, without
 
@@ -215,6 +215,66 @@ def test_val_check_interval_is_read_by_value_not_by_json_type() -> None:
     assert "1 and 1.0 both mean one epoch" in description
     with pytest.raises(ValidationError, match=r"spec\.schedule\.val_check_interval: .*1 \(once per epoch\)"):
         AutomodelJobSpec.model_validate(with_value(AUTOMODEL_MIN, "schedule.val_check_interval", 1.5))
+
+
+# --- entity sources (issue 17) ---------------------------------------------------------------
+
+MODEL_STORAGE: dict[str, Any] = {"pvc": {"claimName": "models", "path": "smol"}}
+
+
+def test_source_defaults_differ_by_entity_only_in_repo_type() -> None:
+    """A Fileset's repository is a dataset repository unless it says otherwise; a Model's a model one."""
+    source = {"huggingface": {"repo": "org/x", "tokenSecret": {"name": "hf"}}}
+    model = ModelSpec.model_validate({"storage": MODEL_STORAGE, "source": source}).model_dump()["source"]
+    fileset = FilesetSpec.model_validate({"storage": MODEL_STORAGE, "source": source}).model_dump()["source"]
+    assert model["huggingface"] == {
+        "repo": "org/x",
+        "repoType": "model",
+        "revision": "main",
+        "allowPatterns": None,
+        "tokenSecret": {"name": "hf", "key": "token"},
+    }
+    assert fileset["huggingface"] == {**model["huggingface"], "repoType": "dataset"}
+    s3 = ModelSpec.model_validate({"storage": MODEL_STORAGE, "source": {"s3": {"bucket": "b"}}}).model_dump()
+    assert s3["source"]["s3"] == {
+        "bucket": "b",
+        "prefix": "",
+        "endpoint": None,
+        "region": None,
+        "credentialsSecret": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "dotted,bad",
+    [
+        ("source.huggingface.repo", "org/two words"),
+        ("source.huggingface.repo", "a/b/c"),
+        ("source.huggingface.revision", "main branch"),
+        ("source.huggingface.repoType", "space"),
+        ("source.huggingface.allowPatterns", []),
+        ("source.huggingface.branch", "main"),
+        ("source.huggingface.tokenSecret.name", ""),
+    ],
+)
+def test_bad_huggingface_source_names_the_field(dotted: str, bad: Any) -> None:
+    spec = {"storage": MODEL_STORAGE, "source": {"huggingface": {"repo": "org/x"}}}
+    assert error_paths(ModelSpec, with_value(spec, dotted, bad)) == [f"spec.{dotted}"]
+
+
+@pytest.mark.parametrize(
+    "dotted,bad",
+    [
+        ("source.s3.bucket", "no spaces"),
+        ("source.s3.endpoint", "minio.storage:9000"),
+        ("source.s3.region", "EU West"),
+        ("source.s3.credentialsSecret", {"name": "keys", "key": "x"}),
+    ],
+)
+def test_bad_s3_source_names_the_field(dotted: str, bad: Any) -> None:
+    spec = {"storage": MODEL_STORAGE, "source": {"s3": {"bucket": "data", "endpoint": "http://minio:9000"}}}
+    expected = "spec.source.s3.credentialsSecret.key" if dotted.endswith("credentialsSecret") else f"spec.{dotted}"
+    assert error_paths(FilesetSpec, with_value(spec, dotted, bad)) == [expected]
 
 
 # --- normalisation ---------------------------------------------------------------------------

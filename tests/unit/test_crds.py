@@ -12,9 +12,10 @@ import yaml
 from hypothesis import given, settings
 from pydantic import ValidationError
 
-from kubetune.api.resources import AUTOMODEL, RESOURCES, UNSLOTH
+from kubetune.api.resources import AUTOMODEL, FILESET, MODEL, RESOURCES, UNSLOTH
 from kubetune.crdgen import build_crd
 from kubetune_api.automodel import AutomodelJobSpec
+from kubetune_api.entities import FilesetSpec, ModelSpec
 from kubetune_api.unsloth import UnslothJobSpec
 from support.cel import CelRules
 from support.strategies import automodel_specs, unsloth_specs
@@ -101,6 +102,28 @@ def test_cel_agrees_with_pydantic_automodel(spec: dict[str, Any]) -> None:
 @given(unsloth_specs())
 def test_cel_agrees_with_pydantic_unsloth(spec: dict[str, Any]) -> None:
     assert sorted(UNSLOTH_CEL.failures(spec)) == sorted(_pydantic_failures(UnslothJobSpec, spec))
+
+
+SOURCES: dict[str, Any] = {
+    "none given": {},
+    "huggingface": {"huggingface": {"repo": "org/tiny"}},
+    "s3": {"s3": {"bucket": "data", "prefix": "sets/chat/"}},
+    "both": {"huggingface": {"repo": "org/tiny"}, "s3": {"bucket": "data"}},
+}
+
+
+@pytest.mark.parametrize("resource,model", [(MODEL, ModelSpec), (FILESET, FilesetSpec)], ids=["Model", "Fileset"])
+@pytest.mark.parametrize("shape", sorted(SOURCES))
+def test_cel_agrees_with_pydantic_on_the_source_one_of(resource: Any, model: Any, shape: str) -> None:
+    """spec.source is exactly one of huggingface and s3, in the API server (CEL) as in pydantic."""
+    for storage in ({"localPath": "m"}, {"pvc": {"claimName": "m"}}):
+        spec = {"storage": storage, "source": SOURCES[shape]}
+        expected = _pydantic_failures(model, spec)
+        assert sorted(CelRules(resource).failures(spec)) == sorted(expected)
+        one = shape in ("huggingface", "s3")
+        assert expected == (
+            [] if one else ["spec.source.huggingface: give exactly one of source.huggingface and source.s3"]
+        )
 
 
 def test_trainer_status_policy_guards_every_status_field_but_progress() -> None:

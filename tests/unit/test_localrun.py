@@ -140,3 +140,88 @@ def test_trainer_environment_is_checked(tmp_path: Path) -> None:
     path = write_manifests(tmp_path, UNSLOTH)
     with pytest.raises(RunError, match=r"cannot import unsloth, trl.*KUBETUNE_UNSLOTH_PYTHON"):
         plan_local_run([str(path)], python=sys.executable)
+
+
+# --- entities with spec.source (issue 17) -----------------------------------------------------
+
+
+def write_source_manifests(tmp: Path, repo: str = "org/tiny") -> Path:
+    """The job's Model comes from the Hub (a claim for the cluster, no localPath); its data is local."""
+    (tmp / "data").mkdir()
+    entities = [
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "Model",
+            "metadata": {"name": "base"},
+            "spec": {
+                "storage": {"pvc": {"claimName": "models", "path": "base"}},
+                "source": {"huggingface": {"repo": repo}},
+            },
+        },
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "Fileset",
+            "metadata": {"name": "train"},
+            "spec": {"storage": {"localPath": "data"}},
+        },
+    ]
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump_all([AUTOMODEL, *entities]))
+    return path
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    from support.hfhub import HubServer, tiny_model_files, without_hub_credentials
+
+    without_hub_credentials(monkeypatch, tmp_path)
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "cache"))
+    with HubServer() as server:
+        server.commit("org/tiny", tiny_model_files(hidden=8, vocab=64))
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+def test_source_is_fetched_into_the_cache_once_and_the_dry_run_fetches_nothing(hub: Any, tmp_path: Path) -> None:
+    import io
+
+    from kubetune.localrun import describe, fetch_sources
+
+    path = write_source_manifests(tmp_path)
+    plan = plan_local_run([str(path)], check_environment=False)
+    (fetch,) = plan.fetches
+    assert fetch.entity == "Model/default/base"
+    assert fetch.path.parent == tmp_path / "cache" / "sources" / "huggingface" / "models" / "org" / "tiny"
+    assert plan.config["paths"]["model"] == str(fetch.path)
+    assert f"fetch: Model/default/base: Hugging Face model org/tiny@main → {fetch.path}" in describe(plan)
+    assert hub.requests == []  # planning (and so --dry-run) touches no network
+
+    out = io.StringIO()
+    fetch_sources(plan, out)
+    assert sorted(p.name for p in fetch.path.iterdir()) == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    asked = len(hub.requests)
+    out = io.StringIO()
+    fetch_sources(plan_local_run([str(path)], check_environment=False), out)
+    assert "already here" in out.getvalue() and len(hub.requests) == asked
+
+
+def test_source_that_cannot_be_fetched_names_the_entity(hub: Any, tmp_path: Path) -> None:
+    from kubetune.localrun import fetch_sources
+
+    plan = plan_local_run([str(write_source_manifests(tmp_path, repo="org/missing"))], check_environment=False)
+    with pytest.raises(RunError, match=r"Model/default/base: cannot fetch spec.source: .*'org/missing' was not found"):
+        fetch_sources(plan)
+
+
+def test_entity_without_files_or_source_says_both_fixes(tmp_path: Path) -> None:
+    path = write_manifests(tmp_path, AUTOMODEL)
+    docs = list(yaml.safe_load_all(path.read_text()))
+    del docs[1]["spec"]["storage"]["localPath"]
+    path.write_text(yaml.safe_dump_all(docs))
+    with pytest.raises(RunError, match=r"no spec.storage.localPath and no spec.source"):
+        plan_local_run([str(path)], check_environment=False)
