@@ -402,3 +402,21 @@ def test_restarts_list_every_failure_but_the_one_that_ended_the_job() -> None:
     status = st.status_patch(st.status_from_child({}, deadline, 1, "t3", failures=[preempted]))
     cond = st.find_condition(status["conditions"], st.COND_FAILED)
     assert cond is not None and cond["reason"] == "DeadlineExceeded" and len(status["restarts"]) == 1
+
+
+def test_restarts_listed_in_status_survive_an_operator_restart() -> None:
+    """A pod deleted while the operator was down is seen by nobody again: its entry in
+    status is carried. A failure seen again keeps the step listed when it was first seen
+    (the trainer has gone on since). Entries that are not valid Restarts are dropped."""
+    listed = [
+        {"failureClass": "Preempted", "time": "t1", "pod": "gone", "message": "EvictionByEvictionAPI: m", "step": 40},
+        {"failureClass": "OutOfMemory", "time": "t2", "pod": "p1", "message": "oom", "step": 55},
+        {"failureClass": "NotAClass", "time": "t3", "pod": "forged"},
+    ]
+    seen = st.PodFailure(FailureClass.OUT_OF_MEMORY, "t2", "p1", "oom", step=70)
+    carried = st.with_listed_restarts([seen], listed)
+    assert [(f.pod, f.failure_class, f.step) for f in carried] == [
+        ("p1", FailureClass.OUT_OF_MEMORY, 55),
+        ("gone", FailureClass.PREEMPTED, 40),
+    ]
+    assert st.with_listed_restarts([seen], None) == [seen]

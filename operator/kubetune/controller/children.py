@@ -106,18 +106,9 @@ class ChildPasses(RetryPasses):
         known = self.pod_failures.get(key) or {}
         if failure is None or uid in known:
             return False
-        # The step the trainer had reported: from the job now, or, for a failure seen
-        # before an operator restart, from the entry status already lists.
-        status = (self.jobs.get(key) or {}).get("status") or {}
-        listed = next(
-            (
-                r.get("step")
-                for r in status.get("restarts") or []
-                if (r.get("pod"), r.get("time")) == (failure.pod, failure.time)
-            ),
-            None,
-        )
-        step = listed if listed is not None else (status.get("progress") or {}).get("step")
+        # The step the trainer had reported (a failure first seen before an operator
+        # restart keeps the step its listed entry has: status.with_listed_restarts).
+        step = (((self.jobs.get(key) or {}).get("status") or {}).get("progress") or {}).get("step")
         known[uid] = replace(failure, step=step if isinstance(step, int) else None)
         self.pod_failures[key] = known
         return True

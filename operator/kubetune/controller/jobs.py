@@ -342,7 +342,7 @@ class JobPasses(ChildPasses, EntityPasses):
             now,
             blocker,
             f"created {ref['kind']} {ref['name']}",
-            list((self.pod_failures.get(key) or {}).values()),
+            st.with_listed_restarts(list((self.pod_failures.get(key) or {}).values()), current.get("restarts")),
             self._memory_risk(key, spec),
             spec_backend(spec).out_of_memory_hint,
         )

@@ -8,10 +8,12 @@ is written is built as `kubetune_api.status` models and dumped by alias
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final, Literal
+
+from pydantic import ValidationError
 
 from kubetune_api import constants as c
 from kubetune_api.entities import EntityStatus
@@ -314,6 +316,29 @@ def owned_conditions(
         _condition(previous.get(type_), type_, status, reason, message, generation, now)
         for type_, status, reason, message in wanted
     ]
+
+
+def with_listed_restarts(seen: Sequence[PodFailure], listed: Sequence[Mapping[str, Any]] | None) -> list[PodFailure]:
+    """The failures this process saw, plus those status already lists for pods it can no
+    longer see (deleted before an operator restart), each seen one with its listed step
+    (the step when it was first seen). Read back for display only: no decision reads it."""
+    entries: dict[tuple[str, str], Restart] = {}
+    for entry in listed or []:
+        try:
+            restart = Restart.model_validate(entry)
+        except ValidationError:
+            continue  # not ours to carry
+        entries[(restart.pod, restart.time)] = restart
+    failures = []
+    for failure in seen:
+        listed_entry = entries.pop((failure.pod, failure.time), None)
+        if listed_entry is not None and listed_entry.step is not None:
+            # Listed when it was first seen: a process that sees it later (after an operator
+            # restart) knows only the step the trainer has reached since.
+            failure = replace(failure, step=listed_entry.step)
+        failures.append(failure)
+    failures += [PodFailure(r.failure_class, r.time, r.pod, r.message, r.step) for r in entries.values()]
+    return failures
 
 
 # The child's Failed reasons that mean "its pods failed" (the batch Job's pod failure
