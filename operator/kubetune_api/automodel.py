@@ -10,12 +10,15 @@ from kubetune_api.common import (
     CrossFieldRule,
     Integrations,
     Reference,
+    Retries,
     RuleCheckedSpec,
     StrictModel,
     image_field,
     integrations_field,
     output_description_field,
     output_name_field,
+    retries_field,
+    stall_timeout_field,
     suspend_field,
 )
 
@@ -287,3 +290,5 @@ class AutomodelJobSpec(RuleCheckedSpec):
     integrations: Integrations | None = integrations_field()
     suspend: bool = suspend_field()
     image: str | None = image_field("Automodel")
+    retries: Retries = retries_field()
+    stall_timeout_seconds: int | None = stall_timeout_field()

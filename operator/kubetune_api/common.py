@@ -109,6 +109,46 @@ def image_field(backend: str) -> Any:
     )
 
 
+class Retries(StrictModel):
+    """kubetune extension: how many trainer pods may stop before the job fails, by failure
+    class (docs/FAILURES.md). Each stopped pod is made again and resumes from the last
+    checkpoint; the trainer's own error (TrainerError, exit code 1) fails the job at once."""
+
+    disruptions: int = Field(
+        default=10,
+        ge=0,
+        le=1000,
+        description="Pods that may be Preempted (preemption, eviction, drain, a signal) or lose their node "
+        "(NodeFailure) before the job fails.",
+    )
+    failures: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="Pods that may stop for another reason (OutOfMemory, an unexpected exit code) before the job "
+        "fails.",
+    )
+
+
+def retries_field() -> Any:
+    return Field(
+        default_factory=Retries,
+        description="kubetune extension: retry budgets by failure class; disruptions and other failures are "
+        "counted apart (docs/FAILURES.md).",
+    )
+
+
+def stall_timeout_field() -> Any:
+    return Field(
+        default=None,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="kubetune extension: seconds without a progress report (one per finished step) after which a "
+        "running job gets condition Stalled=True; default: 10 × the trainer's seconds per step, at least 300 "
+        "(docs/FAILURES.md).",
+    )
+
+
 def nested_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation such as `Section | None` or `list[Section]`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -30,6 +30,10 @@ ANNOTATION_SPEC_GENERATION: Final = "kubetune.io/spec-generation"
 # On the child workload: the name of the Model the job will produce, decided once at
 # creation (the default name may be taken by an earlier job of the same name).
 ANNOTATION_OUTPUT_MODEL: Final = "kubetune.io/output-model"
+# On a child the operator stopped because its job ran out of retries: why (the Failed
+# condition's message) and when; the job's outcome is computed from them, never from status.
+ANNOTATION_STOPPED: Final = "kubetune.io/stopped"
+ANNOTATION_STOPPED_AT: Final = "kubetune.io/stopped-at"
 
 # Field manager / user agent the operator uses, so its API calls can be counted.
 FIELD_MANAGER: Final = "kubetune-operator"

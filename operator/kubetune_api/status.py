@@ -23,6 +23,7 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    STALLED = "Stalled"  # running, but no progress report for too long (kubetune.controller.status.stall)
     MEMORY_RISK = "MemoryRisk"  # below the seed's GPU memory guideline (a warning; kubetune.memory)
     # Model and Fileset
     READY = "Ready"

@@ -10,12 +10,15 @@ from kubetune_api.common import (
     CrossFieldRule,
     Integrations,
     Reference,
+    Retries,
     RuleCheckedSpec,
     StrictModel,
     image_field,
     integrations_field,
     output_description_field,
     output_name_field,
+    retries_field,
+    stall_timeout_field,
     suspend_field,
 )
 from kubetune_api.constants import UNSLOTH_DEFAULT_TARGET_MODULES
@@ -294,3 +297,5 @@ class UnslothJobSpec(RuleCheckedSpec):
     integrations: Integrations | None = integrations_field()
     suspend: bool = suspend_field()
     image: str | None = image_field("Unsloth")
+    retries: Retries = retries_field()
+    stall_timeout_seconds: int | None = stall_timeout_field()

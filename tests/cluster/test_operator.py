@@ -485,6 +485,43 @@ def _wait_status(cluster: Any, namespace: str, name: str, check: Any, what: str,
         time.sleep(0.3)
 
 
+def test_a_trainer_without_progress_reports_is_stalled(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+    """A running trainer's last progress report is older than stall_timeout_seconds: the job
+    gets Stalled=True with the step and how long ago, and a Warning Event; a fresh report
+    (the trainer patching progress through its own identity) clears it."""
+    from datetime import UTC, datetime, timedelta
+
+    prepare(cluster, namespace)
+    spec = {**LORA, "stall_timeout_seconds": 60}
+    apply(cluster, namespace, text=job("AutomodelJob", "hung", spec, {"kubetune.io/fake-duration": "90s"}))
+    wait_phase(cluster, operator, "automodeljob", "hung", namespace, {"Running"})
+    trainer = cluster.service_account_kubeconfig(namespace, "hung-automodel-trainer")
+
+    def report(seconds_ago: int, step: int) -> None:
+        at = (datetime.now(UTC) - timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        _trainer_patch(cluster, namespace, "hung", trainer, {"progress": {"step": step, "updatedAt": at}})
+
+    report(seconds_ago=120, step=7)
+    status = _wait_status(
+        cluster, namespace, "hung", lambda s: any(c["type"] == "Stalled" for c in s.get("conditions") or []), "Stalled"
+    )
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "NoProgress"
+    assert stalled["message"].startswith("no progress report since step 7, 2m"), stalled
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=hung", "-o", "json"
+    )
+    assert "Stalled" in {e["reason"] for e in json.loads(events.stdout)["items"]}
+    report(seconds_ago=0, step=8)
+    _wait_status(
+        cluster,
+        namespace,
+        "hung",
+        lambda s: all(c["type"] != "Stalled" for c in s.get("conditions") or []),
+        "Stalled cleared by a fresh report",
+    )
+
+
 def test_forged_status_steers_nothing_and_is_overwritten(
     cluster: Any, operator: OperatorProcess, namespace: str
 ) -> None:
@@ -640,6 +677,55 @@ def test_deleted_trainer_pod_is_replaced_and_the_job_succeeds(
     restarts = done["status"]["restarts"]
     assert [(r["failureClass"], r["pod"]) for r in restarts] == [("Preempted", pods[0]["metadata"]["name"])]
     assert "exit code 143" in restarts[0]["message"], restarts
+
+
+def _evict_the_running_pod(cluster: Any, namespace: str, job_name: str, not_these: set[str]) -> str:
+    """Evict the job's pod that runs now (not one of `not_these`), through the Eviction API."""
+    deadline = time.monotonic() + 60
+    while True:
+        pods = json.loads(
+            cluster.kubectl(
+                "get", "pods", "-n", namespace, "-l", f"kubetune.io/job-name={job_name}", "-o", "json"
+            ).stdout
+        )["items"]
+        running = [p["metadata"]["name"] for p in pods if p["status"].get("phase") == "Running"]
+        fresh = [str(name) for name in running if name not in not_these]
+        if fresh:
+            break
+        assert time.monotonic() < deadline, f"no new running pod of {job_name}: {[p['metadata']['name'] for p in pods]}"
+        time.sleep(0.5)
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": fresh[0], "namespace": namespace}}
+    cluster.kubectl(
+        "create",
+        "--raw",
+        f"/api/v1/namespaces/{namespace}/pods/{fresh[0]}/eviction",
+        "-f",
+        "-",
+        input=json.dumps(eviction),
+    )
+    return fresh[0]
+
+
+def test_disruptions_have_their_own_budget(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+    """spec.retries.disruptions: 1 allows one preemption; the second fails the job with reason
+    Preempted, the budget named, though the Job's own policy would retry disruptions for ever.
+    The operator stops the child with a deadline already past, so its pods stay for their logs."""
+    prepare(cluster, namespace)
+    spec = {**UNSLOTH, "retries": {"disruptions": 1}}
+    apply(cluster, namespace, text=job("UnslothJob", "budget", spec, {"kubetune.io/fake-duration": "20s"}))
+    wait_phase(cluster, operator, "unslothjob", "budget", namespace, {"Running"})
+    first = _evict_the_running_pod(cluster, namespace, "budget", set())
+    second = _evict_the_running_pod(cluster, namespace, "budget", {first})
+    done = wait_phase(cluster, operator, "unslothjob", "budget", namespace, {"Succeeded", "Failed"}, timeout=90)
+    assert done["status"]["phase"] == "Failed", json.dumps(done["status"], indent=1)
+    failed = condition(done, "Failed")
+    assert failed["reason"] == "Preempted", failed
+    assert "2 pods were preempted or lost their node, more than spec.retries.disruptions (1)" in failed["message"]
+    assert [r["pod"] for r in done["status"]["restarts"]] == [first], done["status"]["restarts"]
+    child = get(cluster, "job", done["status"]["child"]["name"], namespace)
+    assert child["metadata"]["annotations"]["kubetune.io/stopped"].startswith("2 pods were preempted")
+    assert child["spec"]["activeDeadlineSeconds"] == 1
+    assert second != first
 
 
 def test_image_policy_refuses_images_from_other_registries(

@@ -271,3 +271,39 @@ def test_child_records_the_generation_and_suspend_patch_updates_it() -> None:
         "metadata": {"annotations": {c.ANNOTATION_SPEC_GENERATION: "4"}},
         "spec": {"suspend": inputs.spec.suspend},
     }
+
+
+@pytest.mark.parametrize(
+    ("example", "limit_path"),
+    [("automodel-lora.yaml", ("spec",)), ("automodel-full-multinode.yaml", ("spec", "runPolicy"))],
+)
+def test_retry_budgets_set_the_childs_backstop_and_stop_patch_stops_it(
+    example: str, limit_path: tuple[str, ...]
+) -> None:
+    """The child's own limit is both budgets together (it cannot tell the classes apart;
+    the operator counts each), and stop_patch fails the child through a deadline already
+    past, keeping its failed pods, and says why on the child."""
+    from dataclasses import replace
+
+    from kubetune.controller.builders import stop_patch
+
+    def limit(child: dict[str, Any]) -> Any:
+        for key in limit_path:
+            child = child[key]
+        return child["backoffLimit"]
+
+    inputs = example_inputs(example)
+    assert limit(build_all(inputs)[-1]) == 2 + 10  # the defaults: failures 2, disruptions 10
+    spec = inputs.spec.model_copy(update={"retries": inputs.spec.retries.model_copy(update={"disruptions": 5})})
+    assert limit(build_all(replace(inputs, spec=spec))[-1]) == 2 + 5
+    patch = stop_patch(spec, "3 pods were preempted", "t9")
+    assert patch["metadata"]["annotations"] == {
+        c.ANNOTATION_STOPPED: "3 pods were preempted",
+        c.ANNOTATION_STOPPED_AT: "t9",
+    }
+    stop = patch["spec"]
+    for key in limit_path[1:]:
+        stop = stop[key]
+    assert stop["activeDeadlineSeconds"] == 1
+    if len(limit_path) > 1:
+        assert stop["cleanPodPolicy"] == "Running"  # cleanPodPolicy None would leave the workers running

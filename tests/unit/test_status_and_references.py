@@ -408,7 +408,7 @@ def test_restarts_listed_in_status_survive_an_operator_restart() -> None:
     """A pod deleted while the operator was down is seen by nobody again: its entry in
     status is carried. A failure seen again keeps the step listed when it was first seen
     (the trainer has gone on since). Entries that are not valid Restarts are dropped."""
-    listed = [
+    listed: list[dict[str, Any]] = [
         {"failureClass": "Preempted", "time": "t1", "pod": "gone", "message": "EvictionByEvictionAPI: m", "step": 40},
         {"failureClass": "OutOfMemory", "time": "t2", "pod": "p1", "message": "oom", "step": 55},
         {"failureClass": "NotAClass", "time": "t3", "pod": "forged"},
@@ -420,3 +420,73 @@ def test_restarts_listed_in_status_survive_an_operator_restart() -> None:
         ("gone", FailureClass.PREEMPTED, 40),
     ]
     assert st.with_listed_restarts([seen], None) == [seen]
+
+
+def test_out_of_retries_counts_disruptions_and_other_failures_apart() -> None:
+    def failures(*classes: FailureClass) -> list[st.PodFailure]:
+        return [st.PodFailure(kind, f"t{i}", f"p{i}", "m") for i, kind in enumerate(classes)]
+
+    preempted, lost, oom = FailureClass.PREEMPTED, FailureClass.NODE_FAILURE, FailureClass.OUT_OF_MEMORY
+    assert st.out_of_retries(failures(preempted, lost, oom, oom), disruptions=2, others=2) is None
+    why = st.out_of_retries(failures(preempted, lost, preempted, oom), disruptions=2, others=2)
+    assert why == "3 pods were preempted or lost their node, more than spec.retries.disruptions (2)"
+    why = st.out_of_retries(failures(oom, preempted, oom), disruptions=2, others=1)
+    assert why is not None and "more than spec.retries.failures (1)" in why
+    assert st.out_of_retries([], disruptions=0, others=0) is None
+
+
+def test_a_child_the_operator_stopped_has_failed_with_its_reason() -> None:
+    """A stopped child (annotations by builders.stop_patch) is Failed from that moment, with
+    the operator's words, even while its controller still reports it running; the job's
+    Failed reason is then the class of the failure that used the budget up."""
+    annotations = {"kubetune.io/stopped": "2 pods were preempted", "kubetune.io/stopped-at": "t5"}
+    running = {"kind": "Job", "metadata": {"annotations": annotations}, "status": {"ready": 1, "startTime": "t0"}}
+    state = st.child_state(running)
+    assert (state.phase, state.reason, state.message, state.completion_time) == (
+        st.FAILED,
+        "RetriesExhausted",
+        "2 pods were preempted",
+        "t5",
+    )
+    assert st.stopped_at(running) == "t5" and st.stopped_at({"kind": "Job"}) is None
+    succeeded = {**running, "status": {"conditions": [_cond("Complete", "Completed")]}}
+    assert st.child_state(succeeded).phase == st.SUCCEEDED  # done before the stop took: it stands
+    last = st.PodFailure(FailureClass.PREEMPTED, "t4", "p2", "EvictionByEvictionAPI: m")
+    status = st.status_patch(st.status_from_child({}, state, 1, "t6", failures=[last]))
+    cond = st.find_condition(status["conditions"], st.COND_FAILED)
+    assert cond is not None and cond["reason"] == "Preempted"
+    assert cond["message"] == "EvictionByEvictionAPI: m; 2 pods were preempted"
+
+
+def test_a_trainer_is_stalled_after_ten_steps_or_five_minutes_without_a_report() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+
+    def ago(seconds: float) -> str:
+        return (now - timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    # 4 minutes quiet, 2 s per step: under the 5-minute floor, looked at again in a minute.
+    why, due = st.stall({"step": 7, "updatedAt": ago(240), "secondsPerStep": 2.0}, None, now)
+    assert why is None and due == 60
+    why, due = st.stall({"step": 7, "updatedAt": ago(301), "secondsPerStep": 2.0}, None, now)
+    assert due is None and why is not None and why.startswith("no progress report since step 7, 5m01s ago")
+    # Slow steps stretch the limit: 10 × 60 s.
+    assert st.stall({"step": 7, "updatedAt": ago(590), "secondsPerStep": 60.0}, None, now)[0] is None
+    assert st.stall({"step": 7, "updatedAt": ago(601), "secondsPerStep": 60.0}, None, now)[0] is not None
+    # The job's own timeout wins, shorter or longer.
+    assert st.stall({"step": 7, "updatedAt": ago(120)}, 100, now)[0] is not None
+    assert st.stall({"step": 7, "updatedAt": ago(4000)}, 7200, now)[0] is None
+    # Not judged before the first report (loading a model) or on a malformed time.
+    assert st.stall(None, None, now) == (None, None)
+    assert st.stall({"updatedAt": "yesterday"}, None, now) == (None, None)
+
+
+def test_the_stalled_condition_shows_only_on_a_running_job() -> None:
+    running = st.ChildState(st.RUNNING, "Running", "the trainer pod is running", "t0")
+    status = st.status_patch(st.status_from_child({}, running, 1, "t1", stalled="no progress report since step 7"))
+    cond = st.find_condition(status["conditions"], st.COND_STALLED)
+    assert cond is not None and cond["status"] == "True" and cond["reason"] == "NoProgress"
+    done = st.ChildState(st.SUCCEEDED, "Completed", "done", "t0", "t2")
+    status = st.status_patch(st.status_from_child({}, done, 1, "t3", stalled="no progress report since step 7"))
+    assert st.find_condition(status["conditions"], st.COND_STALLED) is None

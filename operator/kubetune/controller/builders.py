@@ -3,13 +3,14 @@ No Kubernetes client here; the reconciler applies what these return.
 
 Choices made on purpose (documented in docs/OPERATOR.md):
 - One GPU → batch/v1 Job: restartPolicy Never (a failed pod stays for its logs),
-  backoffLimit 2 (two retries, each resuming from the checkpoint on the output
-  volume), and a podFailurePolicy that fails the Job at once on the trainer's own
+  backoffLimit spec.retries.failures + disruptions (each retry resuming from the
+  checkpoint on the output volume; the operator holds each class to its own budget),
+  and a podFailurePolicy that fails the Job at once on the trainer's own
   error exit code 1 (a bad config will not get better) and does not count pod
   disruptions (preemption, node drain) against the backoff limit.
 - More GPUs or nodes → PyTorchJob: restartPolicy ExitCode (the training-operator
   restarts replicas killed by a signal — exit codes 128+ — and fails on 1-127),
-  runPolicy.backoffLimit 3.
+  runPolicy.backoffLimit as for the batch Job.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from kubetune.controller.references import EntityRecord
 from kubetune.render import TrainerPaths, cluster_paths, dumps_config, kubernetes_progress, render_trainer_config
 from kubetune_api import constants as c
 
-JOB_BACKOFF_LIMIT = 2
-PYTORCHJOB_BACKOFF_LIMIT = 3
 MAX_JOB_NAME = 40  # leaves room for "-automodel-trainer" and the pod suffixes within 63
 
 
@@ -378,6 +377,24 @@ def suspend_patch(spec: JobSpec, generation: int | None) -> dict[str, Any]:
     return {**annotations, "spec": {"suspend": spec.suspend}}
 
 
+def child_backoff_limit(spec: JobSpec) -> int:
+    """The child's own retry limit: both budgets together, a backstop only. The operator
+    counts each class against its own budget (spec.retries) and stops the child first;
+    the child cannot tell a preempted pod from an OOMKilled one."""
+    return spec.retries.failures + spec.retries.disruptions
+
+
+def stop_patch(spec: JobSpec, message: str, now: str) -> dict[str, Any]:
+    """Stop the child of a job out of retries, keeping its failed pods and their logs: a
+    deadline already past makes its controller fail it and remove the running pods (a
+    PyTorchJob keeps every pod under cleanPodPolicy None, so Running here). The
+    annotations say why and when, for the job's status."""
+    annotations = {"metadata": {"annotations": {c.ANNOTATION_STOPPED: message, c.ANNOTATION_STOPPED_AT: now}}}
+    if uses_pytorchjob(spec):
+        return {**annotations, "spec": {"runPolicy": {"activeDeadlineSeconds": 1, "cleanPodPolicy": "Running"}}}
+    return {**annotations, "spec": {"activeDeadlineSeconds": 1}}
+
+
 def build_batch_job(inputs: JobInputs) -> dict[str, Any]:
     names = child_names(inputs.resource, inputs.name)
     return {
@@ -388,7 +405,7 @@ def build_batch_job(inputs: JobInputs) -> dict[str, Any]:
             "suspend": inputs.spec.suspend,
             "completions": 1,
             "parallelism": 1,
-            "backoffLimit": JOB_BACKOFF_LIMIT,
+            "backoffLimit": child_backoff_limit(inputs.spec),
             "podFailurePolicy": {
                 "rules": [
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
@@ -427,7 +444,7 @@ def build_pytorchjob(inputs: JobInputs) -> dict[str, Any]:
             "nprocPerNode": str(backend.gpus_per_pod(inputs.spec)),
             "elasticPolicy": {"minReplicas": nodes, "maxReplicas": nodes, "rdzvBackend": "c10d"},
             "runPolicy": {
-                "backoffLimit": PYTORCHJOB_BACKOFF_LIMIT,
+                "backoffLimit": child_backoff_limit(inputs.spec),
                 "cleanPodPolicy": "None",
                 "suspend": inputs.spec.suspend,
             },

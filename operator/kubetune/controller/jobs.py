@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, cast
 
@@ -16,7 +17,15 @@ from pydantic import ValidationError
 
 from kubetune.api.resources import BY_KIND, spec_backend
 from kubetune.controller import status as st
-from kubetune.controller.builders import MAX_JOB_NAME, JobInputs, build_all, child_ref, output_format, total_gpus
+from kubetune.controller.builders import (
+    MAX_JOB_NAME,
+    JobInputs,
+    build_all,
+    child_ref,
+    output_format,
+    stop_patch,
+    total_gpus,
+)
 from kubetune.controller.children import ChildPasses
 from kubetune.controller.entities import EntityPasses
 from kubetune.controller.kubeclient import ApiError, object_path
@@ -182,9 +191,11 @@ class JobPasses(ChildPasses, EntityPasses):
                     f"pod {restart['pod']} stopped: {restart['message']}; the next pod resumes from the last checkpoint"
                 )
                 self.post_event(body_ref(written), "Warning", restart["failureClass"], message)
-        risk = st.find_condition(update.get("conditions"), st.COND_MEMORY_RISK)
-        if risk is not None and st.find_condition(current.get("conditions"), st.COND_MEMORY_RISK) is None:
-            self.post_event(body_ref(written), "Warning", st.COND_MEMORY_RISK, str(risk["message"]))
+        # The warning conditions, present only while they hold: an Event when one appears.
+        for type_ in (st.COND_STALLED, st.COND_MEMORY_RISK):
+            cond = st.find_condition(update.get("conditions"), type_)
+            if cond is not None and st.find_condition(current.get("conditions"), type_) is None:
+                self.post_event(body_ref(written), "Warning", type_, str(cond["message"]))
 
     @staticmethod
     def _phase_reason(update: Mapping[str, Any]) -> tuple[str, str]:
@@ -328,13 +339,23 @@ class JobPasses(ChildPasses, EntityPasses):
         """Every status field but the trainer's `progress`, from the child and its pods."""
         ref = child_ref(BY_KIND[key[0]], key[2], spec)
         child = self.children[key]
+        current = self.jobs[key].get("status") or {}
+        failures = st.with_listed_restarts(list((self.pod_failures.get(key) or {}).values()), current.get("restarts"))
+        stopped = st.stopped_at(child)
+        if stopped is not None:
+            # The pods its controller stops after the operator stopped the child are no restarts.
+            failures = [f for f in failures if not f.time or f.time <= stopped]
         state = st.child_state(child)
+        if state.phase not in st.TERMINAL:
+            why = st.out_of_retries(failures, spec.retries.disruptions, spec.retries.failures)
+            if why is not None:
+                child = await self._stop_child(key, spec, child, why, now)
+                state = st.child_state(child)
         blocker = next(iter(sorted((self.blockers.get(key) or {}).values())), None)
         if state.phase == st.PENDING and blocker is None and not st.child_has_pods(child):
             blocker = await self._creation_refusal(key, child)
         else:
             self._pod_checks.pop(key, None)
-        current = self.jobs[key].get("status") or {}
         status = st.status_from_child(
             current,
             state,
@@ -342,9 +363,10 @@ class JobPasses(ChildPasses, EntityPasses):
             now,
             blocker,
             f"created {ref['kind']} {ref['name']}",
-            st.with_listed_restarts(list((self.pod_failures.get(key) or {}).values()), current.get("restarts")),
+            failures,
             self._memory_risk(key, spec),
             spec_backend(spec).out_of_memory_hint,
+            self._stalled(key, spec, state.phase, current.get("progress")),
         )
         status.observed_generation = generation
         status.gpus = total_gpus(spec)
@@ -353,6 +375,28 @@ class JobPasses(ChildPasses, EntityPasses):
         if state.phase == st.SUCCEEDED:
             status.output = OutputRef(model=await self._create_output_model(key, spec), format=output_format(spec))
         return status
+
+    def _stalled(self, key: JobKey, spec: JobSpec, phase: str, progress: Mapping[str, Any] | None) -> str | None:
+        """Why the running trainer counts as stalled, or None; while it does not yet, look
+        again when it would (nothing else happens to a hung trainer's job to look)."""
+        if phase != st.RUNNING:
+            return None
+        why, due = st.stall(progress, spec.stall_timeout_seconds, datetime.now(UTC))
+        if due is not None:
+            self._retry_later(key, due + 1)
+        return why
+
+    async def _stop_child(
+        self, key: JobKey, spec: JobSpec, child: Mapping[str, Any], why: str, now: str
+    ) -> Mapping[str, Any]:
+        """Out of retries: stop the child (its failed pods and their logs stay) and say why
+        on the child itself, where the job's outcome is computed from from now on."""
+        ref = child_ref(BY_KIND[key[0]], key[2], spec)
+        path = object_path({**ref, "metadata": {"namespace": key[1], "name": ref["name"]}})
+        patched = await self.client.merge_patch(path, stop_patch(spec, why, now))
+        self.children[key] = {**patched, "apiVersion": ref["apiVersion"], "kind": ref["kind"]}
+        log.info("%s %s/%s: stopped: %s", *key, why)
+        return self.children[key]
 
     def _memory_risk(self, key: JobKey, spec: JobSpec) -> str | None:
         """Why the job asks for less GPU memory than the seed's guideline for its model's

@@ -22,6 +22,7 @@ from kubetune_api.status import MAX_RESTARTS, Condition, ConditionType, FailureC
 PENDING: Final = "Pending"
 RUNNING: Final = "Running"
 RESTARTING: Final = "Restarting"
+RETRIES_EXHAUSTED: Final = "RetriesExhausted"  # the child's reason once the operator stopped it
 SUSPENDED: Final = "Suspended"
 SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
@@ -35,6 +36,7 @@ COND_SUSPENDED: Final = ConditionType.SUSPENDED
 COND_SUCCEEDED: Final = ConditionType.SUCCEEDED
 COND_FAILED: Final = ConditionType.FAILED
 COND_MEMORY_RISK: Final = ConditionType.MEMORY_RISK
+COND_STALLED: Final = ConditionType.STALLED
 
 
 def now_rfc3339() -> str:
@@ -168,8 +170,38 @@ def pytorchjob_state(job: Mapping[str, Any]) -> ChildState:
 
 
 def child_state(child: Mapping[str, Any]) -> ChildState:
-    """The state of either child kind (its `kind` says which)."""
-    return pytorchjob_state(child) if child.get("kind") == "PyTorchJob" else batch_job_state(child)
+    """The state of either child kind (its `kind` says which). A child the operator stopped
+    (its job out of retries: builders.stop_patch) has failed from that moment, before
+    its controller has removed the pods."""
+    state = pytorchjob_state(child) if child.get("kind") == "PyTorchJob" else batch_job_state(child)
+    annotations = (child.get("metadata") or {}).get("annotations") or {}
+    if c.ANNOTATION_STOPPED in annotations and state.phase != SUCCEEDED:
+        stopped_at = str(annotations.get(c.ANNOTATION_STOPPED_AT) or "")
+        return ChildState(FAILED, RETRIES_EXHAUSTED, annotations[c.ANNOTATION_STOPPED], state.start_time, stopped_at)
+    return state
+
+
+def stopped_at(child: Mapping[str, Any]) -> str | None:
+    """When the operator stopped the child (out of retries), or None."""
+    return ((child.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_STOPPED_AT)
+
+
+# What counts against which budget of spec.retries.
+DISRUPTIONS: Final = frozenset({FailureClass.PREEMPTED, FailureClass.NODE_FAILURE})
+
+
+def out_of_retries(failures: Sequence[PodFailure], disruptions: int, others: int) -> str | None:
+    """Why the job has used up a budget of spec.retries (more stopped pods of a kind than
+    it allows), or None. The trainer's own error (exit code 1) has already failed the job
+    (the child's own policy), so what counts as `other` here is an OOMKilled pod or an
+    unexpected exit code."""
+    disrupted = sum(f.failure_class in DISRUPTIONS for f in failures)
+    other = len(failures) - disrupted
+    if disrupted > disruptions:
+        return f"{disrupted} pods were preempted or lost their node, more than spec.retries.disruptions ({disruptions})"
+    if other > others:
+        return f"{other} pods stopped (out of memory, an unexpected exit), more than spec.retries.failures ({others})"
+    return None
 
 
 _WAITING_REASONS = frozenset(
@@ -341,11 +373,54 @@ def with_listed_restarts(seen: Sequence[PodFailure], listed: Sequence[Mapping[st
     return failures
 
 
+STALL_MIN_S = 300.0  # the least quiet time that counts as stalled: loading, a long validation
+STALL_STEPS = 10  # ... or this many steps at the trainer's own pace, whichever is longer
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
+
+
+def stall(
+    progress: Mapping[str, Any] | None, timeout_s: float | None, now: datetime
+) -> tuple[str | None, float | None]:
+    """(why a running trainer counts as stalled, or None; seconds until it would, or None).
+    Measured from its last progress report (`updatedAt`, sent when a step finishes); a
+    trainer that has not reported yet (still loading) is not judged."""
+    updated_at = (progress or {}).get("updatedAt")
+    if not isinstance(updated_at, str):
+        return None, None
+    try:
+        updated = datetime.strptime(updated_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None, None
+    per_step = (progress or {}).get("secondsPerStep")
+    pace = STALL_STEPS * per_step if isinstance(per_step, int | float) else 0.0
+    limit = float(timeout_s) if timeout_s else max(STALL_MIN_S, pace)
+    quiet = (now - updated).total_seconds()
+    if quiet < limit:
+        return None, limit - quiet
+    step = (progress or {}).get("step")
+    return (
+        f"no progress report since step {step}, {_duration(quiet)} ago (stalled after {_duration(limit)}): "
+        "the trainer may hang (a collective waiting on a lost peer, I/O); its logs say where",
+        None,
+    )
+
+
 # The child's Failed reasons that mean "its pods failed" (the batch Job's pod failure
 # policy or backoff limit, the PyTorchJob's failure): the pods' own failure says more.
 # Others (DeadlineExceeded: the Job controller stopped the pods itself) are kept.
 _POD_FAILURE_REASONS = frozenset(
-    {"PodFailurePolicy", "BackoffLimitExceeded", "FailedIndexes", "MaxFailedIndexesExceeded", "PyTorchJobFailed"}
+    {
+        "PodFailurePolicy",
+        "BackoffLimitExceeded",
+        "FailedIndexes",
+        "MaxFailedIndexesExceeded",
+        "PyTorchJobFailed",
+        RETRIES_EXHAUSTED,
+    }
 )
 
 
@@ -359,6 +434,7 @@ def status_from_child(
     failures: Sequence[PodFailure] = (),
     memory_risk: str | None = None,
     out_of_memory_hint: str = "",
+    stalled: str | None = None,
 ) -> JobStatus:
     """The job's phase, conditions, times and restarts, computed whole from its child's
     state (and a pod's blocker, its pods' failures, or why the job is below its GPU
@@ -385,6 +461,8 @@ def status_from_child(
             message if phase == SUSPENDED else "",
         ),
     ]
+    if stalled is not None and phase == RUNNING:
+        wanted.append((COND_STALLED, True, "NoProgress", stalled))
     if memory_risk is not None:
         # Only while it holds: a condition on every job saying "no risk" would be noise.
         wanted.append((COND_MEMORY_RISK, True, "BelowMemoryGuideline", memory_risk))
