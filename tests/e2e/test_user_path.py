@@ -246,7 +246,8 @@ def test_unsloth_lora_trains_in_a_pod(cluster: LocalCluster, seeded: None) -> No
 
 def test_deleted_trainer_pod_is_replaced_and_resumes(cluster: LocalCluster, seeded: None) -> None:
     """Deleting the running trainer pod: the trainer checkpoints on SIGTERM, the Job makes a
-    new pod, which resumes there: every step is trained exactly once and the job succeeds."""
+    new pod, which resumes there: every step is trained exactly once, the job succeeds, and
+    status.restarts shows the preemption."""
     job = "smollm2-lora-resume"
     apply_tier_document(cluster, "AutomodelJob", job)
     deadline = time.monotonic() + 900
@@ -269,6 +270,11 @@ def test_deleted_trainer_pod_is_replaced_and_resumes(cluster: LocalCluster, seed
     assert any(p["status"]["phase"] == "Succeeded" for p in pods), "no replacement pod finished the job"
     steps = [r["step"] for r in metric_rows(output_dir(cluster, obj)) if "loss" in r]
     assert steps == list(range(1, 7)), f"trained steps {steps}: a step twice or missing"
+    # The operator lists the stop as a preemption (the trainer's SIGTERM exit), with the step
+    # the trainer had reached: the one its checkpoint, and the new pod, started from.
+    (restart,) = obj["status"]["restarts"]
+    assert restart["failureClass"] == "Preempted" and restart["pod"] == first["metadata"]["name"], restart
+    assert "exit code 143" in restart["message"] and restart["step"] >= 2, restart
 
 
 def test_malformed_row_fails_with_the_trainers_reason(cluster: LocalCluster, seeded: None) -> None:
@@ -285,6 +291,8 @@ def test_malformed_row_fails_with_the_trainers_reason(cluster: LocalCluster, see
     apply_tier_document(cluster, "AutomodelJob", job)
     obj = wait_finished(cluster, "automodeljob", job, timeout=600)
     assert obj["status"]["phase"] == "Failed", obj["status"]
+    failed = next(c for c in obj["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "TrainerError", failed
     described = cluster.kubectl("describe", "-n", NAMESPACE, "automodeljob", job).stdout
     assert "rows.jsonl line 6: not valid JSON" in described, described[-3000:]
     assert len(trainer_pods(cluster, job)) == 1, "a bad row is permanent: it must not be retried"
