@@ -1120,6 +1120,8 @@ def test_no_per_job_state_outlives_its_jobs(
         patches = busy.get(("kubetune_api_request_duration_seconds_count", (("code", "200"), ("verb", "PATCH"))), 0)
         assert patches >= 24, "every job's status was written"
         assert busy[("kubetune_watch_events_total", (("resource", "Pod"), ("type", "MODIFIED")))] > 0
+        failures = (("failure_class", "TrainerError"), ("kind", "AutomodelJob"))
+        assert busy[("kubetune_pod_failures_total", failures)] == 4, "each bad job's one pod, by its class"
         assert busy[("kubetune_leader", ())] == 1
         assert busy[("process_resident_memory_bytes", ())] > 10e6
 

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 from kubetune.api.resources import BY_KIND
+from kubetune.controller import metrics
 from kubetune.controller import status as st
 from kubetune.controller.builders import (
     JobInputs,
@@ -111,6 +112,7 @@ class ChildPasses(RetryPasses):
         step = (((self.jobs.get(key) or {}).get("status") or {}).get("progress") or {}).get("step")
         known[uid] = replace(failure, step=step if isinstance(step, int) else None)
         self.pod_failures[key] = known
+        metrics.POD_FAILURES.labels(key[0], failure.failure_class.value).inc()
         return True
 
     async def prime_children(self, namespaces: Sequence[str]) -> None:

@@ -48,6 +48,13 @@ RECONCILE_PASSES = Counter(
     ["kind", "outcome"],
     registry=REGISTRY,
 )
+POD_FAILURES = Counter(
+    "kubetune_pod_failures_total",
+    "Trainer pods that stopped before their job was done, by job kind and failure class "
+    "(Preempted, OutOfMemory, TrainerError, NodeFailure; docs/FAILURES.md).",
+    ["kind", "failure_class"],
+    registry=REGISTRY,
+)
 WATCH_EVENTS = Counter(
     "kubetune_watch_events_total",
     "Watch events handled, by resource and event type.",
