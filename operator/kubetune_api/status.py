@@ -83,6 +83,25 @@ class ProgressPoint(StatusModel):
     validation_loss: float | None = Field(default=None, description="Validation loss at this step.")
 
 
+MAX_CHECKPOINTS = 10  # progress.checkpoints lists at most this many, the newest
+
+
+class Checkpoint(StatusModel):
+    """A complete checkpoint on the output claim: one a restarted pod would resume from."""
+
+    step: int = Field(ge=0, description="The optimizer step it holds.")
+    epoch: float | None = Field(default=None, description="Epochs done at that step (fractional).")
+    time: str = Field(max_length=64, description="When the trainer committed it (RFC 3339).")
+    validation_loss: float | None = Field(
+        default=None, description="Validation loss at that step, where a validation ran at that step."
+    )
+    path: str = Field(
+        max_length=1024,
+        description="Its directory on the output claim (the claim of the job's output Model), from the claim's root: "
+        "`<job>/<uid>/checkpoints/...`.",
+    )
+
+
 class Progress(StatusModel):
     """Training progress as the trainer reports it (rank 0 patches it)."""
 
@@ -111,6 +130,14 @@ class Progress(StatusModel):
     )
     history: list[ProgressPoint] | None = Field(
         default=None, max_length=50, description="The last 50 reported points, oldest first."
+    )
+    checkpoints: list[Checkpoint] | None = Field(
+        default=None,
+        max_length=MAX_CHECKPOINTS,
+        description=f"The checkpoints on the output claim now, oldest first (the newest {MAX_CHECKPOINTS}); the "
+        "trainer removes older ones as it saves new ones, and the list follows.",
+        # One entry per step: the API server refuses a list that names a step twice.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["step"]},
     )
 
 

@@ -67,12 +67,25 @@ class NoProgress(EnvelopeModel):
 ProgressTarget = Annotated[KubernetesProgress | NoProgress, Field(discriminator="type")]
 
 
+def job_output_subpath(name: str, uid: str) -> str:
+    """The job's directory on the output claim, `<name>/<uid>`, which its pods mount at
+    `paths.output`. Keyed by uid, so an AutomodelJob and an UnslothJob of one name, or a job
+    deleted and made again, never share outputs or resume from each other's checkpoints.
+    Here, not in the operator, because the trainer names paths on the claim in its status."""
+    return f"{name}/{uid}"
+
+
 class JobIdentity(EnvelopeModel):
     """The job the config was rendered for."""
 
     name: str = Field(min_length=1)
     namespace: str = Field(min_length=1)
     uid: str = Field(min_length=1)
+
+    @property
+    def output_subpath(self) -> str:
+        """Where `paths.output` is on the output claim (`job_output_subpath`)."""
+        return job_output_subpath(self.name, self.uid)
 
 
 class _Envelope(EnvelopeModel):

@@ -213,6 +213,23 @@ def test_trainer_identity_may_only_patch_its_own_job_status() -> None:
     assert child["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
 
 
+@pytest.mark.parametrize("example", ["automodel-full-multinode.yaml", "unsloth-qlora.yaml"])
+def test_the_trainer_names_the_output_directory_on_the_claim_as_the_pods_mount_it(example: str) -> None:
+    """The trainer lists checkpoints by their path on the output claim, from the config it is
+    given: that path must be where the pods' output mount is on the claim."""
+    import json
+
+    from kubetune_api.trainer_config import parse_trainer_config
+
+    inputs = example_inputs(example)
+    objects = build_all(inputs)
+    config = parse_trainer_config(json.loads(objects[0]["data"]["config.json"]))
+    for _, template in _pods(objects[-1]):
+        mounts = template["spec"]["containers"][0]["volumeMounts"]
+        (output,) = [m for m in mounts if m["mountPath"] == str(config.paths.output)]
+        assert output["subPath"] == config.metadata.output_subpath == f"{inputs.name}/{inputs.uid}"
+
+
 def test_fixed_names_and_output_model() -> None:
     inputs = example_inputs("automodel-lora.yaml")
     names = child_names(BY_KIND["AutomodelJob"], "smollm2-lora")

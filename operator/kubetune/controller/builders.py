@@ -26,6 +26,7 @@ from kubetune.api.resources import BACKENDS, Resource, job_backend, spec_backend
 from kubetune.controller.references import EntityRecord
 from kubetune.render import TrainerPaths, cluster_paths, dumps_config, kubernetes_progress, render_trainer_config
 from kubetune_api import constants as c
+from kubetune_api.trainer_config import job_output_subpath
 
 MAX_JOB_NAME = 40  # leaves room for "-automodel-trainer" and the pod suffixes within 63
 
@@ -477,10 +478,9 @@ def fallback_output_model_name(preferred: str, uid: str) -> str:
 
 
 def output_subpath(inputs: JobInputs) -> str:
-    """The job's directory on the output claim: `<name>/<uid>`. Keyed by uid, so an
-    AutomodelJob and an UnslothJob of one name, or a job deleted and made again, never
-    share outputs or resume from each other's checkpoints."""
-    return f"{inputs.name}/{inputs.uid}"
+    """The job's directory on the output claim: `<name>/<uid>` (one rule with the trainer,
+    which names checkpoints on the claim by it)."""
+    return job_output_subpath(inputs.name, inputs.uid)
 
 
 def output_format(spec: JobSpec) -> OutputFormat:
