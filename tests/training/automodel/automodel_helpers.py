@@ -5,12 +5,15 @@ Imported by the tests as `automodel_helpers`; the fixtures are re-exported by co
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +112,43 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class StatusServer(HTTPServer):
+    """A loopback stand-in for the API server's /status endpoint: it records each merge patch."""
+
+    patches: list[tuple[str, dict[str, str], dict[str, Any]]]
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def progress(self) -> list[dict[str, Any]]:
+        """status.progress of each patch, in order."""
+        return [body["status"]["progress"] for _, _, body in self.patches]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: StatusServer
+
+    def do_PATCH(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.patches.append((self.path, dict(self.headers), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def status_server() -> Iterator[StatusServer]:
+    server = StatusServer(("127.0.0.1", 0), _Handler)
+    server.patches = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()

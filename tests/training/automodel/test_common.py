@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec
+from automodel_helpers import Job, StatusServer, run_entrypoint, run_in_process, tiny_spec
 
+from kubetune_api.status import MAX_CHECKPOINTS, Checkpoint
 from kubetune_trainer.common import AutomodelTrainerConfig, ConfigError, MetricsWriter, ProgressReporter, load_config
-from kubetune_trainer.common.progress import human_duration
+from kubetune_trainer.common.progress import human_duration, status_checkpoint
 
 pytestmark = pytest.mark.training
 
@@ -76,35 +74,6 @@ def test_metrics_writer_drops_records_after_the_resume_step(tmp_path: Path) -> N
     ]
 
 
-class _StatusServer(HTTPServer):
-    patches: list[tuple[str, dict[str, str], dict[str, Any]]]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _StatusServer
-
-    def do_PATCH(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.patches.append((self.path, dict(self.headers), body))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def status_server() -> Iterator[_StatusServer]:
-    server = _StatusServer(("127.0.0.1", 0), _Handler)
-    server.patches = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-
-
 def _reporting_config(config_writer: Callable[..., Path], tmp_path: Path) -> AutomodelTrainerConfig:
     """A config whose progress goes to AutomodelJob team-a/job-1's status."""
     progress = {
@@ -122,7 +91,7 @@ def _reporting_config(config_writer: Callable[..., Path], tmp_path: Path) -> Aut
 
 
 def test_progress_patches_the_status_subresource(
-    status_server: _StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
+    status_server: StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
 ) -> None:
     cfg = _reporting_config(config_writer, tmp_path)
     sa = tmp_path / "sa"
@@ -156,7 +125,7 @@ def test_progress_patches_the_status_subresource(
 
 
 def test_progress_carries_step_time_tokens_per_second_and_eta(
-    status_server: _StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
+    status_server: StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
 ) -> None:
     """The trainer's own timings over its last 20 steps: a slow first step weighs on the
     step time until the window slides past it, then 2 s a step and 500 tokens a step give
@@ -189,6 +158,50 @@ def test_progress_carries_step_time_tokens_per_second_and_eta(
     last = status_server.patches[-1][2]["status"]["progress"]
     assert last["secondsPerStep"] == 2.0 and last["tokensPerSecond"] == 250.0
     assert last["etaSeconds"] == 2 * 61 and last["summary"] == "39% · ETA 2m"
+
+
+def test_checkpoints_reach_the_status_by_their_path_on_the_output_claim(
+    status_server: StatusServer, tmp_path: Path, config_writer: Callable[..., Path]
+) -> None:
+    """The list waits for a step (a patch means "a step finished" to the Stalled check), goes
+    with the next patch or the last, keeps the newest MAX_CHECKPOINTS and empties when the
+    trainer removed them: a merge patch replaces a list, so `[]` must be sent, not left out."""
+    cfg = _reporting_config(config_writer, tmp_path)
+    reporter = ProgressReporter.from_config(cfg, rank=0, service_account_dir=tmp_path, api_server=status_server.url)
+    now = [0.0]
+    reporter._clock = lambda: now[0]
+    directory = tmp_path / "checkpoints" / "step-0000002"  # paths.output is tmp_path
+    committed = status_checkpoint(
+        cfg, directory, step=2, epoch=0.25, committed_at=1_700_000_000.0, validation_loss=float("nan")
+    )
+    reporter.checkpoints_changed([committed])
+    assert status_server.patches == [], "no patch before this process made a step"
+    reporter.report(step=3, max_steps=10, train_loss=1.0)
+    first = status_server.progress()[-1]["checkpoints"]
+    assert first == [
+        {
+            "step": 2,
+            "epoch": 0.25,
+            "time": "2023-11-14T22:13:20Z",
+            "path": "test-job/00000000-0000-0000-0000-000000000000/checkpoints/step-0000002",
+        }
+    ], "a path on the claim (<name>/<uid>/...), not the pod's; a NaN loss is left out"
+
+    def at(step: int) -> Checkpoint:
+        return committed.model_copy(update={"step": step, "validation_loss": 1.0 / step})
+
+    reporter.checkpoints_changed([at(s) for s in range(4, 4 + MAX_CHECKPOINTS + 2)][::-1])  # any order
+    assert len(status_server.patches) == 1, "within the interval: held back"
+    reporter.close()
+    listed = status_server.progress()[-1]["checkpoints"]
+    assert [c["step"] for c in listed] == list(range(6, 6 + MAX_CHECKPOINTS)), "the newest, oldest first"
+    assert listed[0]["validationLoss"] == 1.0 / 6
+    reporter.close()
+    assert len(status_server.patches) == 2, "nothing new: nothing sent"
+    now[0] = 20.0
+    reporter.checkpoints_changed([])
+    assert status_server.progress()[-1]["checkpoints"] == []
+    assert status_server.progress()[-1]["step"] == 3
 
 
 @pytest.mark.parametrize(

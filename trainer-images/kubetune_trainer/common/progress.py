@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubetune_api.status import Progress, ProgressPoint
+from kubetune_api.status import MAX_CHECKPOINTS, Checkpoint, Progress, ProgressPoint
 from kubetune_trainer.common.config import KubernetesProgress, TrainerConfig
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -88,6 +88,32 @@ def _finite(value: float | None) -> float | None:
     return float(value)
 
 
+def rfc3339(timestamp: float) -> str:
+    """A POSIX timestamp as status writes times (seconds, UTC)."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_checkpoint(
+    cfg: TrainerConfig,
+    directory: Path,
+    *,
+    step: int,
+    epoch: float | None,
+    committed_at: float,
+    validation_loss: float | None = None,
+) -> Checkpoint:
+    """One checkpoint under `paths.output` as the job's status lists it: its path on the output
+    claim (what a user mounts), not the pod's mount path, which no one outside the pod sees."""
+    on_claim = f"{cfg.metadata.output_subpath}/{directory.relative_to(cfg.paths.output).as_posix()}"
+    return Checkpoint(
+        step=int(step),
+        epoch=round(float(epoch), 4) if epoch is not None else None,
+        time=rfc3339(committed_at),
+        validation_loss=_finite(validation_loss),
+        path=on_claim,
+    )
+
+
 class ProgressReporter:
     """Sends `status.progress` patches, at most one per `min_interval_s`, plus one on close().
 
@@ -110,7 +136,11 @@ class ProgressReporter:
         self._min_interval_s = min_interval_s
         self._clock = clock
         self._last_sent: float | None = None
-        self._pending: Progress | None = None
+        # The last point reported, and whether the status has not seen it (or a checkpoint change) yet.
+        self._latest: Progress | None = None
+        self._unsent = False
+        # None: not known in this process, so a patch leaves the list as the last one said.
+        self._checkpoints: list[Checkpoint] | None = None
         self._history: list[ProgressPoint] = []
         self._last_train_loss: float | None = None
         self._last_validation_loss: float | None = None
@@ -214,7 +244,7 @@ class ProgressReporter:
             if measured is not None:
                 eta = round(measured.seconds_per_step * max(planned - int(step), 0))
                 summary = f"{percent}% · ETA {human_duration(eta)}"
-        self._pending = Progress(
+        self._latest = Progress(
             step=int(step),
             max_steps=planned,
             epoch=round(float(epoch), 4) if epoch is not None else None,
@@ -230,20 +260,48 @@ class ProgressReporter:
             eta_seconds=eta,
             summary=summary,
         )
+        self._unsent = True
+        self._send_when_due()
+
+    def checkpoints_changed(self, checkpoints: Sequence[Checkpoint]) -> None:
+        """The checkpoints that are on the output claim now; the next patch carries the newest
+        MAX_CHECKPOINTS, oldest first.
+
+        The trainer reads them from disk after each save and once at start, rather than this
+        reporter adding up saves: the list then drops what the trainer's own retention removed
+        (a listed path is one a user can mount) and a restarted pod starts from the ones its
+        predecessors left. Sent with the next step's patch, or now if the interval allows and a
+        step was reported: a patch sets `updatedAt`, which the operator reads as "a step
+        finished" (the Stalled condition), so none goes out before this process made a step."""
+        if not self.enabled:
+            return
+        by_step = {c.step: c for c in checkpoints}  # one per step, as the CRD's list map requires
+        newest = [by_step[s] for s in sorted(by_step)][-MAX_CHECKPOINTS:]
+        if newest == self._checkpoints:
+            return
+        self._checkpoints = newest
+        self._unsent = True
+        if self._latest is not None:
+            self._send_when_due()
+
+    def close(self) -> None:
+        """Send what the status has not seen yet (the final point per the contract)."""
+        if self.enabled and self._unsent and self._latest is not None:
+            self._send()
+
+    def _send_when_due(self) -> None:
         now = self._clock()
         if self._last_sent is None or now - self._last_sent >= self._min_interval_s:
             self._send()
 
-    def close(self) -> None:
-        """Send the last recorded point (the final one per the contract)."""
-        if self.enabled and self._pending is not None:
-            self._send()
-
     def _send(self) -> None:
-        assert self.url is not None and self._pending is not None
-        progress = self._pending.model_copy(
-            update={"updated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "history": list(self._history)}
-        )
+        assert self.url is not None and self._latest is not None
+        update: dict[str, Any] = {"updated_at": rfc3339(time.time()), "history": list(self._history)}
+        if self._checkpoints is not None:
+            # An empty list is sent too: a merge patch replaces the whole list, so the status
+            # drops checkpoints the trainer removed.
+            update["checkpoints"] = list(self._checkpoints)
+        progress = self._latest.model_copy(update=update)
         body = json.dumps({"status": {"progress": progress_patch(progress)}}).encode()
         request = urllib.request.Request(self.url, data=body, method="PATCH")
         request.add_header("Content-Type", "application/merge-patch+json")
@@ -251,7 +309,7 @@ class ProgressReporter:
         if self._token:
             request.add_header("Authorization", f"Bearer {self._token}")
         self._last_sent = self._clock()
-        self._pending = None
+        self._unsent = False
         try:
             with urllib.request.urlopen(request, timeout=PATCH_TIMEOUT_S, context=self._ssl_context) as response:
                 response.read()
