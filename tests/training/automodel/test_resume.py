@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec, trainer_env
+from automodel_helpers import Job, StatusServer, run_entrypoint, run_in_process, tiny_spec, trainer_env
 
 from kubetune_api.constants import EXIT_PREEMPTED
-from kubetune_trainer.automodel.train import STOP_AFTER_STEP_ENV
+from kubetune_trainer.automodel.train import STOP_AFTER_STEP_ENV, train
+from kubetune_trainer.common import ProgressReporter, load_config
 
 pytestmark = pytest.mark.training
 
@@ -86,3 +87,42 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(make_job: Callable[..., Jo
     assert f"resumed from {job.output / 'checkpoints' / f'step-{stopped_at:07d}'} at step {stopped_at}" in again.stderr
     steps = [m["step"] for m in job.metrics() if "loss" in m]
     assert steps == list(range(1, stopped_at + 2))
+
+
+def test_the_status_lists_the_committed_checkpoint_and_a_restart_keeps_it(
+    make_job: Callable[..., Job], monkeypatch: pytest.MonkeyPatch, status_server: StatusServer
+) -> None:
+    """Each save replaces the listed checkpoint (the trainer keeps one), with the validation
+    loss of its step where one ran; the resumed pod lists the one it found on disk from its
+    first patch; success removes the checkpoints and the list with them."""
+    job = make_job(tiny_spec(schedule={"max_steps": 6, "val_check_interval": 2}), name="listed")
+    cfg = load_config(job.config)
+    on_claim = f"{cfg.metadata.name}/{cfg.metadata.uid}/checkpoints"
+    monkeypatch.setenv(STOP_AFTER_STEP_ENV, "3")
+    assert train(cfg, progress=ProgressReporter(status_server.url, min_interval_s=0.0)) == EXIT_PREEMPTED
+    # 64 rows / global batch 8: 8 steps an epoch. Validated at 2 and saved; stopped and saved at 3.
+    # Every patch carries the list; what it said, each time it changed:
+    lists = [p["checkpoints"] for p in status_server.progress()]
+    changes = [x for i, x in enumerate(lists) if i == 0 or x != lists[i - 1]]
+    val_at_2 = dict(job.val_losses())[2]
+    assert len(changes) == 3 and changes[0] == [], "nothing on disk before the first save"
+    listed_2, listed_3 = changes[1:]
+    assert listed_2 == [
+        {
+            "step": 2,
+            "epoch": 0.25,
+            "time": listed_2[0]["time"],
+            "validationLoss": val_at_2,
+            "path": f"{on_claim}/step-0000002",
+        }
+    ]
+    assert listed_3 == [{"step": 3, "epoch": 0.375, "time": listed_3[0]["time"], "path": f"{on_claim}/step-0000003"}]
+    assert listed_2[0]["time"] <= listed_3[0]["time"] and listed_3[0]["time"].endswith("Z")
+
+    monkeypatch.delenv(STOP_AFTER_STEP_ENV)
+    first_run = len(status_server.patches)
+    assert train(load_config(job.config), progress=ProgressReporter(status_server.url, min_interval_s=0.0)) == 0
+    resumed = status_server.progress()[first_run:]
+    assert resumed[0]["step"] == 4 and resumed[0]["checkpoints"] == listed_3, "read back from disk, time included"
+    assert [c["step"] for p in resumed for c in p["checkpoints"]][-1] == 4
+    assert resumed[-1]["checkpoints"] == [] and not (job.output / "checkpoints").exists()

@@ -8,7 +8,8 @@ final export, into a plain CPU model on rank 0).
 `output/checkpoints/step-NNNNNNN/` holds the trainable parameters and optimizer
 state (DCP files) and `trainer_state.json` (step, scheduler, seed); the file
 `output/checkpoints/latest` names the newest complete one and is written
-last, so a pod killed mid-save resumes from the previous checkpoint.
+last, so a pod killed mid-save resumes from the previous checkpoint. Only that
+one is kept: older ones are removed once it is committed.
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from kubetune_api.status import Checkpoint
 from kubetune_trainer.automodel.distributed import Runtime
+from kubetune_trainer.common.config import TrainerConfig
+from kubetune_trainer.common.progress import status_checkpoint
 
 LATEST = "latest"
+STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -42,6 +47,9 @@ class TrainerState:
     seed: int
     scheduler: dict[str, Any]
     epoch: float
+    # For the job's status only (resuming does not read it); checkpoints written before it
+    # existed load with None.
+    validation_loss: float | None = None
 
 
 def _options(*, loading: bool = False) -> StateDictOptions:
@@ -63,7 +71,31 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not marker.exists():
         return None
     path = root / marker.read_text().strip()
-    return path if (path / "trainer_state.json").exists() else None
+    return path if (path / STATE_FILE).exists() else None
+
+
+def read_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def listed_checkpoints(cfg: TrainerConfig, root: Path) -> list[Checkpoint]:
+    """The committed checkpoint under `root` as the job's status lists it (none, or the one
+    `latest` names: the others are being written or removed). Its time is when its state file
+    was written, the last write before `latest` names it."""
+    path = latest_checkpoint(root)
+    if path is None:
+        return []
+    state = read_state(path)
+    return [
+        status_checkpoint(
+            cfg,
+            path,
+            step=state.step,
+            epoch=state.epoch,
+            committed_at=(path / STATE_FILE).stat().st_mtime,
+            validation_loss=state.validation_loss,
+        )
+    ]
 
 
 def save_checkpoint(
@@ -76,7 +108,7 @@ def save_checkpoint(
     dcp_save(_app_state(model, optimizer, runtime), checkpoint_id=str(path), no_dist=not runtime.distributed)
     runtime.barrier()
     if runtime.is_main:
-        (path / "trainer_state.json").write_text(json.dumps(state.__dict__))
+        (path / STATE_FILE).write_text(json.dumps(state.__dict__))
         tmp = root / f"{LATEST}.tmp"
         tmp.write_text(path.name + "\n")
         tmp.replace(root / LATEST)
@@ -92,7 +124,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     dcp_load(app_state, checkpoint_id=str(path), no_dist=not runtime.distributed)
     set_model_state_dict(model, app_state["model"], options=_options(loading=True))
     set_optimizer_state_dict(model, optimizer, app_state[f"optim_pp{runtime.pp_rank}"], options=_options(loading=True))
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    return read_state(path)
 
 
 def save_trainable_for_export(path: Path, model: nn.Module, runtime: Runtime) -> None:

@@ -296,19 +296,26 @@ def export_outputs(
     return result
 
 
-def train(config: TrainerConfig) -> int:
+def train(config: TrainerConfig, *, progress: ProgressReporter | None = None) -> int:
+    """progress: where rank 0's progress goes; default: what the config's `progress` block says."""
     cfg = expect_kind(config, AutomodelTrainerConfig)
     settings = parse_settings(cfg)
     runtime = init_runtime(settings.parallel)
     stop = StopSignal.install()
     try:
-        return _train(cfg, settings, runtime, stop)
+        return _train(cfg, settings, runtime, stop, progress)
     finally:
         stop.restore()
         runtime.shutdown()
 
 
-def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Runtime, stop: StopSignal) -> int:
+def _train(
+    cfg: AutomodelTrainerConfig,
+    settings: AutomodelSettings,
+    runtime: Runtime,
+    stop: StopSignal,
+    reporter: ProgressReporter | None,
+) -> int:
     started = time.monotonic()
     stop_after = int(os.environ[STOP_AFTER_STEP_ENV]) if os.environ.get(STOP_AFTER_STEP_ENV) else None
     output = cfg.paths.output
@@ -397,7 +404,10 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
     metrics = MetricsWriter(
         output / "metrics.jsonl", resume_step=step if resume_from else None, enabled=runtime.is_main
     )
-    progress = ProgressReporter.from_config(cfg, rank=runtime.rank)
+    progress = reporter if reporter is not None else ProgressReporter.from_config(cfg, rank=runtime.rank)
+    if progress.enabled:
+        # What earlier pods of this job committed: a restart keeps the status's list.
+        progress.checkpoints_changed(ckpt.listed_checkpoints(cfg, checkpoints))
     trackers = IntegrationLogger.from_spec(cfg.spec, run_name=cfg.name, rank=runtime.rank)
     success = False
     try:
@@ -419,12 +429,19 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
             log(runtime, f"step {at_step}: validation loss {values['val_loss']:.4f}")
             return values
 
-        def save(at_step: int) -> None:
+        def save(at_step: int, validation_loss: float | None) -> None:
             state = ckpt.TrainerState(
-                step=at_step, seed=settings.seed, scheduler=scheduler.state_dict(), epoch=at_step / steps_per_epoch
+                step=at_step,
+                seed=settings.seed,
+                scheduler=scheduler.state_dict(),
+                epoch=at_step / steps_per_epoch,
+                validation_loss=validation_loss,
             )
             path = ckpt.save_checkpoint(checkpoints, model, optimizer, state, runtime)
             log(runtime, f"checkpoint {path}")
+            if progress.enabled:
+                # From disk, after save_checkpoint removed the older one.
+                progress.checkpoints_changed(ckpt.listed_checkpoints(cfg, checkpoints))
 
         if step == 0:
             validate(0)
@@ -478,15 +495,16 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
                 tokens_seen=tokens_seen,
             )
             log(runtime, f"step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f}")
+            validation_loss = None  # this step's, for its checkpoint's entry in the status
             if cadence.validates_after(step) or step == total_steps:
-                validate(step)
+                validation_loss = validate(step)["val_loss"]
                 last_validated = step
                 if step < total_steps:
-                    save(step)
+                    save(step, validation_loss)
             if stop_after is not None and step >= stop_after:
                 stop.request()
             if _stop_requested(stop, runtime) and step < total_steps:
-                save(step)
+                save(step, validation_loss)
                 reason = f"stopped by signal at step {step}/{total_steps}; checkpoint saved, a restart resumes there"
                 log(runtime, reason)
                 from kubetune_trainer.common.termination import write_termination_log
@@ -501,6 +519,7 @@ def _train(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Ru
             (output / "result.json").write_text(json.dumps(result, indent=2) + "\n")
             if checkpoints.exists():
                 shutil.rmtree(checkpoints, ignore_errors=True)
+            progress.checkpoints_changed([])  # removed: the status lists none (close() sends it)
             log(runtime, f"done: {result['kind']} in {result['output_dir']} after {step} steps")
         success = True
         return 0
