@@ -364,7 +364,8 @@ def test_progress_patches_reach_the_job_status(
     try:
         url = f"http://127.0.0.1:{server.server_port}/apis/kubetune.io/v1alpha1/namespaces/default/unslothjobs/t/status"
         reporter = ProgressReporter(url, min_interval_s=0.0)
-        run(load_config(write_config(short_spec())), progress=reporter)
+        cfg = load_config(write_config(short_spec()))
+        run(cfg, progress=reporter)
     finally:
         server.shutdown()
     progress = [p["status"]["progress"] for p in patches]
@@ -373,3 +374,41 @@ def test_progress_patches_reach_the_job_status(
     assert last["step"] == 8 and last["maxSteps"] == 8
     assert "trainLoss" in last and "validationLoss" in last and "updatedAt" in last
     assert [h["step"] for h in last["history"]] == list(range(1, 9))
+    # Saved at 4 and 8 (save_steps 4), each after the validation of its step (eval_steps 4).
+    validated = {h["step"]: h["validationLoss"] for h in last["history"] if "validationLoss" in h}
+    on_claim = f"unsloth-test/{cfg.metadata.uid}/checkpoints"  # <name>/<uid>: where the pod's mount is on the claim
+    assert [(c["step"], c["path"], c["validationLoss"]) for c in last["checkpoints"]] == [
+        (4, f"{on_claim}/checkpoint-4", validated[4]),
+        (8, f"{on_claim}/checkpoint-8", validated[8]),
+    ]
+    assert last["checkpoints"][1]["epoch"] == last["epoch"]
+
+
+def test_listed_checkpoints_are_the_complete_ones_with_the_validation_of_their_step(
+    tmp_path: Path, write_config: Callable[..., Path]
+) -> None:
+    """Read from the state trl saves with each checkpoint (written here by transformers' own
+    TrainerState): a directory without it is still being written and is left out."""
+    from transformers import TrainerState
+
+    from kubetune_trainer.unsloth.train import listed_checkpoints
+
+    cfg = load_config(write_config(short_spec()))
+    root = cfg.paths.checkpoints
+    logs = {
+        4: [{"step": 2, "eval_loss": 2.5}, {"step": 4, "loss": 2.0}],  # no validation at step 4
+        6: [{"step": 2, "eval_loss": 2.5}, {"step": 6, "loss": 1.8}, {"step": 6, "eval_loss": 1.9}],
+    }
+    for step, log_history in logs.items():
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        state = TrainerState(epoch=step / 8, global_step=step, log_history=log_history)
+        state.save_to_json(str(root / f"checkpoint-{step}" / "trainer_state.json"))
+    (root / "checkpoint-8").mkdir()  # being written
+    (root / "runs").mkdir()
+    listed = [c.model_dump(by_alias=True, exclude_none=True, exclude={"time"}) for c in listed_checkpoints(cfg, root)]
+    on_claim = f"unsloth-test/{cfg.metadata.uid}/checkpoints"
+    assert listed == [
+        {"step": 4, "epoch": 0.5, "path": f"{on_claim}/checkpoint-4"},
+        {"step": 6, "epoch": 0.75, "validationLoss": 1.9, "path": f"{on_claim}/checkpoint-6"},
+    ]
+    assert listed_checkpoints(cfg, tmp_path / "nothing") == []

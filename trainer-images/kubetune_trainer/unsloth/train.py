@@ -12,9 +12,11 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kubetune_api.status import Checkpoint
 from kubetune_trainer.common import (
     ConfigError,
     MetricsWriter,
@@ -24,6 +26,7 @@ from kubetune_trainer.common import (
     UnslothTrainerConfig,
     expect_kind,
 )
+from kubetune_trainer.common.progress import status_checkpoint
 from kubetune_trainer.common.termination import Preempted
 from kubetune_trainer.unsloth.mapping import (
     DeviceCapabilities,
@@ -37,6 +40,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 # Unsloth tries to reach the hub for statistics and update checks; the pod has no network.
 UNSLOTH_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1"}
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"  # trl writes it after the weights and optimizer state
 
 
 def warn(message: str) -> None:
@@ -47,19 +51,53 @@ def info(message: str) -> None:
     print(f"kubetune-trainer: {message}", file=sys.stderr, flush=True)
 
 
-def last_checkpoint(checkpoints: Path) -> tuple[Path, int] | None:
-    """The newest complete trl checkpoint (one with trainer_state.json) and its step."""
+def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
+    """trl's complete checkpoints (those with trainer_state.json): (step, directory), oldest first."""
     if not checkpoints.is_dir():
-        return None
+        return []
     found = []
     for child in checkpoints.iterdir():
         match = CHECKPOINT_RE.match(child.name)
-        if match and (child / "trainer_state.json").exists():
+        if match and (child / STATE_FILE).exists():
             found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def last_checkpoint(checkpoints: Path) -> tuple[Path, int] | None:
+    """The newest complete trl checkpoint and its step."""
+    found = complete_checkpoints(checkpoints)
     if not found:
         return None
-    step, path = max(found)
+    step, path = found[-1]
     return path, step
+
+
+def listed_checkpoints(cfg: TrainerConfig, checkpoints: Path) -> list[Checkpoint]:
+    """trl's complete checkpoints as the job's status lists them: the epoch and the validation
+    loss of that step from the state trl saved with it, the time when that state was written.
+    One whose state cannot be read is left out: the list is for display, never worth a failed run."""
+    listed = []
+    for step, path in complete_checkpoints(checkpoints):
+        state_file = path / STATE_FILE
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            committed_at = state_file.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        # trl evaluates before it saves, so an evaluation at this step is in the saved log.
+        evaluated = [e["eval_loss"] for e in state.get("log_history", []) if e.get("step") == step and "eval_loss" in e]
+        epoch = state.get("epoch")
+        listed.append(
+            status_checkpoint(
+                cfg,
+                path,
+                step=step,
+                epoch=float(epoch) if isinstance(epoch, int | float) else None,
+                committed_at=committed_at,
+                validation_loss=float(evaluated[-1]) if evaluated else None,
+            )
+        )
+    return listed
 
 
 def prepare_environment(requested: UnslothKwargs) -> None:
@@ -135,11 +173,17 @@ def observe_sft_config(args: Any, effective: UnslothKwargs) -> list[Substitution
     return subs
 
 
-def _metrics_callback(metrics: MetricsWriter, progress: ProgressReporter, stop: StopSignal | None) -> Any:
+def _metrics_callback(
+    metrics: MetricsWriter,
+    progress: ProgressReporter,
+    stop: StopSignal | None,
+    checkpoints: Callable[[], Sequence[Checkpoint]],
+) -> Any:
     from transformers import TrainerCallback
 
     class KubetuneCallback(TrainerCallback):  # type: ignore[misc]
-        """trl's log events -> metrics.jsonl + job progress; SIGTERM -> checkpoint and stop."""
+        """trl's log events -> metrics.jsonl + job progress; saves -> the status's checkpoint list;
+        SIGTERM -> checkpoint and stop."""
 
         def __init__(self) -> None:
             self.last_tokens: float | None = None  # trl's cumulative num_tokens
@@ -182,6 +226,12 @@ def _metrics_callback(metrics: MetricsWriter, progress: ProgressReporter, stop: 
                 progress.report(
                     step=step, max_steps=int(state.max_steps), epoch=epoch, validation_loss=float(logs["eval_loss"])
                 )
+
+        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            # Called after the Trainer wrote the checkpoint and removed the ones past its
+            # save_total_limit, so the list read from disk is the one to show.
+            if progress.enabled:
+                progress.checkpoints_changed(checkpoints())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             if stop is not None and stop.requested:
@@ -285,6 +335,9 @@ def run(
     metrics = MetricsWriter(output / "metrics.jsonl", resume_step=resume[1] if resume else None)
     if progress is None:
         progress = ProgressReporter.from_config(cfg)
+    if progress.enabled:
+        # What earlier pods of this job committed: a restart keeps the status's list.
+        progress.checkpoints_changed(listed_checkpoints(cfg, cfg.paths.checkpoints))
     stop = StopSignal.install() if handle_signals else None
 
     fp = dict(effective.from_pretrained)
@@ -334,7 +387,7 @@ def run(
         }
     )
 
-    callback = _metrics_callback(metrics, progress, stop)
+    callback = _metrics_callback(metrics, progress, stop, lambda: listed_checkpoints(cfg, cfg.paths.checkpoints))
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
