@@ -160,14 +160,7 @@ def test_evicted_pod_is_a_preemption_that_resumes(cluster: Any, operator: Operat
     prepare(cluster, namespace)
     apply(cluster, namespace, text=job("UnslothJob", "drained", UNSLOTH, {"kubetune.io/fake-duration": "8s"}))
     wait_phase(cluster, operator, "unslothjob", "drained", namespace, {"Running"})
-    pods = json.loads(
-        cluster.kubectl("get", "pods", "-n", namespace, "-l", "kubetune.io/job-name=drained", "-o", "json").stdout
-    )["items"]
-    name = pods[0]["metadata"]["name"]
-    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace}}
-    cluster.kubectl(
-        "create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{name}/eviction", "-f", "-", input=json.dumps(eviction)
-    )
+    name = _evict_the_running_pod(cluster, namespace, "drained", set())
     done = wait_phase(cluster, operator, "unslothjob", "drained", namespace, {"Succeeded", "Failed"}, timeout=120)
     assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
     restarts = done["status"]["restarts"]
