@@ -293,6 +293,9 @@ NOT_MAPPED = {
     "output.description": "the operator's output Model entity",
     "suspend": "the operator's workload (Kueue)",
     "image": "the operator's pod template",
+    "retries.disruptions": "the operator's retry budget (it stops the child); the trainer resumes either way",
+    "retries.failures": "the operator's retry budget (it stops the child); the trainer resumes either way",
+    "stall_timeout_seconds": "the operator's Stalled condition, from the progress the trainer reports",
     "integrations": "mapped per tracker (integrations.mlflow / integrations.wandb)",
 }
 
