@@ -167,15 +167,21 @@ class ChildPasses(RetryPasses):
             return
         if st.child_state(child).phase in st.TERMINAL:
             return  # nothing left to suspend or resume
-        ref = child_ref(BY_KIND[key[0]], key[2], spec)
-        path = object_path({**ref, "metadata": {"namespace": key[1], "name": ref["name"]}})
         if passed is None:
             # Made by a version that did not record it: adopt the child as it is.
             patch: dict[str, Any] = {"metadata": {"annotations": {c.ANNOTATION_SPEC_GENERATION: str(generation)}}}
         else:
             patch = suspend_patch(spec, generation)
+        await self._patch_child(key, spec, patch)
+
+    async def _patch_child(self, key: JobKey, spec: JobSpec, patch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Merge-patch the job's child and keep what the API server returned as the cached
+        child (a patch response lacks apiVersion and kind on some servers' paths: set them)."""
+        ref = child_ref(BY_KIND[key[0]], key[2], spec)
+        path = object_path({**ref, "metadata": {"namespace": key[1], "name": ref["name"]}})
         patched = await self.client.merge_patch(path, patch)
         self.children[key] = {**patched, "apiVersion": ref["apiVersion"], "kind": ref["kind"]}
+        return self.children[key]
 
     async def _creation_refusal(self, key: JobKey, child: Mapping[str, Any]) -> tuple[str, str] | None:
         """A child without pods: did its controller's pod creation get refused (a quota,

@@ -29,7 +29,7 @@ from kubetune.controller.builders import (
 from kubetune.controller.children import ChildPasses
 from kubetune.controller.entities import EntityPasses
 from kubetune.controller.kubeclient import ApiError, object_path
-from kubetune.controller.reconcile_state import JobKey, body_ref
+from kubetune.controller.reconcile_state import PER_JOB_TABLES, JobKey, body_ref
 from kubetune.controller.references import JobSpec, ReferenceProblem, resolve_references
 from kubetune.controller.retry import REFUSED_RETRY_FIRST_S, REFUSED_RETRY_MAX_S, is_transient
 from kubetune.memory import memory_risk
@@ -79,23 +79,16 @@ class JobPasses(ChildPasses, EntityPasses):
     # outcome stands (docs/OPERATOR.md, "What status is trusted").
 
     def forget_job(self, key: JobKey) -> None:
-        for table in (
-            self.jobs,
-            self.children,
-            self.blockers,
-            self.pod_failures,
-            self._locks,
-            self._failures,
-            self._specs,
-            self._refusals,
-        ):
-            table.pop(key, None)
-        self.waiting.discard(key)
-        self._outputs_made.pop(key, None)
-        self._pod_checks.pop(key, None)
         retry = self._retries.pop(key, None)
         if retry is not None:
             retry.cancel()
+        tables = self.tables()
+        for name in PER_JOB_TABLES:
+            table = cast(dict[JobKey, Any] | set[JobKey], tables[name])
+            if isinstance(table, set):
+                table.discard(key)
+            else:
+                table.pop(key, None)
 
     async def on_job(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
@@ -391,24 +384,31 @@ class JobPasses(ChildPasses, EntityPasses):
     ) -> Mapping[str, Any]:
         """Out of retries: stop the child (its failed pods and their logs stay) and say why
         on the child itself, where the job's outcome is computed from from now on."""
-        ref = child_ref(BY_KIND[key[0]], key[2], spec)
-        path = object_path({**ref, "metadata": {"namespace": key[1], "name": ref["name"]}})
-        patched = await self.client.merge_patch(path, stop_patch(spec, why, now))
-        self.children[key] = {**patched, "apiVersion": ref["apiVersion"], "kind": ref["kind"]}
+        child = await self._patch_child(key, spec, stop_patch(spec, why, now))
         log.info("%s %s/%s: stopped: %s", *key, why)
-        return self.children[key]
+        return child
 
     def _memory_risk(self, key: JobKey, spec: JobSpec) -> str | None:
         """Why the job asks for less GPU memory than the seed's guideline for its model's
         size (the Model's spec.parameters) and method; None when it does not, or cannot be told."""
+        meta = self.jobs[key]["metadata"]
+        stamp = (meta.get("uid"), meta.get("generation"))
+        cached = self._memory_risks.get(key)
+        if cached is not None and cached[0] == stamp:
+            # Decided once per spec generation: resolving every reference again on each
+            # status pass (each pod event) cost more than the check, and a pre-flight
+            # check need not follow a Model edited after its job started.
+            return cached[1]
         model = resolve_references(spec, key[1], self.world.lookup).entities.get("model")
         parameters = (model.spec if model is not None else {}).get("parameters")
-        return memory_risk(
+        risk = memory_risk(
             parameters if isinstance(parameters, int) else None,
             spec_backend(spec).memory_method(spec),
             total_gpus(spec),
             self.settings.gpu_memory_gb,
         )
+        self._memory_risks[key] = (stamp, risk)
+        return risk
 
     def _pending(
         self, current: Mapping[str, Any], problems: list[ReferenceProblem], generation: int | None, now: str

@@ -40,6 +40,7 @@ PER_JOB_TABLES = (
     "refusals",
     "outputs_made",
     "pod_checks",
+    "memory_risks",
 )
 
 
@@ -90,6 +91,7 @@ class ReconcilerState(ABC):
         self.on_new_child_kind: Callable[[list[str]], None] = lambda kinds: None
         self._outputs_made: dict[JobKey, str] = {}  # output Model created (or found) by this process
         self._pod_checks: dict[JobKey, PodCheck] = {}  # Events looked at for a child without pods
+        self._memory_risks: dict[JobKey, tuple[tuple[Any, Any], str | None]] = {}  # per spec generation
 
     def _lock(self, key: JobKey) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -110,6 +112,7 @@ class ReconcilerState(ABC):
             "refusals": self._refusals,
             "outputs_made": self._outputs_made,
             "pod_checks": self._pod_checks,
+            "memory_risks": self._memory_risks,
             "entity_ready": self.entity_ready,
             "entities": self.world.entities,
             "claims": self.world.claims,
