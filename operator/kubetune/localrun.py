@@ -27,6 +27,7 @@ from kubetune.controller.references import EntityRecord, JobSpec, resolve_refere
 from kubetune.render import NO_PROGRESS, TrainerPaths, dumps_config, render_trainer_config
 from kubetune.validation import ParsedResource, validate_paths
 from kubetune_api import constants as c
+from kubetune_api.common import ResumeFrom
 from kubetune_api.entities import FilesetSource, ModelSource
 
 REPO_TRAINERS = Path(__file__).resolve().parents[2] / "trainer-images"
@@ -152,6 +153,25 @@ def _visible_gpus(python: str) -> int:
     return int(result.stdout.strip() or 0) if result.returncode == 0 else 0
 
 
+def local_resume_point(checkpoints: Path, wanted: ResumeFrom, backend: Backend[Any]) -> Path:
+    """spec.resume_from under `kubetune run`: the other job's run directory beside this
+    one's (`runs/<job>` by default), its step or newest complete checkpoint there."""
+    complete = {
+        step: path
+        for path in (sorted(checkpoints.iterdir()) if checkpoints.is_dir() else [])
+        if (step := backend.checkpoint_step(path.name)) is not None and (path / c.CHECKPOINT_STATE_FILE).exists()
+    }
+    step = wanted.step if wanted.step is not None else max(complete, default=None)
+    if step is None or step not in complete:
+        have = ", ".join(map(str, sorted(complete))) or "none"
+        raise RunError(
+            f"spec.resume_from: no complete checkpoint at {f'step {step}' if step is not None else 'any step'} in "
+            f"{checkpoints} (steps there: {have}); run {wanted.job} with the same --output parent first, or name a "
+            "step it kept"
+        )
+    return complete[step]
+
+
 def plan_local_run(
     files: Sequence[str],
     *,
@@ -183,12 +203,17 @@ def plan_local_run(
         record = resolution.entities.get(role)
         return str(record.spec["storage"]["localPath"]) if record else None
 
+    backend = job_backend(job.resource)
+    resume = None
+    if spec.resume_from is not None:
+        resume = str(local_resume_point(out.parent / spec.resume_from.job / "checkpoints", spec.resume_from, backend))
     paths = TrainerPaths(
         model=cast(str, local("model")),
         training_data=cast(str, local("training_data")),
         output=str(out),
         teacher_model=local("teacher_model"),
         validation_data=local("validation_data"),
+        resume_from=resume,
     )
     config = render_trainer_config(
         job.resource,
@@ -199,7 +224,6 @@ def plan_local_run(
         paths=paths,
         progress=NO_PROGRESS,
     )
-    backend = job_backend(job.resource)
     module = backend.trainer_module
     interpreter = _trainer_python(job.kind, backend, python) if check_environment else (python or sys.executable)
     config_path = out / "config.json"

@@ -32,13 +32,14 @@ __all__ = [
 ]
 
 
-def cluster_paths(has_teacher: bool, has_validation: bool) -> TrainerPaths:
+def cluster_paths(has_teacher: bool, has_validation: bool, resumes: bool = False) -> TrainerPaths:
     return TrainerPaths(
         model=c.MODEL_MOUNT,
         training_data=c.TRAINING_DATA_MOUNT,
         output=c.OUTPUT_MOUNT,
         teacher_model=c.TEACHER_MOUNT if has_teacher else None,
         validation_data=c.VALIDATION_DATA_MOUNT if has_validation else None,
+        resume_from=c.RESUME_MOUNT if resumes else None,
     )
 
 

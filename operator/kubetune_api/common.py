@@ -149,6 +149,32 @@ def stall_timeout_field() -> Any:
     )
 
 
+class ResumeFrom(StrictModel):
+    """kubetune extension: start from a checkpoint of another job (docs/FAILURES.md, "Start
+    from another job's checkpoint"): its weights, optimizer, scheduler and step."""
+
+    job: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="A job of the same kind in this namespace whose status.progress.checkpoints lists the checkpoint.",
+    )
+    step: int | None = Field(
+        default=None,
+        ge=0,
+        description="The checkpoint's step, one that job's status.progress.checkpoints lists; default: its newest.",
+    )
+
+
+def resume_from_field() -> Any:
+    return Field(
+        default=None,
+        description="kubetune extension: start from another job's checkpoint (weights, optimizer, scheduler, step) "
+        "and train on to this job's own schedule; the job waits until that checkpoint is listed. A restarted pod "
+        "of this job resumes from its own checkpoints instead.",
+    )
+
+
 def nested_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation such as `Section | None` or `list[Section]`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

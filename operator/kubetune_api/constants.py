@@ -30,6 +30,9 @@ ANNOTATION_SPEC_GENERATION: Final = "kubetune.io/spec-generation"
 # On the child workload: the name of the Model the job will produce, decided once at
 # creation (the default name may be taken by an earlier job of the same name).
 ANNOTATION_OUTPUT_MODEL: Final = "kubetune.io/output-model"
+# On the child workload: the checkpoint spec.resume_from resolved to, `<job>@<step>`,
+# fixed at creation (the source job goes on saving newer ones).
+ANNOTATION_RESUMED_FROM: Final = "kubetune.io/resumed-from"
 # On a child the operator stopped because its job ran out of retries: why (the Failed
 # condition's message) and when; the job's outcome is computed from them, never from status.
 ANNOTATION_STOPPED: Final = "kubetune.io/stopped"
@@ -47,6 +50,10 @@ TEACHER_MOUNT: Final = "/kubetune/teacher"
 TRAINING_DATA_MOUNT: Final = "/kubetune/data/training"
 VALIDATION_DATA_MOUNT: Final = "/kubetune/data/validation"
 OUTPUT_MOUNT: Final = "/kubetune/output"
+RESUME_MOUNT: Final = "/kubetune/resume"  # spec.resume_from's checkpoint, read only
+# Written last into a checkpoint directory by both trainers (the transformers Trainer's
+# name): a directory with it is complete.
+CHECKPOINT_STATE_FILE: Final = "trainer_state.json"
 SHM_MOUNT: Final = "/dev/shm"
 TERMINATION_LOG: Final = "/dev/termination-log"
 

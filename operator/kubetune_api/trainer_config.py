@@ -36,6 +36,11 @@ class TrainerPaths(EnvelopeModel):
     output: Path = Field(description="Where results, metrics.jsonl and checkpoints/ go.")
     teacher_model: Path | None = Field(default=None, description="Teacher model directory (distillation only).")
     validation_data: Path | None = Field(default=None, description="Validation data, like training_data.")
+    resume_from: Path | None = Field(
+        default=None,
+        description="Another job's checkpoint directory to start from (spec.resume_from), read only; used when "
+        "output/checkpoints holds none of this job's own.",
+    )
 
     @property
     def checkpoints(self) -> Path:

@@ -10,6 +10,7 @@ from kubetune_api.common import (
     CrossFieldRule,
     Integrations,
     Reference,
+    ResumeFrom,
     Retries,
     RuleCheckedSpec,
     StrictModel,
@@ -17,6 +18,7 @@ from kubetune_api.common import (
     integrations_field,
     output_description_field,
     output_name_field,
+    resume_from_field,
     retries_field,
     stall_timeout_field,
     suspend_field,
@@ -299,3 +301,4 @@ class UnslothJobSpec(RuleCheckedSpec):
     image: str | None = image_field("Unsloth")
     retries: Retries = retries_field()
     stall_timeout_seconds: int | None = stall_timeout_field()
+    resume_from: ResumeFrom | None = resume_from_field()

@@ -515,6 +515,41 @@ def test_a_trainer_without_progress_reports_is_stalled(cluster: Any, operator: O
     )
 
 
+def test_a_job_waits_for_the_checkpoint_it_resumes_from_then_mounts_it(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """spec.resume_from: the job waits (CheckpointNotFound, naming what is listed) until the
+    source job's trainer lists the checkpoint, then starts with that checkpoint mounted read
+    only from the source job's directory, whatever path the status claims."""
+    prepare(cluster, namespace)
+    apply(cluster, namespace, text=job("AutomodelJob", "first", LORA, {"kubetune.io/fake-duration": "300s"}))
+    wait_phase(cluster, operator, "automodeljob", "first", namespace, {"Running"})
+    uid = get(cluster, "automodeljob", "first", namespace)["metadata"]["uid"]
+    apply(cluster, namespace, text=job("AutomodelJob", "second", {**LORA, "resume_from": {"job": "first", "step": 4}}))
+    status = _wait_status(
+        cluster,
+        namespace,
+        "second",
+        lambda s: any(c["reason"] == "CheckpointNotFound" for c in s.get("conditions") or []),
+        "waiting for first's checkpoint",
+    )
+    assert "status.progress.checkpoints: none" in condition({"status": status}, "ReferencesResolved")["message"]
+
+    trainer = cluster.service_account_kubeconfig(namespace, "first-automodel-trainer")
+    listed = [{"step": s, "time": "2026-12-02T06:00:00Z", "path": "../other/x"} for s in (2, 4)]
+    _trainer_patch(cluster, namespace, "first", trainer, {"progress": {"step": 4, "checkpoints": listed}})
+    wait_phase(cluster, operator, "automodeljob", "second", namespace, {"Running", "Succeeded"})
+    child = get(cluster, "job", "second-automodel", namespace)
+    assert child["metadata"]["annotations"]["kubetune.io/resumed-from"] == "first@4"
+    mounts = child["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    resume = next(m for m in mounts if m["mountPath"] == "/kubetune/resume")
+    assert resume["subPath"] == f"first/{uid}/checkpoints/step-0000004" and resume["readOnly"] is True
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=second", "-o", "json"
+    )
+    assert "ResumingFrom" in {e["reason"] for e in json.loads(events.stdout)["items"]}
+
+
 def test_forged_status_steers_nothing_and_is_overwritten(
     cluster: Any, operator: OperatorProcess, namespace: str
 ) -> None:
@@ -1113,6 +1148,8 @@ def test_no_per_job_state_outlives_its_jobs(
         patches = busy.get(("kubetune_api_request_duration_seconds_count", (("code", "200"), ("verb", "PATCH"))), 0)
         assert patches >= 24, "every job's status was written"
         assert busy[("kubetune_watch_events_total", (("resource", "Pod"), ("type", "MODIFIED")))] > 0
+        lagged = busy[("kubetune_watch_event_lag_seconds_count", (("resource", "Pod"),))]
+        assert lagged > 0 and busy[("kubetune_watch_event_lag_seconds_sum", (("resource", "Pod"),))] >= 0
         failures = (("failure_class", "TrainerError"), ("kind", "AutomodelJob"))
         assert busy[("kubetune_pod_failures_total", failures)] == 4, "each bad job's one pod, by its class"
         assert busy[("kubetune_leader", ())] == 1

@@ -44,6 +44,7 @@ def write_trainer_config(
     validation_data: Path | None = None,
     progress: dict[str, Any] | None = None,
     name: str = "test-job",
+    resume_from: Path | None = None,
 ) -> Path:
     """Write a config.json the way the operator renders it (spec given in full, not validated
     here: a test may hand the trainer a config that breaks the contract)."""
@@ -58,6 +59,7 @@ def write_trainer_config(
             "training_data": str(training_data),
             "validation_data": str(validation_data) if validation_data else None,
             "output": str(output),
+            "resume_from": str(resume_from) if resume_from else None,
         },
         "progress": progress or {"type": "none"},
     }

@@ -160,6 +160,7 @@ def test_config_map_holds_the_validated_config() -> None:
         "training_data": c.TRAINING_DATA_MOUNT,
         "validation_data": None,
         "output": c.OUTPUT_MOUNT,
+        "resume_from": None,
     }
     assert config["progress"]["plural"] == "automodeljobs" and config["progress"]["name"] == inputs.name
 

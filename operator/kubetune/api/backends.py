@@ -63,12 +63,24 @@ class Backend(Generic[SpecT]):
     memory_method: Callable[[SpecT], MemoryMethod]
     # What to change when a trainer pod is OOMKilled: the fields that lower its memory.
     out_of_memory_hint: str
+    # How the trainer names a checkpoint's directory under output/checkpoints: prefix and
+    # zero-padded step (spec.resume_from mounts one by name).
+    checkpoint_prefix: str
+    checkpoint_width: int
     # `kubetune run`: the modules the interpreter must import, the variable that names one
     # that can, the repository's environment that has them and the requirements to install.
     local_imports: tuple[str, ...]
     local_python_env: str
     local_venv: str
     requirements: str
+
+    def checkpoint_dir(self, step: int) -> str:
+        return f"{self.checkpoint_prefix}{step:0{self.checkpoint_width}d}"
+
+    def checkpoint_step(self, directory: str) -> int | None:
+        """The step of a checkpoint directory's name, None for any other name."""
+        digits = directory.removeprefix(self.checkpoint_prefix)
+        return int(digits) if directory.startswith(self.checkpoint_prefix) and digits.isdigit() else None
 
     def total_gpus(self, spec: SpecT) -> int:
         return self.nodes(spec) * self.gpus_per_pod(spec)
@@ -121,6 +133,8 @@ AUTOMODEL_BACKEND: Backend[AutomodelJobSpec] = Backend(
     memory_method=_automodel_memory_method,
     out_of_memory_hint="to use less memory, lower batch.micro_batch_size or training.max_seq_length, use "
     "finetuning_type lora, or spread the model over more GPUs (parallelism)",
+    checkpoint_prefix="step-",  # kubetune_trainer/automodel/checkpoint.py
+    checkpoint_width=7,
     local_imports=("torch", "transformers", "peft", "pydantic"),
     local_python_env="KUBETUNE_TRAINER_PYTHON",
     local_venv="test",
@@ -183,6 +197,8 @@ UNSLOTH_BACKEND: Backend[UnslothJobSpec] = Backend(
     memory_method=_unsloth_memory_method,
     out_of_memory_hint="to use less memory, lower batch.per_device_train_batch_size or model.max_seq_length, "
     "load in 4-bit (model.load_in_4bit), or use finetuning_type lora",
+    checkpoint_prefix="checkpoint-",  # the transformers Trainer's name
+    checkpoint_width=0,
     local_imports=("unsloth", "trl", "pydantic"),
     local_python_env="KUBETUNE_UNSLOTH_PYTHON",
     local_venv="unsloth",

@@ -24,6 +24,7 @@ from typing import Any
 from kubetune.api.backends import Backend, JobSpec, OutputFormat
 from kubetune.api.resources import BACKENDS, Resource, job_backend, spec_backend
 from kubetune.controller.references import EntityRecord
+from kubetune.controller.resume import ResumePoint
 from kubetune.render import TrainerPaths, cluster_paths, dumps_config, kubernetes_progress, render_trainer_config
 from kubetune_api import constants as c
 from kubetune_api.trainer_config import job_output_subpath
@@ -68,6 +69,7 @@ class JobInputs:
     annotations: Mapping[str, str] = field(default_factory=dict)
     generation: int | None = None  # metadata.generation, recorded on the child
     output_model: str | None = None  # the output Model's name when not the default (see output_model_name)
+    resume: ResumePoint | None = None  # spec.resume_from, resolved
 
 
 # Annotations that describe the job object itself, not its pods.
@@ -160,7 +162,9 @@ def _metadata(inputs: JobInputs, name: str, extra_labels: Mapping[str, str] | No
 
 def trainer_config(inputs: JobInputs) -> dict[str, Any]:
     paths: TrainerPaths = cluster_paths(
-        has_teacher="teacher_model" in inputs.entities, has_validation="validation_data" in inputs.entities
+        has_teacher="teacher_model" in inputs.entities,
+        has_validation="validation_data" in inputs.entities,
+        resumes=inputs.resume is not None,
     )
     return render_trainer_config(
         inputs.resource,
@@ -251,6 +255,16 @@ def _volumes_and_mounts(inputs: JobInputs) -> tuple[list[dict[str, Any]], list[d
             "subPath": output_subpath(inputs),
         }
     )
+    if inputs.resume is not None:
+        # The other job's checkpoint, read only: this job writes its own under OUTPUT_MOUNT.
+        mounts.append(
+            {
+                "name": volume_for(inputs.settings.output_claim),
+                "mountPath": c.RESUME_MOUNT,
+                "subPath": inputs.resume.subpath,
+                "readOnly": True,
+            }
+        )
 
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names.config_map}},
@@ -357,6 +371,8 @@ def _child_metadata(inputs: JobInputs, name: str) -> dict[str, Any]:
         annotations[c.ANNOTATION_SPEC_GENERATION] = str(inputs.generation)
     if inputs.output_model is not None:
         annotations[c.ANNOTATION_OUTPUT_MODEL] = inputs.output_model
+    if inputs.resume is not None:
+        annotations[c.ANNOTATION_RESUMED_FROM] = f"{inputs.resume.job}@{inputs.resume.step}"
     if annotations:
         metadata["annotations"] = annotations
     return metadata

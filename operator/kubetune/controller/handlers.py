@@ -56,7 +56,11 @@ def _start_resync_once() -> None:
 
 
 def _count(body: kopf.Body, type: str | None) -> None:
-    metrics.WATCH_EVENTS.labels(str(body.get("kind", "")), type or "LISTED").inc()
+    resource = str(body.get("kind", ""))
+    metrics.WATCH_EVENTS.labels(resource, type or "LISTED").inc()
+    lag = metrics.event_lag(body, type, time.time())
+    if lag is not None:
+        metrics.WATCH_LAG_SECONDS.labels(resource).observe(lag)
 
 
 async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:

@@ -31,6 +31,7 @@ from kubetune.controller.entities import EntityPasses
 from kubetune.controller.kubeclient import ApiError, object_path
 from kubetune.controller.reconcile_state import PER_JOB_TABLES, JobKey, body_ref
 from kubetune.controller.references import JobSpec, ReferenceProblem, resolve_references
+from kubetune.controller.resume import ResumePoint, resolve_resume
 from kubetune.controller.retry import REFUSED_RETRY_FIRST_S, REFUSED_RETRY_MAX_S, is_transient
 from kubetune.memory import memory_risk
 from kubetune_api import constants as c
@@ -99,6 +100,20 @@ class JobPasses(ChildPasses, EntityPasses):
                 self.forget_job(key)  # deleted and re-created under the same name
             self.jobs[key] = dict(body)
             await self._guarded(key, partial(self._reconcile, key))
+        await self._wake_resumers(key)
+
+    async def _wake_resumers(self, source: JobKey) -> None:
+        """Jobs waiting for a checkpoint of `source` (spec.resume_from) look again: a job's
+        own events (its progress listing a new checkpoint) are all that changes for them."""
+        for key in list(self.waiting):
+            if key[:2] != source[:2] or key not in self.jobs:
+                continue
+            spec = self._spec(key)
+            if isinstance(spec, str) or spec.resume_from is None or spec.resume_from.job != source[2]:
+                continue
+            async with self._lock(key):
+                if key in self.jobs:
+                    await self._guarded(key, partial(self._reconcile, key))
 
     async def resync(self, namespaces: Sequence[str]) -> int:
         """Level-based pass over every job, with the children listed afresh: a watch event
@@ -245,6 +260,14 @@ class JobPasses(ChildPasses, EntityPasses):
         output_model, output_problem = self._output_model_name(key, spec, meta["uid"])
         if output_problem is not None:
             problems.append(output_problem)
+        resume: ResumePoint | None = None
+        if spec.resume_from is not None:
+            source = self.jobs.get((key[0], key[1], spec.resume_from.job))
+            found = resolve_resume(spec.resume_from, key[0], key[2], source, spec_backend(spec))
+            if isinstance(found, ReferenceProblem):
+                problems.append(found)
+            else:
+                resume = found
         if problems:
             self.waiting.add(key)
             await self._write_status(key, self._pending(current, problems, generation, now))
@@ -262,6 +285,7 @@ class JobPasses(ChildPasses, EntityPasses):
             annotations=dict(meta.get("annotations") or {}),
             generation=generation,
             output_model=output_model,
+            resume=resume,
         )
         *support, child = build_all(inputs)
         uid = meta["uid"]
@@ -301,6 +325,10 @@ class JobPasses(ChildPasses, EntityPasses):
             await self._fail(key, "WorkloadRejected", str(err), generation, now)
             return
         self._refusals.pop(key, None)
+        if resume is not None and self._own_child(key) is None:
+            self.post_event(
+                body_ref(body), "Normal", "ResumingFrom", f"starting from {key[0]} {resume.job}'s step {resume.step}"
+            )
         # Fold in what the child says now (just created, or already there), so that its
         # first watch event finds nothing to change: one status write, not two.
         if self._own_child(key) is None:

@@ -57,6 +57,49 @@ def test_stop_at_step_k_and_resume_continues_the_curve(
     assert not (job.output / "checkpoints").exists()  # removed after a successful finish
 
 
+def test_a_job_started_from_another_jobs_checkpoint_continues_its_curve(
+    make_job: Callable[..., Job], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spec.resume_from: job B starts at job A's step-3 checkpoint (mounted read only in a
+    pod) and trains steps 4-6 exactly as an uninterrupted run; B's own restart then resumes
+    from B's checkpoint, not from A's again; A's checkpoint is left as it was."""
+    spec = tiny_spec(schedule={"max_steps": 6, "val_check_interval": 2})
+    reference = make_job(spec, name="reference")
+    assert run_in_process(reference) == 0
+
+    source = make_job(spec, name="source")
+    monkeypatch.setenv(STOP_AFTER_STEP_ENV, "3")
+    assert run_in_process(source) == EXIT_PREEMPTED
+    checkpoint = source.output / "checkpoints" / "step-0000003"
+    before = sorted((p.relative_to(checkpoint), p.stat().st_mtime_ns) for p in checkpoint.rglob("*"))
+
+    branch = make_job(spec, name="branch", resume_from=checkpoint)
+    monkeypatch.setenv(STOP_AFTER_STEP_ENV, "5")
+    assert run_in_process(branch) == EXIT_PREEMPTED
+    assert (branch.output / "checkpoints" / "latest").read_text().strip() == "step-0000005"
+    monkeypatch.delenv(STOP_AFTER_STEP_ENV)
+    assert run_in_process(branch) == 0
+
+    assert [m["step"] for m in branch.metrics() if "loss" in m] == [4, 5, 6]
+    torch.testing.assert_close(
+        torch.tensor(branch.train_losses()),
+        torch.tensor(reference.train_losses()[3:]),
+        rtol=0,
+        atol=RESUME_TOLERANCE,
+    )
+    assert sorted((p.relative_to(checkpoint), p.stat().st_mtime_ns) for p in checkpoint.rglob("*")) == before
+
+
+def test_a_resume_from_without_a_complete_checkpoint_fails_naming_the_field(make_job: Callable[..., Job]) -> None:
+    from kubetune_trainer.common.termination import TrainerError
+
+    empty = make_job(tiny_spec(), name="empty").output / "checkpoints" / "step-0000003"
+    empty.mkdir(parents=True)
+    job = make_job(tiny_spec(), name="orphan", resume_from=empty)
+    with pytest.raises(TrainerError, match=r"no complete checkpoint .*spec\.resume_from"):
+        run_in_process(job)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_nonzero(make_job: Callable[..., Job], tmp_path: Path) -> None:
     """A real SIGTERM to the trainer process (what the kubelet sends on preemption)."""
     job = make_job(tiny_spec(schedule={"max_steps": 100000, "epochs": 100000}), name="sigterm")

@@ -49,13 +49,16 @@ def task_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def write_config(tmp_path: Path, tiny_llama_dir: Path, task_data: dict[str, Path]) -> Callable[..., Path]:
     """`write_config(spec, validation=True)` -> config.json for the tiny Llama; output in tmp_path/output."""
 
-    def write(spec: dict[str, Any], *, validation: bool = True, output: Path | None = None) -> Path:
+    def write(
+        spec: dict[str, Any], *, validation: bool = True, output: Path | None = None, resume_from: Path | None = None
+    ) -> Path:
         document = config_document(
             spec,
             model=tiny_llama_dir,
             training_data=task_data["train"],
             validation_data=task_data["validation"] if validation else None,
             output=output or tmp_path / "output",
+            resume_from=resume_from,
         )
         path = tmp_path / "config.json"
         path.write_text(json.dumps(document, indent=2))

@@ -320,6 +320,25 @@ def test_sigterm_checkpoints_and_the_restarted_pod_resumes(tmp_path: Path, write
     assert steps == list(range(1, 17)), "metrics.jsonl must read like one uninterrupted run"
 
 
+def test_a_job_started_from_another_jobs_checkpoint_trains_on_from_its_step(
+    tmp_path: Path, write_config: Callable[..., Path], restore_environ: None
+) -> None:
+    """spec.resume_from: the transformers Trainer resumes from the other job's checkpoint-2
+    (weights, optimizer, scheduler, data position), so steps 3-4 repeat the source's."""
+    spec = short_spec(schedule={"max_steps": 4, "save_steps": 2, "eval_steps": None}, dataset={"validation_path": None})
+    source = run_in_process(write_config(spec, validation=False, output=tmp_path / "source"))
+    assert source["global_step"] == 4
+    checkpoint = tmp_path / "source" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists()
+
+    branch = run_in_process(write_config(spec, validation=False, output=tmp_path / "branch", resume_from=checkpoint))
+    assert branch["global_step"] == 4
+    losses = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "source") if "loss" in m}
+    branched = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "branch") if "loss" in m}
+    assert sorted(branched) == [3, 4]
+    assert branched == pytest.approx({step: losses[step] for step in (3, 4)}, rel=1e-4)
+
+
 def test_rows_the_spec_cannot_read_fail_with_file_row_and_fix(
     tmp_path: Path, write_config: Callable[..., Path], restore_environ: None
 ) -> None:

@@ -45,6 +45,7 @@ def config_document(
     output: Path | str = OUTPUT_MOUNT,
     name: str = "unsloth-test",
     hand_edited: bool = False,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
     """The trainer config document, rendered by the operator's own function (docs/CONTRACT.md section 1).
 
@@ -56,6 +57,7 @@ def config_document(
         training_data=str(training_data),
         output=str(output),
         validation_data=str(validation_data) if validation_data is not None else None,
+        resume_from=str(resume_from) if resume_from is not None else None,
     )
     if hand_edited:
         return {

@@ -391,15 +391,25 @@ def _train(
     step = 0
     checkpoints = output / "checkpoints"
     resume_from = ckpt.latest_checkpoint(checkpoints)
+    # Another job's checkpoint (spec.resume_from) counts only until this job has its own: a
+    # restarted pod goes on from where this job got to.
+    branched = resume_from is None and cfg.paths.resume_from is not None
+    if resume_from is None and cfg.paths.resume_from is not None:
+        resume_from = ckpt.checkpoint_at(cfg.paths.resume_from)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, runtime)
-        if state.seed != settings.seed:
+        if state.seed != settings.seed and not branched:
+            # The data order comes from the seed: a restart must keep it to go on exactly.
             raise TrainerError(
                 f"checkpoint {resume_from} was written with seed {state.seed}, this run has {settings.seed}"
             )
+        # As the transformers Trainer's resume_from_checkpoint does (and so the Unsloth
+        # trainer): the scheduler's base rate is the checkpoint's, its shape (warmup,
+        # length) this job's.
         scheduler.load_state_dict(state.scheduler)
         step = state.step
-        log(runtime, f"resumed from {resume_from} at step {step}")
+        where = "started from another job's checkpoint" if branched else "resumed from"
+        log(runtime, f"{where} {resume_from} at step {step}")
 
     metrics = MetricsWriter(
         output / "metrics.jsonl", resume_step=step if resume_from else None, enabled=runtime.is_main

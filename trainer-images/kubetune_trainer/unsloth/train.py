@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kubetune_api import constants as c
 from kubetune_api.status import Checkpoint
 from kubetune_trainer.common import (
     ConfigError,
@@ -27,7 +28,7 @@ from kubetune_trainer.common import (
     expect_kind,
 )
 from kubetune_trainer.common.progress import status_checkpoint
-from kubetune_trainer.common.termination import Preempted
+from kubetune_trainer.common.termination import Preempted, TrainerError
 from kubetune_trainer.unsloth.mapping import (
     DeviceCapabilities,
     Substitution,
@@ -40,7 +41,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 # Unsloth tries to reach the hub for statistics and update checks; the pod has no network.
 UNSLOTH_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1"}
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"  # trl writes it after the weights and optimizer state
+STATE_FILE = c.CHECKPOINT_STATE_FILE  # trl writes it after the weights and optimizer state
 
 
 def warn(message: str) -> None:
@@ -70,6 +71,16 @@ def last_checkpoint(checkpoints: Path) -> tuple[Path, int] | None:
         return None
     step, path = found[-1]
     return path, step
+
+
+def checkpoint_at(path: Path) -> Path:
+    """A checkpoint directory named directly (spec.resume_from): it must be complete."""
+    if not (path / STATE_FILE).exists():
+        raise TrainerError(
+            f"{path} holds no complete checkpoint ({STATE_FILE} is missing): spec.resume_from must name a checkpoint "
+            "its job lists in status.progress.checkpoints"
+        )
+    return path
 
 
 def listed_checkpoints(cfg: TrainerConfig, checkpoints: Path) -> list[Checkpoint]:
@@ -396,9 +407,14 @@ def run(
         args=args,
         callbacks=[callback],
     )
+    start_from: Path | None = resume[0] if resume else None
     if resume:
         info(f"resuming from {resume[0]} (step {resume[1]})")
-    train_result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+    elif cfg.paths.resume_from is not None:
+        # Another job's checkpoint (spec.resume_from), until this job has its own.
+        start_from = checkpoint_at(cfg.paths.resume_from)
+        info(f"starting from another job's checkpoint {start_from}")
+    train_result = trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
     progress.close()
     metrics.close()
     if stop is not None and stop.requested:
