@@ -18,6 +18,7 @@ from kubetune_api.common import (
     integrations_field,
     output_description_field,
     output_name_field,
+    restart_stalled_field,
     resume_from_field,
     retries_field,
     stall_timeout_field,
@@ -294,4 +295,5 @@ class AutomodelJobSpec(RuleCheckedSpec):
     image: str | None = image_field("Automodel")
     retries: Retries = retries_field()
     stall_timeout_seconds: int | None = stall_timeout_field()
+    restart_stalled: bool = restart_stalled_field()
     resume_from: ResumeFrom | None = resume_from_field()

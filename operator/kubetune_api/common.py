@@ -175,6 +175,15 @@ def resume_from_field() -> Any:
     )
 
 
+def restart_stalled_field() -> Any:
+    return Field(
+        default=False,
+        description="kubetune extension: when the job is Stalled, evict its trainer pods that were running at the "
+        "last progress report, so that new ones resume from the last checkpoint (counted as Preempted against "
+        "retries.disruptions; docs/FAILURES.md).",
+    )
+
+
 def nested_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation such as `Section | None` or `list[Section]`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

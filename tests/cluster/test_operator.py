@@ -515,6 +515,49 @@ def test_a_trainer_without_progress_reports_is_stalled(cluster: Any, operator: O
     )
 
 
+def test_restart_stalled_evicts_the_hung_pod_and_counts_a_preemption(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """spec.restart_stalled: the pod that reported progress and then went quiet for
+    stall_timeout_seconds is evicted (a Preempted restart, Event StalledRestart); its
+    replacement, made after that report, is left to load."""
+    from datetime import UTC, datetime
+
+    prepare(cluster, namespace)
+    spec = {**LORA, "stall_timeout_seconds": 60, "restart_stalled": True}
+    apply(cluster, namespace, text=job("AutomodelJob", "hangs", spec, {"kubetune.io/fake-duration": "600s"}))
+    wait_phase(cluster, operator, "automodeljob", "hangs", namespace, {"Running"})
+    pods = json.loads(
+        cluster.kubectl("get", "pods", "-n", namespace, "-l", "kubetune.io/job-name=hangs", "-o", "json").stdout
+    )["items"]
+    assert len(pods) == 1
+    first = pods[0]["metadata"]["name"]
+    # The trainer's one report, a second after its pod started; then nothing (the stall
+    # timeout has a 60 s floor, so this test waits that long for a state change).
+    time.sleep(1.5)
+    trainer = cluster.service_account_kubeconfig(namespace, "hangs-automodel-trainer")
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    _trainer_patch(cluster, namespace, "hangs", trainer, {"progress": {"step": 3, "updatedAt": at}})
+    status = _wait_status(
+        cluster,
+        namespace,
+        "hangs",
+        lambda s: [r.get("failureClass") for r in s.get("restarts") or []] == ["Preempted"],
+        "the stalled pod evicted and counted",
+        timeout=150,
+    )
+    assert status["restarts"][0]["pod"] == first
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=hangs", "-o", "json"
+    )
+    assert "StalledRestart" in {e["reason"] for e in json.loads(events.stdout)["items"]}
+    # The replacement runs; passes go on while the job stays Stalled, and do not evict it.
+    wait_phase(cluster, operator, "automodeljob", "hangs", namespace, {"Running"})
+    time.sleep(5)
+    status = get(cluster, "automodeljob", "hangs", namespace)["status"]
+    assert len(status["restarts"]) == 1 and status["phase"] == "Running", status
+
+
 def test_a_job_waits_for_the_checkpoint_it_resumes_from_then_mounts_it(
     cluster: Any, operator: OperatorProcess, namespace: str
 ) -> None:

@@ -490,3 +490,21 @@ def test_the_stalled_condition_shows_only_on_a_running_job() -> None:
     done = st.ChildState(st.SUCCEEDED, "Completed", "done", "t0", "t2")
     status = st.status_patch(st.status_from_child({}, done, 1, "t3", stalled="no progress report since step 7"))
     assert st.find_condition(status["conditions"], st.COND_STALLED) is None
+
+
+def test_a_stall_restart_evicts_only_the_pods_that_were_there_at_the_last_report() -> None:
+    def pod(name: str, started: str | None, phase: str = "Running", **meta: str) -> dict[str, Any]:
+        status: dict[str, Any] = {"phase": phase}
+        if started:
+            status["startTime"] = started
+        return {"metadata": {"name": name, "creationTimestamp": "2026-12-02T05:00:00Z", **meta}, "status": status}
+
+    pods = [
+        pod("worker-1", "2026-12-02T06:00:00Z"),
+        pod("master-0", "2026-12-02T05:59:00Z"),
+        pod("replacement", "2026-12-02T06:10:00Z"),  # made after the report: still loading
+        pod("scheduled", None, "Pending"),  # no start yet: judged by its creation
+        pod("leaving", "2026-12-02T06:00:00Z", deletionTimestamp="2026-12-02T06:11:00Z"),
+        pod("done", "2026-12-02T06:00:00Z", "Failed"),
+    ]
+    assert st.stalled_pods(pods, "2026-12-02T06:05:00Z") == ["master-0", "scheduled", "worker-1"]

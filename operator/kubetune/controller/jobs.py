@@ -387,7 +387,7 @@ class JobPasses(ChildPasses, EntityPasses):
             failures,
             self._memory_risk(key, spec),
             spec_backend(spec).out_of_memory_hint,
-            self._stalled(key, spec, state.phase, current.get("progress")),
+            await self._stalled(key, spec, state.phase, current.get("progress")),
         )
         status.observed_generation = generation
         status.gpus = total_gpus(spec)
@@ -397,7 +397,7 @@ class JobPasses(ChildPasses, EntityPasses):
             status.output = OutputRef(model=await self._create_output_model(key, spec), format=output_format(spec))
         return status
 
-    def _stalled(self, key: JobKey, spec: JobSpec, phase: str, progress: Mapping[str, Any] | None) -> str | None:
+    async def _stalled(self, key: JobKey, spec: JobSpec, phase: str, progress: Mapping[str, Any] | None) -> str | None:
         """Why the running trainer counts as stalled, or None; while it does not yet, look
         again when it would (nothing else happens to a hung trainer's job to look)."""
         if phase != st.RUNNING:
@@ -405,7 +405,38 @@ class JobPasses(ChildPasses, EntityPasses):
         why, due = st.stall(progress, spec.stall_timeout_seconds, datetime.now(UTC))
         if due is not None:
             self._retry_later(key, due + 1)
+        if why is not None and spec.restart_stalled and progress is not None:
+            evicted = await self._evict_stalled(key, str(progress.get("updatedAt")))
+            if evicted:
+                why += f"; evicted {', '.join(evicted)} to resume from the last checkpoint (spec.restart_stalled)"
         return why
+
+    async def _evict_stalled(self, key: JobKey, last_report: str) -> list[str]:
+        """spec.restart_stalled: evict the pods that were there at the last progress report
+        (through the Eviction API, so a PodDisruptionBudget is honoured and the pods are
+        classed Preempted); their controller makes new ones, which resume."""
+        selector = f"{c.LABEL_JOB_NAME}={key[2]},{c.LABEL_JOB_KIND}={key[0]}"
+        pods = await self.client.list(f"/api/v1/namespaces/{key[1]}/pods", label_selector=selector)
+        evicted = []
+        for name in st.stalled_pods(pods.get("items") or [], last_report):
+            eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": key[1]}}
+            try:
+                await self.client.request(
+                    "POST", f"/api/v1/namespaces/{key[1]}/pods/{name}/eviction", eviction, "application/json"
+                )
+            except ApiError as err:
+                if err.status in (404, 429):  # gone already; a disruption budget says not now (next pass)
+                    continue
+                raise
+            evicted.append(name)
+        if evicted:
+            self.post_event(
+                body_ref(self.jobs[key]),
+                "Warning",
+                "StalledRestart",
+                f"evicted {', '.join(evicted)}: no progress report since {last_report}",
+            )
+        return evicted
 
     async def _stop_child(
         self, key: JobKey, spec: JobSpec, child: Mapping[str, Any], why: str, now: str

@@ -48,6 +48,9 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
     # Why a pod does not start (unschedulable, image pull) and whether a claim is bound.
     {"apiGroups": [""], "resources": ["pods", "persistentvolumeclaims"], "verbs": ["list", "watch"]},
+    # spec.restart_stalled: a stalled trainer's pods are evicted (not deleted: the Eviction
+    # API honours PodDisruptionBudgets and marks the pods DisruptionTarget).
+    {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
     # Events for `kubectl describe`; list: a child's FailedCreate (its pods refused).
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["list", "create", "patch"]},
 ]

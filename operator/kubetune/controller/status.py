@@ -409,6 +409,20 @@ def stall(
     )
 
 
+def stalled_pods(pods: Sequence[Mapping[str, Any]], last_report: str) -> list[str]:
+    """The names of the job's pods that were there at its trainer's last progress report
+    (started before it, not yet going away): the ones a stall restart evicts. A pod made
+    after that report (the one replacing an evicted pod, still loading) is left alone."""
+    names = []
+    for pod in pods:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        started = status.get("startTime") or meta.get("creationTimestamp")
+        going = meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed")
+        if isinstance(started, str) and started < last_report and not going:  # RFC 3339, UTC: ordered as text
+            names.append(str(meta.get("name")))
+    return sorted(names)
+
+
 # The child's Failed reasons that mean "its pods failed" (the batch Job's pod failure
 # policy or backoff limit, the PyTorchJob's failure): the pods' own failure says more.
 # Others (DeadlineExceeded: the Job controller stopped the pods itself) are kept.
