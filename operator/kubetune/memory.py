@@ -12,8 +12,11 @@ Pure: the operator, the CLI and the tests call `memory_risk` with what they know
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from kubetune_api import constants as c
 
 Method = Literal["lora", "full"]
 
@@ -92,3 +95,28 @@ def memory_risk(parameters: int | None, method: Method | None, gpus: int, gb_per
         f"{what} of {row.size} models is {need.words}: the job may run out of GPU memory "
         "(a warning only: the guideline is conservative)"
     )
+
+
+def smallest_labelled_gpu_gb(nodes: Iterable[Mapping[str, Any]]) -> float | None:
+    """The smallest GPU among the nodes labelled by GPU feature discovery
+    (nvidia.com/gpu.memory, MiB per device), in GB as cards are sold (81559 MiB -> 80);
+    None when no node says. The smallest, because a job without a node selector may land
+    on any of them, and the check only warns."""
+    sizes = []
+    for node in nodes:
+        value = ((node.get("metadata") or {}).get("labels") or {}).get(c.LABEL_GPU_MEMORY_MIB, "")
+        if isinstance(value, str) and value.isdigit() and int(value) > 0:
+            sizes.append(sold_as_gb(int(value)))
+    return min(sizes, default=None)
+
+
+def sold_as_gb(mib: int) -> float:
+    """A device's memory in MiB, as its card is sold in GB: an H100 80 GB reports 81559 MiB,
+    an A10 24 GB 23028 MiB (the driver reserves some), so round to the nearest of the sizes
+    cards are sold in, else to a whole GB."""
+    gb = mib / 1024
+    sold = min(SOLD_SIZES_GB, key=lambda size: abs(size - gb))
+    return float(sold) if abs(sold - gb) <= 0.1 * sold else float(round(gb))
+
+
+SOLD_SIZES_GB = (8, 12, 16, 24, 32, 40, 48, 80, 94, 96, 141, 144, 180, 192, 288)

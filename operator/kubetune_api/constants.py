@@ -63,6 +63,8 @@ ENV_WANDB_API_KEY: Final = "WANDB_API_KEY"
 ENV_TERMINATION_LOG: Final = "KUBETUNE_TERMINATION_LOG"
 
 GPU_RESOURCE: Final = "nvidia.com/gpu"
+# Set on GPU nodes by NVIDIA GPU feature discovery: memory per device, in MiB.
+LABEL_GPU_MEMORY_MIB: Final = "nvidia.com/gpu.memory"
 
 # The trainer's exit codes (docs/CONTRACT.md section 2), which the operator's restart
 # policies rely on: EXIT_TRAINER_ERROR fails the Job at once (podFailurePolicy; a bad

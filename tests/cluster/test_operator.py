@@ -66,6 +66,7 @@ def job(kind: str, name: str, spec: dict[str, Any], annotations: dict[str, str] 
 
 
 LORA = {"model": "smollm2-135m", "dataset": {"training": "chat-train"}}
+FOREVER = {"kubetune.io/fake-duration": "600s"}  # a kwok pod that runs while the test looks
 UNSLOTH = {"model": {"name": "smollm2-135m"}, "dataset": {"path": "chat-train"}}
 
 
@@ -909,6 +910,39 @@ def test_job_below_the_memory_guideline_gets_a_warning_and_still_runs(
     lora = wait_phase(cluster, operator, "automodeljob", "lora-8b", namespace, {"Succeeded", "Failed"}, timeout=120)
     assert lora["status"]["phase"] == "Succeeded"
     assert all(c["type"] != "MemoryRisk" for c in lora["status"]["conditions"])
+
+
+def test_the_gpu_size_comes_from_the_nodes_feature_discovery_labels(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    """Without --gpu-memory-gb, the smallest GPU that GPU feature discovery labelled on a
+    node (read at each resync) is held against the guideline: a 7-8B LoRA job on one 24 GB
+    GPU is below its row's 40 GB, and says which size it assumed."""
+    prepare(cluster, namespace)
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    node = next(n["metadata"]["name"] for n in nodes if "nvidia.com/gpu" in (n["status"].get("capacity") or {}))
+    model = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": "llama-8b"},
+        "spec": {"parameters": 8_030_261_248, "storage": {"pvc": {"claimName": "models", "path": "llama-8b"}}},
+    }
+    apply(cluster, namespace, text=yaml.safe_dump(model))
+    cluster.kubectl("label", "node", node, "nvidia.com/gpu.memory=23028", "--overwrite")
+    try:
+        apply(cluster, namespace, text=job("AutomodelJob", "lora-8b-small", {**LORA, "model": "llama-8b"}, FOREVER))
+        # The resync (every 20 s here) reads the label and passes every job again.
+        deadline = time.monotonic() + 90
+        while True:
+            body = get(cluster, "automodeljob", "lora-8b-small", namespace)
+            risk = [c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] == "MemoryRisk"]
+            if risk:
+                break
+            assert time.monotonic() < deadline, body.get("status")
+            time.sleep(1)
+        assert "asks for 1 GPU(s) of 24 GB" in risk[0]["message"] and "7-8B models is 40 GB" in risk[0]["message"]
+    finally:
+        cluster.kubectl("label", "node", node, "nvidia.com/gpu.memory-")
 
 
 def test_outputs_never_collide(cluster: Any, operator: OperatorProcess, namespace: str) -> None:

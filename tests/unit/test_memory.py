@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -174,3 +175,16 @@ def test_validate_says_nothing_without_a_parameter_count(tmp_path: Path) -> None
     path.write_text(yaml.safe_dump_all(_manifests(None, gpus=1)))
     result = _validate(path)
     assert result.returncode == 0 and "MemoryRisk" not in result.stderr, result.stderr
+
+
+def test_the_gpu_size_is_the_smallest_that_feature_discovery_labelled() -> None:
+    from kubetune.memory import smallest_labelled_gpu_gb, sold_as_gb
+
+    def node(mib: str | None) -> dict[str, Any]:
+        return {"metadata": {"name": "n", "labels": {"nvidia.com/gpu.memory": mib} if mib is not None else {}}}
+
+    # What the driver reports for cards sold as 80, 24, 40 and 141 GB.
+    assert [sold_as_gb(m) for m in (81559, 23028, 40960, 143771)] == [80, 24, 40, 141]
+    assert sold_as_gb(65536) == 64  # no card size near: a whole GB
+    assert smallest_labelled_gpu_gb([node("81559"), node("23028"), node(None), node("lots")]) == 24
+    assert smallest_labelled_gpu_gb([node(None), node("0")]) is None

@@ -33,7 +33,7 @@ from kubetune.controller.reconcile_state import PER_JOB_TABLES, JobKey, body_ref
 from kubetune.controller.references import JobSpec, ReferenceProblem, resolve_references
 from kubetune.controller.resume import ResumePoint, resolve_resume
 from kubetune.controller.retry import REFUSED_RETRY_FIRST_S, REFUSED_RETRY_MAX_S, is_transient
-from kubetune.memory import memory_risk
+from kubetune.memory import memory_risk, smallest_labelled_gpu_gb
 from kubetune_api import constants as c
 from kubetune_api.status import ChildRef, Condition, JobStatus, OutputRef
 
@@ -120,6 +120,7 @@ class JobPasses(ChildPasses, EntityPasses):
         that never arrived (a dropped stream, a child finished or deleted unseen) cannot
         leave a job behind. Costs one LIST per child kind and namespace, then work in
         memory; a job whose status is right is not written. Returns the jobs passed."""
+        await self._read_gpu_sizes()
         listed, kinds = await self._list_children(namespaces)
         if self.child_kinds is not None and kinds - self.child_kinds:
             # A child kind installed after the start (the training-operator's PyTorchJob CRD):
@@ -151,6 +152,19 @@ class JobPasses(ChildPasses, EntityPasses):
         if errors:
             raise errors[0]
         return len(keys)
+
+    async def _read_gpu_sizes(self) -> None:
+        """The GPU size for the memory check, from the nodes GPU feature discovery labelled
+        (a LIST the server filters by label: GPU nodes only, nothing on a cluster without
+        it). --gpu-memory-gb, when given, wins and nothing is listed."""
+        if self.settings.gpu_memory_gb is not None:
+            return
+        try:
+            nodes = await self.client.list("/api/v1/nodes", label_selector=c.LABEL_GPU_MEMORY_MIB)
+        except ApiError as err:
+            log.warning("cannot list the nodes' GPU sizes (the memory check counts GPUs only): %s", err)
+            return
+        self.world.node_gpu_memory_gb = smallest_labelled_gpu_gb(nodes.get("items") or [])
 
     def _spec(self, key: JobKey) -> JobSpec | str:
         """The validated spec, once per generation (pydantic on every pod event adds up)."""
@@ -451,10 +465,11 @@ class JobPasses(ChildPasses, EntityPasses):
         """Why the job asks for less GPU memory than the seed's guideline for its model's
         size (the Model's spec.parameters) and method; None when it does not, or cannot be told."""
         meta = self.jobs[key]["metadata"]
-        stamp = (meta.get("uid"), meta.get("generation"))
+        gb_per_gpu = self.settings.gpu_memory_gb or self.world.node_gpu_memory_gb
+        stamp = (meta.get("uid"), meta.get("generation"), gb_per_gpu)
         cached = self._memory_risks.get(key)
         if cached is not None and cached[0] == stamp:
-            # Decided once per spec generation: resolving every reference again on each
+            # Decided once per spec generation and GPU size: resolving every reference again on each
             # status pass (each pod event) cost more than the check, and a pre-flight
             # check need not follow a Model edited after its job started.
             return cached[1]
@@ -464,7 +479,7 @@ class JobPasses(ChildPasses, EntityPasses):
             parameters if isinstance(parameters, int) else None,
             spec_backend(spec).memory_method(spec),
             total_gpus(spec),
-            self.settings.gpu_memory_gb,
+            gb_per_gpu,
         )
         self._memory_risks[key] = (stamp, risk)
         return risk

@@ -60,6 +60,9 @@ OPERATOR_RULES: list[dict[str, Any]] = [
 # another namespace only through a claim on the same volume (docs/OPERATOR.md).
 VOLUME_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["persistentvolumes"], "verbs": ["list", "watch"]},
+    # The GPU size for the memory check: nodes labelled by GPU feature discovery, listed at
+    # each resync (docs/OPERATOR.md, "Memory pre-flight check").
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
 ]
 
 # In the operator's own namespace (a Role in either scope): the Lease of --leader-elect.

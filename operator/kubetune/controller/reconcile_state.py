@@ -91,7 +91,7 @@ class ReconcilerState(ABC):
         self.on_new_child_kind: Callable[[list[str]], None] = lambda kinds: None
         self._outputs_made: dict[JobKey, str] = {}  # output Model created (or found) by this process
         self._pod_checks: dict[JobKey, PodCheck] = {}  # Events looked at for a child without pods
-        self._memory_risks: dict[JobKey, tuple[tuple[Any, Any], str | None]] = {}  # per spec generation
+        self._memory_risks: dict[JobKey, tuple[tuple[Any, ...], str | None]] = {}  # per generation, GPU size
 
     def _lock(self, key: JobKey) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())

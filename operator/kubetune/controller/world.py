@@ -38,6 +38,8 @@ class World:
     producers: dict[tuple[str, str], str] = field(default_factory=dict)
     claim_volumes: dict[tuple[str, str], str] = field(default_factory=dict)  # claim -> PersistentVolume
     volumes: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # PersistentVolume -> backing
+    # The smallest GPU the nodes' feature-discovery labels name, in GB (listed at each resync).
+    node_gpu_memory_gb: float | None = None
 
     def backing(self, namespace: str, claim: str) -> tuple[str, ...] | None:
         """What the claim's volume stores its files on; None if unbound or not comparable."""
