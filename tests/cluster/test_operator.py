@@ -66,6 +66,13 @@ def job(kind: str, name: str, spec: dict[str, Any], annotations: dict[str, str] 
 
 
 LORA = {"model": "smollm2-135m", "dataset": {"training": "chat-train"}}
+# A Model that states its size (spec.parameters), for the memory pre-flight check.
+LLAMA_8B = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "Model",
+    "metadata": {"name": "llama-8b"},
+    "spec": {"parameters": 8_030_261_248, "storage": {"pvc": {"claimName": "models", "path": "llama-8b"}}},
+}
 FOREVER = {"kubetune.io/fake-duration": "600s"}  # a kwok pod that runs while the test looks
 UNSLOTH = {"model": {"name": "smollm2-135m"}, "dataset": {"path": "chat-train"}}
 
@@ -887,13 +894,7 @@ def test_job_below_the_memory_guideline_gets_a_warning_and_still_runs(
     seed's guideline for its size (7-8B: 2-4 × 80 GB), so the job carries MemoryRisk=True
     and a Warning Event naming the row, and runs anyway; a LoRA job on one GPU is not."""
     prepare(cluster, namespace)
-    model = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "Model",
-        "metadata": {"name": "llama-8b"},
-        "spec": {"parameters": 8_030_261_248, "storage": {"pvc": {"claimName": "models", "path": "llama-8b"}}},
-    }
-    apply(cluster, namespace, text=yaml.safe_dump(model))
+    apply(cluster, namespace, text=yaml.safe_dump(LLAMA_8B))
     full = {**LORA, "model": "llama-8b", "training": {"finetuning_type": "all_weights"}}
     apply(cluster, namespace, text=job("AutomodelJob", "full-8b", full))
     apply(cluster, namespace, text=job("AutomodelJob", "lora-8b", {**LORA, "model": "llama-8b"}))
@@ -921,13 +922,7 @@ def test_the_gpu_size_comes_from_the_nodes_feature_discovery_labels(
     prepare(cluster, namespace)
     nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
     node = next(n["metadata"]["name"] for n in nodes if "nvidia.com/gpu" in (n["status"].get("capacity") or {}))
-    model = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "Model",
-        "metadata": {"name": "llama-8b"},
-        "spec": {"parameters": 8_030_261_248, "storage": {"pvc": {"claimName": "models", "path": "llama-8b"}}},
-    }
-    apply(cluster, namespace, text=yaml.safe_dump(model))
+    apply(cluster, namespace, text=yaml.safe_dump(LLAMA_8B))
     cluster.kubectl("label", "node", node, "nvidia.com/gpu.memory=23028", "--overwrite")
     try:
         apply(cluster, namespace, text=job("AutomodelJob", "lora-8b-small", {**LORA, "model": "llama-8b"}, FOREVER))

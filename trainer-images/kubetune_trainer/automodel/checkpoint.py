@@ -37,7 +37,6 @@ from kubetune_api.status import Checkpoint
 from kubetune_trainer.automodel.distributed import Runtime
 from kubetune_trainer.common.config import TrainerConfig
 from kubetune_trainer.common.progress import status_checkpoint
-from kubetune_trainer.common.termination import TrainerError
 
 LATEST = "latest"
 STATE_FILE = c.CHECKPOINT_STATE_FILE
@@ -74,16 +73,6 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     path = root / marker.read_text().strip()
     return path if (path / STATE_FILE).exists() else None
-
-
-def checkpoint_at(path: Path) -> Path:
-    """A checkpoint directory named directly (spec.resume_from): it must be complete."""
-    if not (path / STATE_FILE).exists():
-        raise TrainerError(
-            f"{path} holds no complete checkpoint ({STATE_FILE} is missing): spec.resume_from must name a checkpoint "
-            "its job lists in status.progress.checkpoints"
-        )
-    return path
 
 
 def read_state(path: Path) -> TrainerState:

@@ -42,6 +42,7 @@ from kubetune_trainer.common.config import AutomodelTrainerConfig, TrainerConfig
 from kubetune_trainer.common.integrations import IntegrationLogger
 from kubetune_trainer.common.metrics import MetricsWriter
 from kubetune_trainer.common.progress import ProgressReporter
+from kubetune_trainer.common.resume import checkpoint_at
 from kubetune_trainer.common.signals import StopSignal
 from kubetune_trainer.common.termination import TrainerError
 from kubetune_trainer.data import IGNORE_INDEX, FormatOptions, holdout_split, pack_examples, read_rows, tokenize_rows
@@ -395,7 +396,7 @@ def _train(
     # restarted pod goes on from where this job got to.
     branched = resume_from is None and cfg.paths.resume_from is not None
     if resume_from is None and cfg.paths.resume_from is not None:
-        resume_from = ckpt.checkpoint_at(cfg.paths.resume_from)
+        resume_from = checkpoint_at(cfg.paths.resume_from)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, runtime)
         if state.seed != settings.seed and not branched:

@@ -28,7 +28,8 @@ from kubetune_trainer.common import (
     expect_kind,
 )
 from kubetune_trainer.common.progress import status_checkpoint
-from kubetune_trainer.common.termination import Preempted, TrainerError
+from kubetune_trainer.common.resume import checkpoint_at
+from kubetune_trainer.common.termination import Preempted
 from kubetune_trainer.unsloth.mapping import (
     DeviceCapabilities,
     Substitution,
@@ -71,16 +72,6 @@ def last_checkpoint(checkpoints: Path) -> tuple[Path, int] | None:
         return None
     step, path = found[-1]
     return path, step
-
-
-def checkpoint_at(path: Path) -> Path:
-    """A checkpoint directory named directly (spec.resume_from): it must be complete."""
-    if not (path / STATE_FILE).exists():
-        raise TrainerError(
-            f"{path} holds no complete checkpoint ({STATE_FILE} is missing): spec.resume_from must name a checkpoint "
-            "its job lists in status.progress.checkpoints"
-        )
-    return path
 
 
 def listed_checkpoints(cfg: TrainerConfig, checkpoints: Path) -> list[Checkpoint]:
