@@ -27,6 +27,7 @@ from kubetune_trainer.automodel import checkpoint as ckpt
 from kubetune_trainer.automodel.batches import Batch, collate, global_batch_indices, rank_micro_batches
 from kubetune_trainer.automodel.cadence import validation_cadence
 from kubetune_trainer.automodel.distributed import Runtime, init_runtime
+from kubetune_trainer.automodel.loading import ShardedLoad, materialise, plan_sharded_load
 from kubetune_trainer.automodel.losses import sft_or_distillation_loss
 from kubetune_trainer.automodel.model import (
     Teacher,
@@ -205,16 +206,26 @@ class Engine:
         return ce_total, kd_total
 
 
-def build_model(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Runtime) -> nn.Module:
+def build_model(
+    cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Runtime
+) -> tuple[nn.Module, ShardedLoad | None]:
+    """The model to parallelise: on the meta device when it can be loaded shard-wise (then
+    `materialise` fills it after sharding), else loaded whole."""
     lora = settings.lora
     # LoRA on GPU: frozen base weights in bf16, adapters in fp32 (peft upcasts
     # them). Full-weight: fp32 master weights, bf16 compute (autocast / FSDP2).
     load_dtype = torch.bfloat16 if (runtime.device.type == "cuda" and lora is not None) else torch.float32
+    plan = plan_sharded_load(cfg.paths.model, load_dtype, lora, settings.seed, runtime)
+    if isinstance(plan, ShardedLoad):
+        log(runtime, "sharded loading: model built on the meta device, each rank reads only its shard")
+        return plan.model, plan
+    if runtime.distributed:
+        log(runtime, f"replicated loading (every rank reads the whole model): {plan}")
     model = load_causal_lm(cfg.paths.model, load_dtype)
     torch.manual_seed(settings.seed)
     if lora is not None:
         model = apply_lora(model, lora)
-    return model
+    return model, None
 
 
 def run_validation(
@@ -354,7 +365,7 @@ def _train(
         f"validation and a checkpoint {cadence.describe()}",
     )
 
-    model = build_model(cfg, settings, runtime)
+    model, sharded = build_model(cfg, settings, runtime)
     engine: Any
     if settings.parallel.pp > 1:
         from kubetune_trainer.automodel.pipeline import PipelineEngine, split_for_pipeline
@@ -364,9 +375,10 @@ def _train(
         apply_tensor_parallel(model, runtime)
     if settings.parallel.dp > 1:
         apply_fsdp(model, runtime)
-    elif runtime.device.type == "cuda":
-        model.to(runtime.device)
-    if runtime.device.type == "cpu":
+    if sharded is not None:
+        read = materialise(sharded, runtime)
+        log(runtime, f"sharded loading: {read} tensors read shard-wise from {cfg.paths.model}")
+    else:
         model.to(runtime.device)
     if settings.training_type == "distillation":
         assert cfg.paths.teacher_model is not None
