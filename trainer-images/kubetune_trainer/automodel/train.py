@@ -52,6 +52,13 @@ MAX_GRAD_NORM = 1.0
 STOP_AFTER_STEP_ENV = "KUBETUNE_STOP_AFTER_STEP"
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def log(runtime: Runtime | None, message: str) -> None:
     if runtime is None or runtime.is_main:
         print(f"kubetune-trainer: {message}", file=sys.stderr, flush=True)
@@ -380,6 +387,13 @@ def _train(
         log(runtime, f"sharded loading: {read} tensors read shard-wise from {cfg.paths.model}")
     else:
         model.to(runtime.device)
+    # Every rank: what a pod's memory request must cover for loading (bench/sharded_loading_bench.py reads it).
+    print(
+        f"kubetune-trainer: rank {runtime.rank}: model in place ({'sharded' if sharded else 'whole'} loading), "
+        f"peak host memory so far {peak_rss_mib():.0f} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
     if settings.training_type == "distillation":
         assert cfg.paths.teacher_model is not None
         teacher = Teacher(cfg.paths.teacher_model, settings.teacher_precision, runtime.device, settings.offload_teacher)
