@@ -141,7 +141,10 @@ def plan_sharded_load(
     adapters: dict[str, torch.Tensor] = {}
     if lora is not None:
         adapters = lora_initial_values(path, dtype, lora, seed)
-        torch.manual_seed(seed)
+    # As build_model's whole-model path: seeded, then peft draws the adapters (to the meta
+    # device here, the values come from `adapters`), so the generator ends in the same state.
+    torch.manual_seed(seed)
+    if lora is not None:
         model = apply_lora(model, lora)
     # Every alias of a parameter (tied embeddings: lm_head.weight and embed_tokens.weight are
     # one Parameter) maps to the name the checkpoint stores; a pipeline stage may keep only one
