@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import torch
-from automodel_helpers import Job, run_entrypoint, run_in_process
+from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec
 from test_distributed import DISTRIBUTED_RTOL, STEPS, TORCHRUN, curve, spec
 from tiny_llama import build_tiny_llama
 
+from kubetune_api.constants import EXIT_PREEMPTED
 from kubetune_trainer.automodel.distributed import Runtime
 from kubetune_trainer.automodel.loading import (
     ShardedLoad,
@@ -29,6 +30,7 @@ from kubetune_trainer.automodel.loading import (
 )
 from kubetune_trainer.automodel.model import apply_lora, load_causal_lm
 from kubetune_trainer.automodel.settings import LoraSettings, ParallelSettings
+from kubetune_trainer.automodel.train import STOP_AFTER_STEP_ENV
 
 pytestmark = pytest.mark.training
 
@@ -122,3 +124,34 @@ def test_fsdp2_sharded_loading_with_tied_embeddings_matches_one_process(
 
     with safe_open(str(job.output / "model" / "model.safetensors"), framework="pt") as f:
         assert "lm_head.weight" not in set(f.keys())
+
+
+def test_fsdp2_lora_stopped_and_resumed_matches_one_process(make_job: Callable[..., Job], tied_llama_dir: Path) -> None:
+    """A restarted pod loads shard-wise again (fresh adapters from the seed) and the checkpoint
+    then replaces the adapters and optimizer state: the curve continues as one process's."""
+
+    def resume_spec(parallelism: dict[str, Any]) -> dict[str, Any]:
+        return tiny_spec(
+            schedule={"max_steps": 4, "val_check_interval": 2},
+            batch={"global_batch_size": 8, "micro_batch_size": 2},
+            parallelism=parallelism,
+        )
+
+    reference = make_job(resume_spec({}), name="tied-lora-single", model=tied_llama_dir)
+    assert run_in_process(reference) == 0
+
+    job = make_job(resume_spec({"num_gpus_per_node": 2}), name="tied-lora-resumed", model=tied_llama_dir)
+    stopped = run_entrypoint(job, launcher=TORCHRUN, extra_env={STOP_AFTER_STEP_ENV: "2"})
+    # The ranks exit EXIT_PREEMPTED; torchrun reports a failed worker as 1.
+    assert stopped.returncode != 0
+    assert "stopped by signal at step 2/4" in stopped.stderr, stopped.stderr[-4000:]
+    assert f"exitcode: {EXIT_PREEMPTED}" in stopped.stderr
+    assert (job.output / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    assert [m["step"] for m in job.metrics() if "loss" in m] == [1, 2]
+    resumed = run_entrypoint(job, launcher=TORCHRUN)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr and "tensors read shard-wise" in resumed.stderr
+    assert [m["step"] for m in job.metrics() if "loss" in m] == [1, 2, 3, 4]
+    torch.testing.assert_close(
+        torch.tensor(job.train_losses()), torch.tensor(reference.train_losses()), rtol=DISTRIBUTED_RTOL, atol=0.0
+    )
