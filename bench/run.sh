@@ -9,7 +9,8 @@
 # running it again, BENCH_TRAINER_JSON=FILE likewise for trainer_bench.py (its --work
 # must still exist for Unsloth); BENCH_UNSLOTH_MODELS="tiny Llama" limits Unsloth to those
 # models (comma-separated labels); BENCH_RUNS=N repeats each trainer comparison N times, alternating
-# sides (default 1; medians over runs); BENCH_SKIP_UNSLOTH=1 leaves Unsloth out; BENCH_WORK=DIR keeps the
+# sides (default 1; medians over runs); BENCH_SKIP_UNSLOTH=1 leaves Unsloth out; BENCH_SKIP_SHARDED=1 leaves
+# out the sharded-loading memory part (sharded_loading_bench.py, ~6 min); BENCH_WORK=DIR keeps the
 # intermediate files (default: a temp dir, removed at the end).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,6 +60,14 @@ else
 fi
 parts+=(--part "$work/trainer.json")
 echo "bench: trainer done at $((SECONDS - started)) s"
+
+if [[ "${BENCH_SKIP_SHARDED:-0}" != 1 ]]; then
+  echo "bench: peak memory per rank, sharded vs replicated loading ..."
+  bash hack/run-in-venv.sh test python bench/sharded_loading_bench.py "${tr_args[@]}" \
+    --work "$work/sharded-work" --out "$work/sharded_loading.json"
+  parts+=(--part "$work/sharded_loading.json")
+  echo "bench: sharded loading done at $((SECONDS - started)) s"
+fi
 
 if [[ "${BENCH_SKIP_UNSLOTH:-0}" != 1 ]]; then
   echo "bench: Unsloth vs the same HF baseline ..."

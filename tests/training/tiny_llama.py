@@ -152,11 +152,14 @@ def build_tiny_llama(
     intermediate_size: int = 96,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     seed: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Save a random tiny Llama + tokenizer into out_dir (fp32) and return it.
 
     Different `seed`/sizes with the same `vocab_size` give models that share
-    the tokenizer, as a distillation teacher and student must.
+    the tokenizer, as a distillation teacher and student must. With
+    `tie_word_embeddings` the checkpoint has no lm_head.weight (the head is the
+    input embedding).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -176,7 +179,7 @@ def build_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         rms_norm_eps=1e-5,
     )
     torch.manual_seed(seed)

@@ -1,5 +1,7 @@
 """Distributed parity on CPU (gloo): FSDP2, tensor parallel 2, pipeline parallel 2 and 2 "nodes"
-give the same losses as one process on the same global batch."""
+give the same losses as one process on the same global batch. The distributed runs load the
+model shard-wise (meta device, each rank reads its shard; test_sharded_loading.py), the one
+process loads it whole, so these are also the parity tests of sharded loading."""
 
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ def test_two_processes_match_one(
     # "entrypoint": plain `python -m kubetune_trainer.automodel`, which relaunches itself under torchrun.
     result = run_entrypoint(job, launcher=TORCHRUN if launch == "torchrun" else None)
     assert result.returncode == 0, result.stderr[-4000:]
+    # Each rank built the model on the meta device and read only its shard (issue 15).
+    assert "tensors read shard-wise" in result.stderr, result.stderr[-4000:]
     got = curve(job)
     assert len(got) == 2 * STEPS + 2
     diff = max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True))

@@ -27,6 +27,7 @@ from kubetune_trainer.automodel import checkpoint as ckpt
 from kubetune_trainer.automodel.batches import Batch, collate, global_batch_indices, rank_micro_batches
 from kubetune_trainer.automodel.cadence import validation_cadence
 from kubetune_trainer.automodel.distributed import Runtime, init_runtime
+from kubetune_trainer.automodel.loading import ShardedLoad, materialise, plan_sharded_load
 from kubetune_trainer.automodel.losses import sft_or_distillation_loss
 from kubetune_trainer.automodel.model import (
     Teacher,
@@ -50,6 +51,13 @@ from kubetune_trainer.data import IGNORE_INDEX, FormatOptions, holdout_split, pa
 MAX_GRAD_NORM = 1.0
 # Test hook: behave as if SIGTERM arrived right after this optimizer step.
 STOP_AFTER_STEP_ENV = "KUBETUNE_STOP_AFTER_STEP"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def log(runtime: Runtime | None, message: str) -> None:
@@ -206,16 +214,26 @@ class Engine:
         return ce_total, kd_total
 
 
-def build_model(cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Runtime) -> nn.Module:
+def build_model(
+    cfg: AutomodelTrainerConfig, settings: AutomodelSettings, runtime: Runtime
+) -> tuple[nn.Module, ShardedLoad | None]:
+    """The model to parallelise: on the meta device when it can be loaded shard-wise (then
+    `materialise` fills it after sharding), else loaded whole."""
     lora = settings.lora
     # LoRA on GPU: frozen base weights in bf16, adapters in fp32 (peft upcasts
     # them). Full-weight: fp32 master weights, bf16 compute (autocast / FSDP2).
     load_dtype = torch.bfloat16 if (runtime.device.type == "cuda" and lora is not None) else torch.float32
+    plan = plan_sharded_load(cfg.paths.model, load_dtype, lora, settings.seed, runtime)
+    if isinstance(plan, ShardedLoad):
+        log(runtime, "sharded loading: model built on the meta device, each rank reads only its shard")
+        return plan.model, plan
+    if runtime.distributed:
+        log(runtime, f"replicated loading (every rank reads the whole model): {plan}")
     model = load_causal_lm(cfg.paths.model, load_dtype)
     torch.manual_seed(settings.seed)
     if lora is not None:
         model = apply_lora(model, lora)
-    return model
+    return model, None
 
 
 def run_validation(
@@ -355,7 +373,7 @@ def _train(
         f"validation and a checkpoint {cadence.describe()}",
     )
 
-    model = build_model(cfg, settings, runtime)
+    model, sharded = build_model(cfg, settings, runtime)
     engine: Any
     if settings.parallel.pp > 1:
         from kubetune_trainer.automodel.pipeline import PipelineEngine, split_for_pipeline
@@ -365,10 +383,18 @@ def _train(
         apply_tensor_parallel(model, runtime)
     if settings.parallel.dp > 1:
         apply_fsdp(model, runtime)
-    elif runtime.device.type == "cuda":
+    if sharded is not None:
+        read = materialise(sharded, runtime)
+        log(runtime, f"sharded loading: {read} tensors read shard-wise from {cfg.paths.model}")
+    else:
         model.to(runtime.device)
-    if runtime.device.type == "cpu":
-        model.to(runtime.device)
+    # Every rank: what a pod's memory request must cover for loading (bench/sharded_loading_bench.py reads it).
+    print(
+        f"kubetune-trainer: rank {runtime.rank}: model in place ({'sharded' if sharded else 'whole'} loading), "
+        f"peak host memory so far {peak_rss_mib():.0f} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
     if settings.training_type == "distillation":
         assert cfg.paths.teacher_model is not None
         teacher = Teacher(cfg.paths.teacher_model, settings.teacher_precision, runtime.device, settings.offload_teacher)
