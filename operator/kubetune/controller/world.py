@@ -13,19 +13,68 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.controller.references import EntityRecord
+from kubetune_fetch.layout import parse_source, version_name
 
 
-def entity_record(kind: str, namespace: str, name: str, spec: Mapping[str, Any], pvc_phase: str | None) -> EntityRecord:
-    """An entity is ready in a cluster when its claim exists and is bound."""
+def download_problem(
+    spec: Mapping[str, Any], version: str, download: Mapping[str, Any] | None
+) -> tuple[str, str] | None:
+    """Why an entity with spec.source is not ready yet, from what its initializer reported
+    in status.download (for this version only: a report of an earlier revision says nothing
+    of this one); None once the download of this version is complete."""
+    claim = spec["storage"]["pvc"]["claimName"]
+    what = f"{_describe(spec)} into PersistentVolumeClaim {claim}"
+    if not download or download.get("version") != version:
+        return "Downloading", f"downloading {what}: waiting for its initializer Job to start"
+    phase = download.get("phase")
+    if phase == "Complete":
+        return None
+    if phase == "Failed":
+        reason = str(download.get("reason") or "Unavailable")
+        return (
+            f"Download{reason}",
+            f"downloading {what} failed ({reason}): {download.get('message') or 'no message'}; the initializer "
+            "tries again with backoff",
+        )
+    return "Downloading", f"downloading {what}: {download.get('summary') or 'starting'}"
+
+
+def _describe(spec: Mapping[str, Any]) -> str:
+    hf, s3 = spec["source"].get("huggingface"), spec["source"].get("s3")
+    if hf is not None:
+        return f"{hf['repo']}@{hf.get('revision', 'main')} from the Hugging Face Hub"
+    return f"s3://{s3['bucket']}/{s3.get('prefix', '')}"
+
+
+def source_version(kind: str, spec: Mapping[str, Any]) -> str:
+    """The directory of the entity's source version under storage.pvc.path; "" without a source."""
+    raw = spec.get("source")
+    return version_name(parse_source(kind, raw)) if raw else ""
+
+
+def entity_record(
+    kind: str,
+    namespace: str,
+    name: str,
+    spec: Mapping[str, Any],
+    pvc_phase: str | None,
+    version: str = "",
+    download: Mapping[str, Any] | None = None,
+) -> EntityRecord:
+    """An entity is ready in a cluster when its claim exists and is bound, and, with a
+    spec.source, when the source's current version is downloaded."""
     pvc = (spec.get("storage") or {}).get("pvc")
     problem: tuple[str, str] | None = None
     if not pvc:
         problem = ("NoClusterStorage", "it has no spec.storage.pvc (localPath is for `kubetune run` only)")
     elif pvc_phase is None:
         problem = ("ClaimNotFound", f"PersistentVolumeClaim {pvc['claimName']} not found in namespace {namespace}")
+    elif version:
+        # Before ClaimNotBound: a claim that binds on first use waits for the initializer's pod.
+        problem = download_problem(spec, version, download)
     elif pvc_phase != "Bound":
         problem = ("ClaimNotBound", f"PersistentVolumeClaim {pvc['claimName']} is {pvc_phase}")
-    return EntityRecord.judged(kind, namespace, name, spec, problem)
+    return EntityRecord.judged(kind, namespace, name, spec, problem, version)
 
 
 @dataclass
@@ -38,6 +87,9 @@ class World:
     producers: dict[tuple[str, str], str] = field(default_factory=dict)
     claim_volumes: dict[tuple[str, str], str] = field(default_factory=dict)  # claim -> PersistentVolume
     volumes: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # PersistentVolume -> backing
+    # Entities with spec.source: the source's version, and status.download as the initializer wrote it.
+    versions: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    downloads: dict[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
 
     def backing(self, namespace: str, claim: str) -> tuple[str, ...] | None:
         """What the claim's volume stores its files on; None if unbound or not comparable."""
@@ -49,7 +101,16 @@ class World:
         if spec is None:
             return None
         pvc = (spec.get("storage") or {}).get("pvc") or {}
-        return entity_record(kind, namespace, name, spec, self.claims.get((namespace, pvc.get("claimName", ""))))
+        key = (kind, namespace, name)
+        return entity_record(
+            kind,
+            namespace,
+            name,
+            spec,
+            self.claims.get((namespace, pvc.get("claimName", ""))),
+            self.versions.get(key, ""),
+            self.downloads.get(key),
+        )
 
 
 def volume_backing(spec: Mapping[str, Any]) -> tuple[str, ...] | None:
