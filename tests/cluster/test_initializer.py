@@ -246,6 +246,18 @@ def test_a_failed_download_shows_its_cause_on_the_entity_and_the_waiting_job(
     message = condition(waiting, "ReferencesResolved")["message"]
     assert "org/missing" in message and "was not found" in message and waiting["status"]["phase"] == "Pending"
 
+    # Deleted by hand (to try again at once after its retries ran out): made again.
+    first = wait_initializer(cluster, namespace, "ghost")
+    cluster.kubectl("delete", "job", first["metadata"]["name"], "-n", namespace, "--wait=false")
+    deadline = time.monotonic() + 30
+    while True:
+        again = initializer_jobs(cluster, namespace, "ghost")
+        if again and again[0]["metadata"]["uid"] != first["metadata"]["uid"]:
+            break
+        assert time.monotonic() < deadline, "the deleted initializer Job was not made again"
+        time.sleep(0.3)
+    assert [j["metadata"]["name"] for j in again] == [first["metadata"]["name"]]
+
     # A wrong token, from the entity's Secret: the Hub's refusal, named.
     cluster.kubectl("create", "secret", "generic", "hub-token", "-n", namespace, "--from-literal=token=wrong")
     apply(cluster, namespace, model("locked", "org/tiny", token_secret="hub-token"))

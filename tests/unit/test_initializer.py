@@ -198,3 +198,27 @@ def test_parse_source_reads_the_kinds_default_repo_type(kind: str) -> None:
     source = parse_source(kind, {"huggingface": {"repo": "org/x"}})
     assert source.huggingface is not None
     assert source.huggingface.repoType == ("dataset" if kind == c.KIND_FILESET else "model")
+
+
+def test_an_initializer_that_gave_up_says_so_and_how_to_try_again() -> None:
+    spec = model().spec
+    version = source_version(c.KIND_MODEL, spec)
+    stopped = "BackoffLimitExceeded: Job has reached the specified backoff limit"
+    failed = {"version": version, "phase": "Failed", "reason": "Unauthorized", "message": "bad token"}
+    record = entity_record(c.KIND_MODEL, "team", "tiny", spec, "Bound", version, failed, stopped)
+    assert record.not_ready_reason == "DownloadUnauthorized"
+    assert "bad token" in record.not_ready_message and "delete that Job to try again" in record.not_ready_message
+    assert "tries again with backoff" not in record.not_ready_message
+    silent = entity_record(c.KIND_MODEL, "team", "tiny", spec, "Bound", version, None, stopped)
+    assert silent.not_ready_reason == "InitializerFailed" and "BackoffLimitExceeded" in silent.not_ready_message
+    # A Job of this entity that gave up counts only while it is the current version's.
+    world = World()
+    key = (c.KIND_MODEL, "team", "tiny")
+    world.entities[key], world.claims[("team", "models")], world.versions[key] = spec, "Bound", version
+    world.initializer_names[key] = "tiny-model-fetch-new"
+    world.initializers_stopped[("team", "tiny-model-fetch-old")] = stopped
+    looked_up = world.lookup(*key)
+    assert looked_up is not None and looked_up.not_ready_reason == "Downloading"
+    world.initializers_stopped[("team", "tiny-model-fetch-new")] = stopped
+    looked_up = world.lookup(*key)
+    assert looked_up is not None and looked_up.not_ready_reason == "InitializerFailed"

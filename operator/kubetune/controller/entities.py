@@ -54,6 +54,7 @@ class EntityPasses(RetryPasses):
             self.world.producers.pop((meta["namespace"], meta["name"]), None)
             self.world.versions.pop(ekey, None)
             self.world.downloads.pop(ekey, None)
+            self.world.initializer_names.pop(ekey, None)
             self.entity_ready.pop(ekey, None)
             self.initializers.pop(ekey, None)
         else:
@@ -63,7 +64,7 @@ class EntityPasses(RetryPasses):
             if body["kind"] == c.KIND_MODEL:
                 producer = (meta.get("labels") or {}).get(c.LABEL_JOB_UID, "")
                 self.world.producers[(meta["namespace"], meta["name"])] = producer
-            self._note_source(ekey, spec, status.get("download"))
+            self._note_source(ekey, str(meta.get("uid", "")), spec, status.get("download"))
             if status.get("ready") is not None:
                 cond = st.find_condition(status.get("conditions"), ConditionType.READY) or {}
                 self.entity_ready[ekey] = (
@@ -75,7 +76,7 @@ class EntityPasses(RetryPasses):
             await self._ensure_initializer(body)
         await self.retry_waiting()
 
-    def _note_source(self, ekey: tuple[str, str, str], spec: Mapping[str, Any], download: Any) -> None:
+    def _note_source(self, ekey: tuple[str, str, str], uid: str, spec: Mapping[str, Any], download: Any) -> None:
         try:
             version = source_version(ekey[0], spec)
         except (ValidationError, FetchError) as err:
@@ -84,8 +85,11 @@ class EntityPasses(RetryPasses):
             version = ""
         if version:
             self.world.versions[ekey] = version
+            entity = EntityRef(kind=ekey[0], namespace=ekey[1], name=ekey[2], uid=uid, spec=spec)
+            self.world.initializer_names[ekey] = initializer_name(entity)
         else:
             self.world.versions.pop(ekey, None)
+            self.world.initializer_names.pop(ekey, None)
         if isinstance(download, Mapping):
             self.world.downloads[ekey] = download
         else:
@@ -129,22 +133,32 @@ class EntityPasses(RetryPasses):
         log.info("%s %s/%s: initializer Job %s downloads %s", *ekey, job_name, record.version)
 
     async def on_initializer_job(self, job: Mapping[str, Any], deleted: bool) -> None:
-        """An initializer Job deleted while its download is not done (by hand, to try again
-        at once after its retries ran out) is made again."""
-        if not deleted:
-            return
+        """An initializer Job that gave up (its retries ran out) shows on its entity and the
+        jobs waiting for it; one deleted while its download is not done (by hand, to try
+        again at once) is made again."""
         meta = job.get("metadata") or {}
         owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
         if owner is None:
             return
-        ekey = (str(owner.get("kind")), str(meta.get("namespace")), str(owner.get("name")))
-        if self.initializers.get(ekey) != meta.get("name"):
+        namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+        ekey = (str(owner.get("kind")), namespace, str(owner.get("name")))
+        conditions = (job.get("status") or {}).get("conditions") or []
+        failed = next((x for x in conditions if x.get("type") == "Failed" and x.get("status") == "True"), None)
+        stopped = None if deleted or failed is None else f"{failed.get('reason')}: {failed.get('message', '')}"
+        if not deleted and stopped == self.world.initializers_stopped.get((namespace, name)):
             return
-        del self.initializers[ekey]
-        spec = self.world.entities.get(ekey)
-        if spec is not None:
-            entity = {"kind": ekey[0], "metadata": {"namespace": ekey[1], "name": ekey[2], "uid": owner.get("uid")}}
-            await self._ensure_initializer(entity)
+        if stopped is None:
+            self.world.initializers_stopped.pop((namespace, name), None)
+        else:
+            self.world.initializers_stopped[(namespace, name)] = stopped
+        if deleted and self.initializers.get(ekey) == name:
+            del self.initializers[ekey]
+            if ekey in self.world.entities:
+                ref = {"kind": ekey[0], "metadata": {"namespace": namespace, "name": ekey[2], "uid": owner.get("uid")}}
+                await self._ensure_initializer(ref)
+        if ekey in self.world.entities:
+            await self._write_entity_status(*ekey, None)
+            await self.retry_waiting()
 
     async def _create_or_get_owned(self, obj: Mapping[str, Any]) -> Mapping[str, Any]:
         try:

@@ -17,26 +17,30 @@ from kubetune_fetch.layout import parse_source, version_name
 
 
 def download_problem(
-    spec: Mapping[str, Any], version: str, download: Mapping[str, Any] | None
+    spec: Mapping[str, Any], version: str, download: Mapping[str, Any] | None, stopped: str | None = None
 ) -> tuple[str, str] | None:
     """Why an entity with spec.source is not ready yet, from what its initializer reported
     in status.download (for this version only: a report of an earlier revision says nothing
-    of this one); None once the download of this version is complete."""
+    of this one) and, once its Job gave up (`stopped`: the Job's Failed message), from that;
+    None once the download of this version is complete."""
     claim = spec["storage"]["pvc"]["claimName"]
     what = f"{_describe(spec)} into PersistentVolumeClaim {claim}"
-    if not download or download.get("version") != version:
-        return "Downloading", f"downloading {what}: waiting for its initializer Job to start"
-    phase = download.get("phase")
-    if phase == "Complete":
+    mine = download if download and download.get("version") == version else None
+    if mine is not None and mine.get("phase") == "Complete":
         return None
-    if phase == "Failed":
-        reason = str(download.get("reason") or "Unavailable")
-        return (
-            f"Download{reason}",
-            f"downloading {what} failed ({reason}): {download.get('message') or 'no message'}; the initializer "
-            "tries again with backoff",
-        )
-    return "Downloading", f"downloading {what}: {download.get('summary') or 'starting'}"
+    retry = "the initializer tries again with backoff"
+    if stopped is not None:
+        retry = f"its initializer Job stopped trying ({stopped}): delete that Job to try again"
+    if mine is not None and mine.get("phase") == "Failed":
+        reason = str(mine.get("reason") or "Unavailable")
+        cause = mine.get("message") or "no message"
+        return f"Download{reason}", f"downloading {what} failed ({reason}): {cause}; {retry}"
+    if stopped is not None:
+        # It never reported a cause: the pod could not run it (an image, a mount), see the Job's pods.
+        return "InitializerFailed", f"downloading {what}: {retry}"
+    if mine is None:
+        return "Downloading", f"downloading {what}: waiting for its initializer Job to start"
+    return "Downloading", f"downloading {what}: {mine.get('summary') or 'starting'}"
 
 
 def _describe(spec: Mapping[str, Any]) -> str:
@@ -60,6 +64,7 @@ def entity_record(
     pvc_phase: str | None,
     version: str = "",
     download: Mapping[str, Any] | None = None,
+    stopped: str | None = None,
 ) -> EntityRecord:
     """An entity is ready in a cluster when its claim exists and is bound, and, with a
     spec.source, when the source's current version is downloaded."""
@@ -71,7 +76,7 @@ def entity_record(
         problem = ("ClaimNotFound", f"PersistentVolumeClaim {pvc['claimName']} not found in namespace {namespace}")
     elif version:
         # Before ClaimNotBound: a claim that binds on first use waits for the initializer's pod.
-        problem = download_problem(spec, version, download)
+        problem = download_problem(spec, version, download, stopped)
     elif pvc_phase != "Bound":
         problem = ("ClaimNotBound", f"PersistentVolumeClaim {pvc['claimName']} is {pvc_phase}")
     return EntityRecord.judged(kind, namespace, name, spec, problem, version)
@@ -90,6 +95,10 @@ class World:
     # Entities with spec.source: the source's version, and status.download as the initializer wrote it.
     versions: dict[tuple[str, str, str], str] = field(default_factory=dict)
     downloads: dict[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
+    # The initializer Job of the entity's current version (its name), and the initializer Jobs
+    # that gave up: (namespace, Job name) -> their Failed condition's reason and message.
+    initializer_names: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    initializers_stopped: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def backing(self, namespace: str, claim: str) -> tuple[str, ...] | None:
         """What the claim's volume stores its files on; None if unbound or not comparable."""
@@ -110,6 +119,7 @@ class World:
             self.claims.get((namespace, pvc.get("claimName", ""))),
             self.versions.get(key, ""),
             self.downloads.get(key),
+            self.initializers_stopped.get((namespace, self.initializer_names.get(key, ""))),
         )
 
 
