@@ -20,7 +20,8 @@ class PvcLocation(StrictModel):
         default="",
         pattern=r"^([^/.][^/]*)?(/[^/]+)*$",
         max_length=1024,
-        description="Directory inside the claim (a relative path, no `..`); empty = the claim's root.",
+        description="Directory inside the claim (a relative path, no `..`); empty = the claim's root. With "
+        "spec.source, the directory the downloads go under: the files are in `<path>/<revision>-<digest>/`.",
     )
 
 
@@ -169,8 +170,11 @@ Source = ModelSource | FilesetSource
 def source_field() -> Any:
     return Field(
         default=None,
-        description="Where to download the files from (Hugging Face Hub or S3) when they are not already on "
-        "storage: the files land in storage.pvc (or, for `kubetune run` without localPath, in a local cache).",
+        description="Where the files come from (Hugging Face Hub or S3). In a cluster the operator downloads them "
+        "once into storage.pvc, under `<path>/<revision>-<digest>/`, with one initializer Job per entity, reports "
+        "progress in status.download and sets Ready when the download is complete; jobs naming the entity wait "
+        "until then. `kubetune run` without localPath downloads into a local cache. Without source, the files "
+        "are put on storage by hand.",
     )
 
 
