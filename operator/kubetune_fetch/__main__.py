@@ -87,7 +87,7 @@ class EntityApi:
     """The entity's status subresource, with a bearer token (stdlib urllib)."""
 
     url: str  # .../namespaces/<ns>/<plural>/<name>/status
-    token: str
+    token_file: Path
     context: ssl.SSLContext | None
 
     @classmethod
@@ -105,12 +105,13 @@ class EntityApi:
         if api_server.startswith("https://"):
             context = ssl.create_default_context(cafile=str(ca) if ca.exists() else None)
         path = f"/apis/{c.API_VERSION}/namespaces/{namespace}/{PLURALS[kind]}/{name}/status"
-        return cls(api_server.rstrip("/") + path, (account / "token").read_text().strip(), context)
+        return cls(api_server.rstrip("/") + path, account / "token", context)
 
     def _call(self, method: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.token}")
+        # Read on each call: the kubelet rotates a projected token file, and a download may outlast a token.
+        request.add_header("Authorization", f"Bearer {self.token_file.read_text().strip()}")
         request.add_header("Accept", "application/json")
         if body is not None:
             request.add_header("Content-Type", "application/merge-patch+json")

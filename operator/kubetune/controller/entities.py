@@ -55,12 +55,14 @@ class EntityPasses(RetryPasses):
             self.world.versions.pop(ekey, None)
             self.world.downloads.pop(ekey, None)
             self.world.initializer_names.pop(ekey, None)
+            self.world.uids.pop(ekey, None)
             self.entity_ready.pop(ekey, None)
             self.initializers.pop(ekey, None)
         else:
             spec = body.get("spec") or {}
             status = body.get("status") or {}
             self.world.entities[ekey] = spec
+            self.world.uids[ekey] = str(meta.get("uid", ""))
             if body["kind"] == c.KIND_MODEL:
                 producer = (meta.get("labels") or {}).get(c.LABEL_JOB_UID, "")
                 self.world.producers[(meta["namespace"], meta["name"])] = producer
@@ -73,7 +75,7 @@ class EntityPasses(RetryPasses):
                     str(cond.get("message", "")),
                 )
             await self._write_entity_status(body["kind"], meta["namespace"], meta["name"], status)
-            await self._ensure_initializer(body)
+            await self._ensure_initializer(ekey)
         await self.retry_waiting()
 
     def _note_source(self, ekey: tuple[str, str, str], uid: str, spec: Mapping[str, Any], download: Any) -> None:
@@ -95,21 +97,18 @@ class EntityPasses(RetryPasses):
         else:
             self.world.downloads.pop(ekey, None)
 
-    async def _ensure_initializer(self, body: Mapping[str, Any]) -> None:
+    async def _ensure_initializer(self, ekey: tuple[str, str, str]) -> None:
         """Create-or-get the entity's initializer (identity, then Job) while its source's
         current version is not downloaded. One Job per version, shared by every job that
         names the entity; a complete download (an operator restart, a re-created entity
         whose status says so) makes none."""
-        meta = body["metadata"]
-        ekey = (body["kind"], meta["namespace"], meta["name"])
         record = self.world.lookup(*ekey)
         if record is None or not record.version or record.not_ready_reason in ("NoClusterStorage", "ClaimNotFound"):
             return
         if record.ready:
             return
-        entity = EntityRef(
-            kind=ekey[0], namespace=ekey[1], name=ekey[2], uid=str(meta.get("uid", "")), spec=record.spec
-        )
+        uid = self.world.uids.get(ekey, "")
+        entity = EntityRef(kind=ekey[0], namespace=ekey[1], name=ekey[2], uid=uid, spec=record.spec)
         job_name = initializer_name(entity)
         if self.initializers.get(ekey) == job_name:
             return
@@ -126,7 +125,7 @@ class EntityPasses(RetryPasses):
             # A busy API server, or a quota: ask again later (no watch event may come).
             log.warning("%s %s/%s: initializer: %s; retrying in %.0f s", *ekey, err, INITIALIZER_RETRY_S)
             asyncio.get_running_loop().call_later(
-                INITIALIZER_RETRY_S, lambda: asyncio.ensure_future(self._ensure_initializer(body))
+                INITIALIZER_RETRY_S, lambda: asyncio.ensure_future(self._ensure_initializer(ekey))
             )
             return
         self.initializers[ekey] = job_name
@@ -154,8 +153,7 @@ class EntityPasses(RetryPasses):
         if deleted and self.initializers.get(ekey) == name:
             del self.initializers[ekey]
             if ekey in self.world.entities:
-                ref = {"kind": ekey[0], "metadata": {"namespace": namespace, "name": ekey[2], "uid": owner.get("uid")}}
-                await self._ensure_initializer(ref)
+                await self._ensure_initializer(ekey)
         if ekey in self.world.entities:
             await self._write_entity_status(*ekey, None)
             await self.retry_waiting()
@@ -192,6 +190,7 @@ class EntityPasses(RetryPasses):
             pvc = (spec.get("storage") or {}).get("pvc") or {}
             if ns == namespace and pvc.get("claimName") == name:
                 await self._write_entity_status(kind, ns, ename, None)
+                await self._ensure_initializer((kind, ns, ename))  # a source waiting for its claim
         await self.retry_waiting()
 
     async def _write_entity_status(

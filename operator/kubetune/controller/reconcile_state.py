@@ -120,6 +120,11 @@ class ReconcilerState(ABC):
             "claim_volumes": self.world.claim_volumes,
             "volumes": self.world.volumes,
             "producers": self.world.producers,
+            "versions": self.world.versions,
+            "downloads": self.world.downloads,
+            "initializer_names": self.world.initializer_names,
+            "initializers_stopped": self.world.initializers_stopped,
+            "uids": self.world.uids,
         }
 
     def job_phases(self) -> list[tuple[str, str]]:

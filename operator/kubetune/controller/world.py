@@ -98,6 +98,7 @@ class World:
     # The initializer Job of the entity's current version (its name), and the initializer Jobs
     # that gave up: (namespace, Job name) -> their Failed condition's reason and message.
     initializer_names: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    uids: dict[tuple[str, str, str], str] = field(default_factory=dict)  # entity -> metadata.uid
     initializers_stopped: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def backing(self, namespace: str, claim: str) -> tuple[str, ...] | None:
