@@ -13,10 +13,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,30 +77,32 @@ def prepare(cluster: Any, namespace: str) -> None:
         cluster.kubectl("apply", "-n", namespace, "-f", str(path))
 
 
-def initializer_jobs(cluster: Any, namespace: str, entity: str) -> list[dict[str, Any]]:
-    selector = f"kubetune.io/entity-kind=Model,kubetune.io/entity-name={entity}"
+def initializer_jobs(cluster: Any, namespace: str, entity: str, kind: str = "Model") -> list[dict[str, Any]]:
+    selector = f"kubetune.io/entity-kind={kind},kubetune.io/entity-name={entity}"
     listed = cluster.kubectl("get", "jobs", "-n", namespace, "-l", selector, "-o", "json")
     return list(json.loads(listed.stdout)["items"])
 
 
 def wait_initializer(
-    cluster: Any, namespace: str, entity: str, not_these: frozenset[str] | set[str] = frozenset()
+    cluster: Any, namespace: str, entity: str, not_these: frozenset[str] | set[str] = frozenset(), kind: str = "Model"
 ) -> dict[str, Any]:
     deadline = time.monotonic() + 30
     while True:
-        jobs = [j for j in initializer_jobs(cluster, namespace, entity) if j["metadata"]["name"] not in not_these]
+        listed = initializer_jobs(cluster, namespace, entity, kind)
+        jobs = [j for j in listed if j["metadata"]["name"] not in not_these]
         if jobs:
             assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
             return jobs[0]
-        assert time.monotonic() < deadline, f"no initializer Job for Model {entity}"
+        assert time.monotonic() < deadline, f"no initializer Job for {kind} {entity}"
         time.sleep(0.3)
 
 
 def run_initializer(
-    cluster: Any, namespace: str, job: dict[str, Any], claim_root: Path
+    cluster: Any, namespace: str, job: dict[str, Any], claim_root: Path, python: Sequence[str] = (sys.executable,)
 ) -> subprocess.CompletedProcess[str]:
     """The Job's container as a process here: its command, its env (Secret keys read from
-    the Secrets), the token of its ServiceAccount, and `claim_root` for the mounted claim."""
+    the Secrets), the token of its ServiceAccount, and `claim_root` for the mounted claim.
+    `python`: the interpreter (the image's stand-in: an environment with the source's client)."""
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     command = [f"--root={claim_root}" if a.startswith("--root=") else a for a in container["command"]]
@@ -124,7 +128,7 @@ def run_initializer(
     (account / "token").write_text(token)
     (account / "ca.crt").write_bytes(cluster.pki.ca_crt.read_bytes())
     return subprocess.run(
-        [sys.executable, *command[1:], f"--api-server={cluster.server}", f"--service-account-dir={account}"],
+        [*python, *command[1:], f"--api-server={cluster.server}", f"--service-account-dir={account}"],
         env=env,
         capture_output=True,
         text=True,
@@ -139,6 +143,8 @@ def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
 def test_download_makes_the_entity_ready_and_the_waiting_jobs_start(
     cluster: Any, operator: OperatorProcess, hub: HubServer, namespace: str, tmp_path: Path
 ) -> None:
+    # The API server's Pod Security admission refuses any pod of this namespace that is not "restricted".
+    cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     prepare(cluster, namespace)
     apply(cluster, namespace, model("tiny", "org/tiny"))
     apply(cluster, namespace, lora_job("first", "tiny"))
@@ -155,6 +161,12 @@ def test_download_makes_the_entity_ready_and_the_waiting_jobs_start(
     job = wait_initializer(cluster, namespace, "tiny")
     time.sleep(1)
     assert len(initializer_jobs(cluster, namespace, "tiny")) == 1
+    # Its pod was admitted under "restricted" (kwok then plays it; the download runs below).
+    deadline = time.monotonic() + 30
+    selector = f"job-name={job['metadata']['name']}"
+    while not json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]:
+        assert time.monotonic() < deadline, cluster.kubectl("get", "events", "-n", namespace).stdout
+        time.sleep(0.3)
 
     claim = tmp_path / "claim" / "tiny"
     done = run_initializer(cluster, namespace, job, claim)
@@ -276,3 +288,121 @@ def test_a_failed_download_shows_its_cause_on_the_entity_and_the_waiting_job(
         kubeconfig=cluster.service_account_kubeconfig(namespace, "ghost-model-fetch"), check=False,
     )  # fmt: skip
     assert other.returncode != 0 and "forbidden" in other.stderr.lower()
+
+
+def test_an_entity_made_before_its_claim_starts_downloading_when_the_claim_comes(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, model("early", "org/tiny").replace("claimName: models", "claimName: later"))
+    wait_condition_reason(cluster, operator, "model", "early", namespace, "Ready", "ClaimNotFound")
+    assert initializer_jobs(cluster, namespace, "early") == []
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "later"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    apply(cluster, namespace, yaml.safe_dump(claim))
+    job = wait_initializer(cluster, namespace, "early")
+    assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "later"}
+    wait_condition_reason(cluster, operator, "model", "early", namespace, "Ready", "Downloading")
+
+
+# The S3 side runs in the dev environment (hack/run-in-venv.sh dev), which has boto3 and moto:
+# the cluster tier's own environment carries the trainer's packages instead.
+DEV = ["bash", str(ROOT / "hack" / "run-in-venv.sh"), "dev"]
+
+
+@pytest.fixture(scope="module")
+def dev_python() -> str:
+    """The dev environment's interpreter (built once by hack/venv.sh, cached afterwards)."""
+    found = subprocess.run(
+        [*DEV, "python", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True, timeout=600
+    )
+    assert found.returncode == 0, found.stderr
+    return found.stdout.strip()
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path) -> Iterator[str]:
+    """moto's S3 server on loopback, a real S3 HTTP endpoint (SigV4, ranges, ETags)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "moto.log").open("wb")
+    proc = subprocess.Popen(
+        [*DEV, "moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, f"moto did not start: {tmp_path}/moto.log"
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=15)
+
+
+def s3_put(endpoint: str, path: str, body: bytes = b"") -> None:
+    # moto takes unsigned writes; octet-stream, or the body would be read as a form.
+    request = urllib.request.Request(f"{endpoint}/{path}", data=body, method="PUT")
+    request.add_header("Content-Type", "application/octet-stream")
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def test_the_sources_example_reaches_succeeded_with_no_file_copied_by_hand(
+    cluster: Any,
+    operator: OperatorProcess,
+    hub: HubServer,
+    s3_server: str,
+    dev_python: str,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """examples/sources/lora-from-sources.yaml as written, but for the S3 endpoint (the test's
+    server): its Model from the (test) Hub, its Fileset from S3, its job Succeeded."""
+    files = tiny_model_files(seed=3)
+    hub.commit("HuggingFaceTB/SmolLM2-135M-Instruct", {**files, "notes.md": b"not in allowPatterns"})
+    rows = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    s3_put(s3_server, "datasets")
+    s3_put(s3_server, "datasets/chat/train/part-0.jsonl", rows * 50)
+    s3_put(s3_server, "datasets/chat/train/part-1.jsonl", rows * 30)
+    s3_put(s3_server, "datasets/chat/validation/other.jsonl", rows)  # outside the prefix
+    cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES / "storage.yaml"))
+    cluster.kubectl(
+        "create", "secret", "generic", "s3-keys", "-n", namespace,
+        "--from-literal=AWS_ACCESS_KEY_ID=testing", "--from-literal=AWS_SECRET_ACCESS_KEY=testing",
+    )  # fmt: skip
+    example = (EXAMPLES / "sources" / "lora-from-sources.yaml").read_text()
+    assert "http://minio.storage:9000" in example
+    apply(cluster, namespace, example.replace("http://minio.storage:9000", s3_server))
+    job_name = "smollm2-lora-from-sources"
+    wait_condition_reason(cluster, operator, "automodeljob", job_name, namespace, "ReferencesResolved", "Downloading")
+
+    model_dir, data_dir = tmp_path / "models" / "hub", tmp_path / "datasets" / "s3"
+    hf = run_initializer(cluster, namespace, wait_initializer(cluster, namespace, "smollm2-135m-hub"), model_dir)
+    assert hf.returncode == 0, hf.stderr + hf.stdout
+    s3_job = wait_initializer(cluster, namespace, "chat-train-s3", kind="Fileset")
+    s3 = run_initializer(cluster, namespace, s3_job, data_dir, python=[dev_python])
+    assert s3.returncode == 0, s3.stderr + s3.stdout
+
+    done = wait_phase(cluster, operator, "automodeljob", job_name, namespace, {"Succeeded", "Failed"}, timeout=120)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"], indent=1)
+    model_version = get(cluster, "model", "smollm2-135m-hub", namespace)["status"]["download"]["version"]
+    data = get(cluster, "fileset", "chat-train-s3", namespace)["status"]["download"]
+    assert data["filesTotal"] == 2 and data["resolved"].startswith("2 objects")
+    assert sorted(p.name for p in (data_dir / data["version"]).iterdir()) == ["part-0.jsonl", "part-1.jsonl"]
+    assert sorted(p.name for p in (model_dir / model_version).iterdir()) == sorted(
+        n for n in files if n.endswith((".json", ".safetensors", ".txt"))
+    )
+    child = get(cluster, "job", f"{job_name}-automodel", namespace)
+    mounts = {m["mountPath"]: m for m in child["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["/kubetune/model"]["subPath"] == f"hub/smollm2-135m-instruct/{model_version}"
+    assert mounts["/kubetune/data/training"]["subPath"] == f"s3/chat-train/{data['version']}"
