@@ -1,5 +1,6 @@
 """The entity, claim and volume passes: keep the `World` (world.py) current from the
-watches, write each entity's `Ready` status, and retry the jobs that wait on them.
+watches, write each entity's `Ready` status, make the initializer of an entity with
+spec.source (initializer.py), and retry the jobs that wait on them.
 Also the checks a job's start makes against the World: claims its pods cannot mount,
 and an output Model name taken by something this job did not make.
 """
