@@ -103,7 +103,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     import logging
 
     # kopf and aiohttp load only for this command: validate/schema stay quick.
-    from kubetune.controller.builders import OperatorSettings
+    from kubetune.controller.builders import InitializerSettings, OperatorSettings
     from kubetune.controller.handlers import Leadership, run_operator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,6 +121,11 @@ def cmd_operator(args: argparse.Namespace) -> int:
         image_pull_policy=args.image_pull_policy,
         output_claim=args.output_claim,
         gpu_memory_gb=args.gpu_memory_gb or None,
+        initializer=InitializerSettings(
+            image=args.initializer_image,
+            image_pull_policy=args.image_pull_policy,
+            hf_endpoint=args.hf_endpoint or None,
+        ),
     )
     ensure_identity()
     leadership = (
@@ -190,6 +195,18 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             default=_env_default(env, backend.default_image),
             help=f"trainer image for {resource.kind}s (env {env})",
         )
+    p.add_argument(
+        "--initializer-image",
+        default=_env_default("KUBETUNE_INITIALIZER_IMAGE", defaults.initializer.image),
+        help="image of the Jobs that download an entity's spec.source into its claim (python -m kubetune_fetch; "
+        "the operator's image carries it) (env KUBETUNE_INITIALIZER_IMAGE)",
+    )
+    p.add_argument(
+        "--hf-endpoint",
+        default=os.environ.get("HF_ENDPOINT", ""),
+        help="Hugging Face Hub endpoint the initializer Jobs use, for a private hub or a mirror "
+        "(env HF_ENDPOINT; default: huggingface.co)",
+    )
     p.add_argument(
         "--image-pull-policy",
         default=_env_default("KUBETUNE_IMAGE_PULL_POLICY", "IfNotPresent"),

@@ -38,6 +38,11 @@ ANNOTATION_RESUMED_FROM: Final = "kubetune.io/resumed-from"
 ANNOTATION_STOPPED: Final = "kubetune.io/stopped"
 ANNOTATION_STOPPED_AT: Final = "kubetune.io/stopped-at"
 
+# On an entity's initializer Job and its identity: which entity it downloads for (the
+# operator finds the Job by them; kubetune.controller.initializer).
+LABEL_ENTITY_KIND: Final = "kubetune.io/entity-kind"
+LABEL_ENTITY_NAME: Final = "kubetune.io/entity-name"
+
 # Field manager / user agent the operator uses, so its API calls can be counted.
 FIELD_MANAGER: Final = "kubetune-operator"
 
@@ -56,6 +61,14 @@ RESUME_MOUNT: Final = "/kubetune/resume"  # spec.resume_from's checkpoint, read 
 CHECKPOINT_STATE_FILE: Final = "trainer_state.json"
 SHM_MOUNT: Final = "/dev/shm"
 TERMINATION_LOG: Final = "/dev/termination-log"
+
+# Where the initializer pod mounts the entity's storage.pvc (its path as subPath): the
+# root under which kubetune_fetch puts `<version>/` and its completion marker.
+FETCH_MOUNT: Final = "/kubetune/fetch"
+# The initializer's credentials, under the names huggingface_hub and boto3 read themselves.
+ENV_HF_TOKEN: Final = "HF_TOKEN"
+ENV_HF_ENDPOINT: Final = "HF_ENDPOINT"
+AWS_CREDENTIAL_KEYS: Final = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 # Env variables the trainer reads (credentials only; all settings come from the config file).
 ENV_MLFLOW_TOKEN: Final = "MLFLOW_TRACKING_TOKEN"

@@ -20,7 +20,8 @@ class PvcLocation(StrictModel):
         default="",
         pattern=r"^([^/.][^/]*)?(/[^/]+)*$",
         max_length=1024,
-        description="Directory inside the claim (a relative path, no `..`); empty = the claim's root.",
+        description="Directory inside the claim (a relative path, no `..`); empty = the claim's root. With "
+        "spec.source, the directory the downloads go under: the files are in `<path>/<revision>-<digest>/`.",
     )
 
 
@@ -169,8 +170,11 @@ Source = ModelSource | FilesetSource
 def source_field() -> Any:
     return Field(
         default=None,
-        description="Where to download the files from (Hugging Face Hub or S3) when they are not already on "
-        "storage: the files land in storage.pvc (or, for `kubetune run` without localPath, in a local cache).",
+        description="Where the files come from (Hugging Face Hub or S3). In a cluster the operator downloads them "
+        "once into storage.pvc, under `<path>/<revision>-<digest>/`, with one initializer Job per entity, reports "
+        "progress in status.download and sets Ready when the download is complete; jobs naming the entity wait "
+        "until then. `kubetune run` without localPath downloads into a local cache. Without source, the files "
+        "are put on storage by hand.",
     )
 
 
@@ -254,11 +258,50 @@ class ModelSpec(RuleCheckedSpec):
     )
 
 
+DownloadPhase = Literal["Downloading", "Complete", "Failed"]
+
+
+class DownloadStatus(StatusModel):
+    """The download of spec.source into storage.pvc, as the entity's initializer reports it
+    (`python -m kubetune_fetch`, run by the operator's initializer Job)."""
+
+    version: str = Field(
+        max_length=128,
+        description="The version of the source these numbers are for: its directory under storage.pvc.path "
+        "(`<revision>-<digest>`, or `s3-<digest>`); jobs mount that directory.",
+    )
+    phase: DownloadPhase = Field(description="Downloading, Complete or Failed (retried with backoff).")
+    files_done: int = Field(default=0, ge=0, description="Files complete.")
+    files_total: int = Field(default=0, ge=0, description="Files to download.")
+    bytes_done: int = Field(default=0, ge=0, description="Bytes on the volume, partial files included.")
+    bytes_total: int = Field(default=0, ge=0, description="Bytes of all files.")
+    bytes_per_second: float = Field(default=0, ge=0, description="Transfer rate of this attempt.")
+    summary: str = Field(default="", max_length=256, description="`3/10 files, 1.2 GB of 5.0 GB, 40.0 MB/s`.")
+    resolved: str | None = Field(
+        default=None,
+        max_length=256,
+        description="What the completion marker records: the commit a Hugging Face revision resolved to, or the "
+        "number of S3 objects and a digest of their ETags.",
+    )
+    reason: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Why the last attempt failed: NotFound, Unauthorized, Unavailable, Invalid or Storage.",
+    )
+    message: str | None = Field(default=None, max_length=4096, description="What failed, and what to do.")
+    updated_at: str = Field(max_length=64, description="When the initializer last reported (RFC 3339).")
+
+
 class EntityStatus(StatusModel):
-    """Whether the entity's files can be used."""
+    """Whether the entity's files can be used, and the download of spec.source."""
 
     ready: bool | None = Field(default=None, description="True when the files can be mounted.")
     conditions: list[Condition] | None = Field(
         default=None, description="Latest observations, by type.", json_schema_extra=CONDITIONS_BY_TYPE
     )
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
+    download: DownloadStatus | None = Field(
+        default=None,
+        description="The download of spec.source, written by the entity's initializer; the operator sets Ready "
+        "when it is Complete for the source's current version.",
+    )

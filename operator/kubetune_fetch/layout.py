@@ -25,6 +25,23 @@ LOCK_SUFFIX = ".lock"
 MARKER_FORMAT = 1
 
 
+def parse_source(kind: str, raw: Any) -> Source:
+    """An entity's `spec.source` (a mapping or its JSON) as the entity's kind reads it: a
+    Fileset's Hub repository is a dataset by default, a Model's a model."""
+    model = FilesetSource if kind == "Fileset" else ModelSource
+    return model.model_validate_json(raw) if isinstance(raw, str | bytes) else model.model_validate(raw)
+
+
+def describe_source(source: Source) -> str:
+    """The source in a few words, for messages."""
+    if source.huggingface is not None:
+        hf = source.huggingface
+        return f"Hugging Face {hf.repoType} {hf.repo}@{hf.revision}"
+    if source.s3 is not None:
+        return f"s3://{source.s3.bucket}/{source.s3.prefix}"
+    return "nothing"
+
+
 def source_identity(source: Source) -> dict[str, Any]:
     """What decides the files: the source less its credentials (a rotated Secret must not
     download again) and less the S3 region (where a bucket is, not what is in it)."""

@@ -560,10 +560,22 @@ def test_restart_stalled_evicts_the_hung_pod_and_counts_a_preemption(
     )
     assert "StalledRestart" in {e["reason"] for e in json.loads(events.stdout)["items"]}
     # The replacement runs; passes go on while the job stays Stalled, and do not evict it.
-    wait_phase(cluster, operator, "automodeljob", "hangs", namespace, {"Running"})
+    deadline = time.monotonic() + 60
+    while True:
+        pods = json.loads(
+            cluster.kubectl("get", "pods", "-n", namespace, "-l", "kubetune.io/job-name=hangs", "-o", "json").stdout
+        )["items"]
+        running = [p for p in pods if p["metadata"]["name"] != first and p["status"].get("phase") == "Running"]
+        if running:
+            break
+        assert time.monotonic() < deadline, [p["metadata"]["name"] for p in pods]
+        time.sleep(0.5)
+    replacement = running[0]["metadata"]["name"]
     time.sleep(5)
     status = get(cluster, "automodeljob", "hangs", namespace)["status"]
-    assert len(status["restarts"]) == 1 and status["phase"] == "Running", status
+    assert len(status["restarts"]) == 1, status["restarts"]
+    pod = get(cluster, "pod", replacement, namespace)
+    assert "deletionTimestamp" not in pod["metadata"], "the replacement was evicted too"
 
 
 def test_a_job_waits_for_the_checkpoint_it_resumes_from_then_mounts_it(

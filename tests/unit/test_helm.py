@@ -530,6 +530,7 @@ def test_container_args_follow_the_values() -> None:
         "--all-namespaces",
         f"--automodel-image=ghcr.io/kubetune/trainer-automodel:{version}",
         f"--unsloth-image=ghcr.io/kubetune/trainer-unsloth:{version}",
+        f"--initializer-image=ghcr.io/kubetune/kubetune-operator:{version}",  # the operator's own
         "--image-pull-policy=IfNotPresent",
         "--output-claim=kubetune-output",
         "--health-port=8080",
@@ -552,12 +553,15 @@ def test_container_args_follow_the_values() -> None:
         "--set", "operator.extraArgs={--verbose}",
         "--set", "operator.image.tag=abc",
         "--set", "operator.leaseSeconds=30",
+        "--set", "initializer.hfEndpoint=https://hub.internal",
     )  # fmt: skip
     assert container_args(docs) == [
         "operator",
         "--namespace=ml",
         "--automodel-image=registry.local/automodel:dev1",
         f"--unsloth-image=ghcr.io/kubetune/trainer-unsloth@{digest}",
+        "--initializer-image=ghcr.io/kubetune/kubetune-operator:abc",  # follows operator.image
+        "--hf-endpoint=https://hub.internal",
         "--image-pull-policy=Never",
         "--output-claim=results",
         "--health-port=9090",
@@ -570,6 +574,8 @@ def test_container_args_follow_the_values() -> None:
     (container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "ghcr.io/kubetune/kubetune-operator:abc"
     assert container["ports"] == [{"name": "health", "containerPort": 9090, "protocol": "TCP"}]
+    own = render("--set", "initializer.image.repository=registry.local/fetch", "--set", "initializer.image.tag=v9")
+    assert "--initializer-image=registry.local/fetch:v9" in container_args(own)
     assert not [d for d in docs if d["kind"] in ("Service", "ServiceMonitor")], "metrics.port=0: nothing to scrape"
 
 
@@ -595,6 +601,7 @@ def test_rendered_command_parses_with_the_operator_cli(scope: str) -> None:
     assert parsed.unsloth_image == f"ghcr.io/kubetune/trainer-unsloth:{version}"
     assert parsed.image_pull_policy == "IfNotPresent"
     assert parsed.output_claim == "kubetune-output"
+    assert parsed.initializer_image == f"ghcr.io/kubetune/kubetune-operator:{version}"
     assert parsed.health_port == container["ports"][0]["containerPort"] == 8080
     assert parsed.metrics_port == container["ports"][1]["containerPort"] == 8081
 

@@ -271,15 +271,17 @@ def _pins(requirements: Path) -> dict[str, str]:
 
 
 def test_operator_requirements_resolve_on_pypi() -> None:
-    """What the operator image installs, resolved with dependencies, for this Python (3.11, the
-    image's): every pin exists and they agree with each other."""
-    requirements = ROOT / "requirements" / "operator.txt"
-    report = _pip_dry_run("-r", str(requirements))
+    """What the operator image installs (its own pins and the initializer's, requirements/fetch.txt),
+    resolved together with dependencies, for this Python (3.11, the image's): every pin exists
+    and they agree with each other."""
+    files = [ROOT / "requirements" / "operator.txt", ROOT / "requirements" / "fetch.txt"]
+    report = _pip_dry_run(*(arg for path in files for arg in ("-r", str(path))))
     installs = report["install"]
     assert isinstance(installs, list)
     resolved = {re.sub(r"[-_.]+", "-", i["metadata"]["name"]).lower(): i["metadata"]["version"] for i in installs}
-    for name, version in _pins(requirements).items():
-        assert resolved.get(name) == version, f"{name}=={version} resolved as {resolved.get(name)}"
+    for requirements in files:
+        for name, version in _pins(requirements).items():
+            assert resolved.get(name) == version, f"{name}=={version} resolved as {resolved.get(name)}"
     assert "torch" not in resolved, "the operator image must stay free of torch"
 
 
@@ -494,7 +496,10 @@ def test_operator_image_steps_install_a_working_kubetune(tmp_path: Path) -> None
 
     run(base, "-m", "venv", tmp_path / "image-venv")
     pip = tmp_path / "image-venv/bin/pip"
-    run(pip, "install", "--quiet", "--disable-pip-version-check", "-r", ROOT / "requirements/operator.txt")
+    run(
+        pip, "install", "--quiet", "--disable-pip-version-check",
+        "-r", ROOT / "requirements/operator.txt", "-r", ROOT / "requirements/fetch.txt",
+    )  # fmt: skip
     run(pip, "install", "--quiet", "--disable-pip-version-check", "--no-deps", wheel)
     entrypoint = json.loads(dict(final.instructions)["ENTRYPOINT"])
     command = json.loads(dict(final.instructions)["CMD"])
@@ -503,6 +508,12 @@ def test_operator_image_steps_install_a_working_kubetune(tmp_path: Path) -> None
     assert "--all-namespaces" in helped.stdout
     # What `kubetune operator` imports when it starts (kopf, the handlers), from the pins alone.
     run(tmp_path / "image-venv/bin/python", "-c", "import kubetune.controller.handlers, kubetune.cli")
+    # The same image is the initializer's: its entry point and both kinds of source import.
+    run(
+        tmp_path / "image-venv/bin/python", "-c",
+        "import kubetune_fetch.__main__, kubetune_fetch.huggingface, kubetune_fetch.s3",
+    )  # fmt: skip
+    assert "--source" in run(tmp_path / "image-venv/bin/python", "-m", "kubetune_fetch", "--help").stdout
 
 
 def test_product_and_images_import_nothing_from_tests() -> None:

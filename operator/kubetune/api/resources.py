@@ -101,6 +101,8 @@ MODEL = Resource(
         PrinterColumn("Format", ".spec.format"),
         PrinterColumn("Base", ".spec.baseModel"),
         PrinterColumn("Ready", ".status.ready", "boolean"),
+        # An entity with spec.source: what its initializer reported last (files, bytes, rate).
+        PrinterColumn("Download", ".status.download.summary"),
         _AGE,
     ),
 )
@@ -116,6 +118,8 @@ FILESET = Resource(
     columns=(
         PrinterColumn("Claim", ".spec.storage.pvc.claimName"),
         PrinterColumn("Ready", ".status.ready", "boolean"),
+        # An entity with spec.source: what its initializer reported last (files, bytes, rate).
+        PrinterColumn("Download", ".status.download.summary"),
         _AGE,
     ),
 )

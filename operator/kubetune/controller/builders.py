@@ -36,6 +36,20 @@ def default_trainer_images() -> dict[str, str]:
     return {b.name: b.default_image for b in BACKENDS}
 
 
+# The operator's image: it carries kubetune_fetch (kubetune.controller.initializer says why).
+DEFAULT_INITIALIZER_IMAGE = "ghcr.io/kubetune/kubetune-operator:0.1.0"
+
+
+@dataclass(frozen=True)
+class InitializerSettings:
+    """The operator's settings for the entities' initializer Jobs (the chart's `initializer` values)."""
+
+    image: str = DEFAULT_INITIALIZER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    # The Hub endpoint the initializers use (a private hub or a mirror); None: huggingface.co.
+    hf_endpoint: str | None = None
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """The operator's configuration (the chart's values)."""
@@ -47,6 +61,7 @@ class OperatorSettings:
     # GB per GPU on this cluster's nodes, as the card is sold (80 for an 80 GB H100), for the
     # memory pre-flight check; None: only the GPU count is checked (kubetune.memory).
     gpu_memory_gb: float | None = None
+    initializer: InitializerSettings = field(default_factory=InitializerSettings)
 
     def trainer_image(self, backend: Backend[Any]) -> str:
         return self.trainer_images.get(backend.name) or backend.default_image
@@ -245,8 +260,10 @@ def _volumes_and_mounts(inputs: JobInputs) -> tuple[list[dict[str, Any]], list[d
             continue
         pvc = record.spec["storage"]["pvc"]
         mount: dict[str, Any] = {"name": volume_for(pvc["claimName"]), "mountPath": mount_path, "readOnly": True}
-        if pvc.get("path"):
-            mount["subPath"] = pvc["path"]
+        # Pinned here, when the child is made: a later revision of a downloaded source lands
+        # in another directory, and this job keeps the one it started on.
+        if record.claim_path:
+            mount["subPath"] = record.claim_path
         mounts.append(mount)
     mounts.append(
         {

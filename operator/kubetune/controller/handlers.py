@@ -75,6 +75,9 @@ async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 
 async def on_child_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     _count(body, type)
+    if c.LABEL_ENTITY_KIND in (body.get("metadata", {}).get("labels") or {}):
+        await _rec().on_initializer_job(dict(body), deleted=type == "DELETED")
+        return
     key = job_key_of(body)
     if key is not None:
         await _rec().on_child(key, dict(body), deleted=type == "DELETED")

@@ -81,7 +81,10 @@ class ReconcilerState(ABC):
         # again keeps its name, so the uid tells the two apart)
         self.pod_failures: dict[JobKey, dict[str, PodFailure]] = {}
         self.waiting: set[JobKey] = set()
-        self.entity_ready: dict[tuple[str, str, str], bool] = {}  # what the entity's status says now
+        # What the entity's status says now: ready, and the Ready condition's reason and message.
+        self.entity_ready: dict[tuple[str, str, str], tuple[bool, str, str]] = {}
+        # Entities with spec.source: the initializer Job made (or found) for the current version.
+        self.initializers: dict[tuple[str, str, str], str] = {}
         self._locks: dict[JobKey, asyncio.Lock] = {}
         self._failures: dict[JobKey, int] = {}
         self._retries: dict[JobKey, asyncio.Task[None]] = {}
@@ -114,11 +117,17 @@ class ReconcilerState(ABC):
             "pod_checks": self._pod_checks,
             "memory_risks": self._memory_risks,
             "entity_ready": self.entity_ready,
+            "initializers": self.initializers,
             "entities": self.world.entities,
             "claims": self.world.claims,
             "claim_volumes": self.world.claim_volumes,
             "volumes": self.world.volumes,
             "producers": self.world.producers,
+            "versions": self.world.versions,
+            "downloads": self.world.downloads,
+            "initializer_names": self.world.initializer_names,
+            "initializers_stopped": self.world.initializers_stopped,
+            "uids": self.world.uids,
         }
 
     def job_phases(self) -> list[tuple[str, str]]:

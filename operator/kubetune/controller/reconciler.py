@@ -13,7 +13,8 @@ One class, one concern per module:
 | reconcile_state.py | the in-memory tables, the lock per job |
 | retry.py | transient failures: retry with backoff; the pass metrics |
 | world.py | entities, claims and volumes as the watches know them (pure) |
-| entities.py | entity, claim and volume events; entity status; a job's claim checks |
+| entities.py | entity, claim and volume events; entity status; initializers; a job's claim checks |
+| initializer.py | the builders of an entity's initializer (download Job and its identity; pure) |
 | children.py | child and pod events; suspend; the output Model |
 | jobs.py | job events, resync, the job's pass and its status writes |
 """

@@ -36,15 +36,31 @@ class EntityRecord:
     ready: bool
     not_ready_reason: str = ""
     not_ready_message: str = ""
+    # For an entity with spec.source: the directory of the downloaded version under
+    # storage.pvc.path (kubetune_fetch's version name); "" for files put there by hand.
+    version: str = ""
 
     @classmethod
     def judged(
-        cls, kind: str, namespace: str, name: str, spec: Mapping[str, Any], problem: tuple[str, str] | None
+        cls,
+        kind: str,
+        namespace: str,
+        name: str,
+        spec: Mapping[str, Any],
+        problem: tuple[str, str] | None,
+        version: str = "",
     ) -> EntityRecord:
         """Ready when there is no problem; otherwise not ready with its (reason, message)."""
         if problem is None:
-            return cls(kind, namespace, name, spec, True)
-        return cls(kind, namespace, name, spec, False, *problem)
+            return cls(kind, namespace, name, spec, True, version=version)
+        return cls(kind, namespace, name, spec, False, *problem, version=version)
+
+    @property
+    def claim_path(self) -> str:
+        """The files' directory inside the claim: storage.pvc.path, and for a downloaded
+        source the version's directory under it."""
+        base = str(((self.spec.get("storage") or {}).get("pvc") or {}).get("path") or "")
+        return "/".join(p for p in (base, self.version) if p)
 
     @property
     def shared_with(self) -> list[str]:
