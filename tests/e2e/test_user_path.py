@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from localcluster import REAL_NODE, LocalCluster
+from localcluster import NODE_IP, REAL_NODE, LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -296,3 +296,54 @@ def test_malformed_row_fails_with_the_trainers_reason(cluster: LocalCluster, see
     described = cluster.kubectl("describe", "-n", NAMESPACE, "automodeljob", job).stdout
     assert "rows.jsonl line 6: not valid JSON" in described, described[-3000:]
     assert len(trainer_pods(cluster, job)) == 1, "a bad row is permanent: it must not be retried"
+
+
+def test_a_model_from_a_hub_downloads_itself_in_a_pod(
+    cluster: LocalCluster, seeded: None, shell_env: dict[str, str]
+) -> None:
+    """spec.source on the real node: the operator's initializer Job runs as a pod (from the
+    operator's image, in the "restricted" namespace, as the entity's own ServiceAccount),
+    downloads a tiny model from a Hub-compatible server on the node's bridge address into
+    the entity's claim, reports its progress and makes the Model Ready. Last in the file:
+    it points the installed chart at that server (helm upgrade)."""
+    from support.hfhub import HubServer, tiny_model_files
+
+    with HubServer(host=NODE_IP) as hub:
+        files = tiny_model_files(seed=5)
+        sha = hub.commit("org/tiny-hub", files)
+        upgrade = subprocess.run(
+            ["helm", "upgrade", "kubetune", "helm/kubetune", "--namespace", SYSTEM_NAMESPACE, "--reuse-values",
+             "--set", f"initializer.hfEndpoint={hub.url}", "--wait", "--timeout", "5m"],
+            cwd=REPO, env=shell_env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert upgrade.returncode == 0, upgrade.stderr[-3000:]
+        model = {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "Model",
+            "metadata": {"name": "tiny-from-hub", "namespace": NAMESPACE},
+            "spec": {
+                "source": {"huggingface": {"repo": "org/tiny-hub"}},
+                "storage": {"pvc": {"claimName": "models", "path": "tiny-from-hub"}},
+            },
+        }
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(model))
+        deadline = time.monotonic() + 600
+        while True:
+            status = get(cluster, "models.kubetune.io", "-n", NAMESPACE, "tiny-from-hub").get("status") or {}
+            if status.get("ready"):
+                break
+            pods = get(cluster, "pods", "-n", NAMESPACE, "-l", "kubetune.io/entity-name=tiny-from-hub")["items"]
+            assert time.monotonic() < deadline, (status, [p["status"] for p in pods])
+            time.sleep(2)
+        download = status["download"]
+        assert download["phase"] == "Complete" and download["resolved"] == sha, download
+        assert download["filesDone"] == download["filesTotal"] == len(files), download
+        pods = get(cluster, "pods", "-n", NAMESPACE, "-l", "kubetune.io/entity-name=tiny-from-hub")["items"]
+        assert pods and all(p["spec"]["nodeName"] == REAL_NODE for p in pods), pods
+        assert any(p["status"]["phase"] == "Succeeded" for p in pods), [p["status"] for p in pods]
+        image = pods[0]["spec"]["containers"][0]["image"]
+        assert image.startswith("127.0.0.1:5111/kubetune/kubetune-operator:"), image
+        assert hub.downloads("model.safetensors"), "the pod fetched nothing from the hub"
+    on_claim = cluster.node_dir / "volumes" / f"{NAMESPACE}-models" / "tiny-from-hub" / download["version"]
+    for name, data in files.items():
+        assert (on_claim / name).read_bytes() == data, name

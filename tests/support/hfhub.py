@@ -67,17 +67,20 @@ class _Server(ThreadingHTTPServer):
 class HubServer:
     """`with HubServer(tokens={"good"}) as hub: hub.add_repo(...); hub.url`"""
 
-    def __init__(self, tokens: set[str] | None = None) -> None:
+    def __init__(self, tokens: set[str] | None = None, host: str = "127.0.0.1") -> None:
+        """`host`: the address to serve on; the e2e tier uses the real node's bridge
+        address, which its pods reach."""
         self.tokens = set(tokens or ())
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[LoggedRequest] = []
         self.lock = threading.Lock()
-        self._server = _Server(("127.0.0.1", 0), _handler(self))
+        self.host = host
+        self._server = _Server((host, 0), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}:{self._server.server_address[1]}"
 
     def __enter__(self) -> HubServer:
         self._thread.start()
