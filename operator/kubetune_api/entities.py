@@ -283,6 +283,12 @@ class DownloadStatus(StatusModel):
         description="What the completion marker records: the commit a Hugging Face revision resolved to, or the "
         "number of S3 objects and a digest of their ETags.",
     )
+    parameters: int | None = Field(
+        default=None,
+        ge=0,
+        description="A Model's parameter count, read from the downloaded safetensors headers: the memory "
+        "pre-flight check uses it when spec.parameters is not set.",
+    )
     reason: str | None = Field(
         default=None,
         max_length=64,

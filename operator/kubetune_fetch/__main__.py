@@ -40,6 +40,7 @@ from kubetune_api.entities import DownloadPhase, DownloadStatus
 from kubetune_fetch.errors import FetchError
 from kubetune_fetch.layout import Marker, parse_source, version_name
 from kubetune_fetch.transfer import Progress, fetch_source
+from kubetune_fetch.weights import safetensors_parameters
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 REPORT_EVERY_S = 2.0  # progress patches at most this often (a watch event per patch for the operator)
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     what = "downloaded" if result.downloaded else "already complete (the marker matches): nothing downloaded"
     print(f"kubetune_fetch: {where}: {result.path}: {what}; {done.summary}", flush=True)
     status = download_status(version, "Complete", done, resolved=resolved_summary(result.marker))
+    if args.kind == c.KIND_MODEL:
+        status.parameters = safetensors_parameters(result.path)
     # The one report that must arrive: without it the entity never becomes Ready.
     for attempt in range(5):
         if api.report(status):

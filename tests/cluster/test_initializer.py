@@ -177,6 +177,7 @@ def test_download_makes_the_entity_ready_and_the_waiting_jobs_start(
     assert download["phase"] == "Complete" and download["filesDone"] == download["filesTotal"] == len(files)
     assert download["bytesDone"] == download["bytesTotal"] == sum(len(b) for b in files.values())
     assert download["resolved"].startswith("commit ") and "reason" not in download  # null cleared it
+    assert download["parameters"] == 2 * 4096 * 64 + 64, "embeddings, head and norm of tiny_model_files()"
     version = download["version"]
     assert (claim / version / "model.safetensors").read_bytes() == files["model.safetensors"]
     assert (claim / f"{version}.complete.json").is_file()

@@ -4,6 +4,7 @@ spec.source, the mount a job pins, and the entry point's status reports."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,3 +223,27 @@ def test_an_initializer_that_gave_up_says_so_and_how_to_try_again() -> None:
     world.initializers_stopped[("team", "tiny-model-fetch-new")] = stopped
     looked_up = world.lookup(*key)
     assert looked_up is not None and looked_up.not_ready_reason == "InitializerFailed"
+
+
+def test_the_parameter_count_comes_from_the_safetensors_headers(tmp_path: Path) -> None:
+    """What the initializer reports for a Model (status.download.parameters), and the memory
+    check's use of it: only for the source's current version, and never over spec.parameters."""
+    from kubetune_fetch.weights import safetensors_parameters
+    from support.hfhub import safetensors_bytes
+
+    shard = tmp_path / "model"
+    shard.mkdir()
+    (shard / "model-00001-of-00002.safetensors").write_bytes(safetensors_bytes({"a": ([3, 4], bytes(48))}))
+    (shard / "model-00002-of-00002.safetensors").write_bytes(safetensors_bytes({"b": ([5], bytes(20))}))
+    assert safetensors_parameters(shard) == 3 * 4 + 5
+    assert safetensors_parameters(tmp_path / "nothing-here") is None
+    (shard / "broken.safetensors").write_bytes(b"\xff" * 8)
+    assert safetensors_parameters(shard) is None, "a header that cannot be read gives no count, not a wrong one"
+
+    world = World()
+    key = (c.KIND_MODEL, "team-a", "tiny")
+    world.versions[key] = "main-abc"
+    world.downloads[key] = {"version": "main-abc", "phase": "Complete", "parameters": 17}
+    assert world.downloaded_parameters(key) == 17
+    world.versions[key] = "v2-def"  # a new revision is downloading: the old count is not its
+    assert world.downloaded_parameters(key) is None

@@ -474,7 +474,11 @@ class JobPasses(ChildPasses, EntityPasses):
             # check need not follow a Model edited after its job started.
             return cached[1]
         model = resolve_references(spec, key[1], self.world.lookup).entities.get("model")
-        parameters = (model.spec if model is not None else {}).get("parameters")
+        parameters = None
+        if model is not None:
+            parameters = model.spec.get("parameters") or self.world.downloaded_parameters(
+                (model.kind, model.namespace, model.name)
+            )
         risk = memory_risk(
             parameters if isinstance(parameters, int) else None,
             spec_backend(spec).memory_method(spec),

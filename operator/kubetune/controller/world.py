@@ -103,6 +103,14 @@ class World:
     uids: dict[tuple[str, str, str], str] = field(default_factory=dict)  # entity -> metadata.uid
     initializers_stopped: dict[tuple[str, str], str] = field(default_factory=dict)
 
+    def downloaded_parameters(self, key: tuple[str, str, str]) -> int | None:
+        """The parameter count the entity's initializer read from the weights it downloaded,
+        for the source's current version only (an old version's count is not this model's)."""
+        download = self.downloads.get(key) or {}
+        parameters = download.get("parameters")
+        current = download.get("version") == self.versions.get(key)
+        return parameters if current and type(parameters) is int and parameters > 0 else None
+
     def backing(self, namespace: str, claim: str) -> tuple[str, ...] | None:
         """What the claim's volume stores its files on; None if unbound or not comparable."""
         volume = self.claim_volumes.get((namespace, claim))
