@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from automodel_helpers import Job, run_entrypoint, run_in_process
+from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec
 from test_distributed import DISTRIBUTED_RTOL, STEPS, TORCHRUN, curve, spec
 from tiny_llama import build_tiny_qwen3_moe
+
+from kubetune_trainer.automodel.train import STOP_AFTER_STEP_ENV
 
 pytestmark = pytest.mark.training
 
@@ -48,8 +50,55 @@ def test_expert_parallel_two_processes_match_one(
     result = run_entrypoint(job, launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "expert parallel 2: the experts of 2 MoE layers split over dp ranks" in result.stderr, result.stderr[-4000:]
+    # Qwen3-MoE checkpoints store one tensor per expert, the model fuses them: sharded loading
+    # cannot map them, so every rank loads the whole model and keeps its experts.
+    assert "replicated loading (every rank reads the whole model)" in result.stderr, result.stderr[-4000:]
     got = curve(job)
     assert len(got) == 2 * STEPS + 2
     diff = max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True))
     print(f"ep2 {finetuning_type}: {got} vs 1 process {expected}: max rel diff {diff:.2e}")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=DISTRIBUTED_RTOL, atol=0.0)
+    if finetuning_type == "all_weights":
+        # Export: rank 0 gathers every rank's experts into one ordinary HF checkpoint that
+        # transformers loads, with the one-process export's weights.
+        from transformers import AutoModelForCausalLM
+
+        exported = AutoModelForCausalLM.from_pretrained(str(job.output / "model")).state_dict()
+        reference = AutoModelForCausalLM.from_pretrained(str(single.output / "model")).state_dict()
+        assert exported.keys() == reference.keys()
+        assert exported["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 4
+        worst = max(float((exported[k] - reference[k]).abs().max()) for k in reference)
+        print(f"ep2 export vs 1 process: max abs weight diff {worst:.2e}")
+        for name, value in reference.items():
+            torch.testing.assert_close(exported[name], value, rtol=DISTRIBUTED_RTOL, atol=1e-6, msg=name)
+
+
+def test_expert_parallel_stopped_and_resumed_matches_one_process(
+    make_job: Callable[..., Job], tiny_moe_dir: Path
+) -> None:
+    """The DCP checkpoint holds each rank's experts (and their AdamW state) as Shard(0) pieces of
+    the full tensor; a restarted EP job loads them back and continues one process's curve."""
+
+    def resume_spec(parallelism: dict[str, Any]) -> dict[str, Any]:
+        return tiny_spec(
+            schedule={"max_steps": 4, "val_check_interval": 2},
+            batch={"global_batch_size": 8, "micro_batch_size": 2},
+            parallelism=parallelism,
+            **overrides("all_weights"),
+        )
+
+    reference = make_job(resume_spec({}), name="moe-single", model=tiny_moe_dir)
+    assert run_in_process(reference) == 0
+    job = make_job(resume_spec(EP2), name="moe-ep2-resumed", model=tiny_moe_dir)
+    stopped = run_entrypoint(job, launcher=TORCHRUN, extra_env={STOP_AFTER_STEP_ENV: "2"})
+    assert stopped.returncode != 0
+    assert "stopped by signal at step 2/4" in stopped.stderr, stopped.stderr[-4000:]
+    assert (job.output / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    resumed = run_entrypoint(job, launcher=TORCHRUN)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr
+    assert [m["step"] for m in job.metrics() if "loss" in m] == [1, 2, 3, 4]
+    got = job.train_losses() + [m["grad_norm"] for m in job.metrics() if "grad_norm" in m]
+    expected = reference.train_losses() + [m["grad_norm"] for m in reference.metrics() if "grad_norm" in m]
+    print(f"ep2 stopped+resumed: {got} vs 1 process {expected}")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=DISTRIBUTED_RTOL, atol=0.0)
