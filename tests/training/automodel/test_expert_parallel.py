@@ -102,3 +102,50 @@ def test_expert_parallel_stopped_and_resumed_matches_one_process(
     expected = reference.train_losses() + [m["grad_norm"] for m in reference.metrics() if "grad_norm" in m]
     print(f"ep2 stopped+resumed: {got} vs 1 process {expected}")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=DISTRIBUTED_RTOL, atol=0.0)
+
+
+def test_admission_and_trainer_agree_on_expert_parallel_layouts() -> None:
+    """Every small layout with expert_parallel_size set: the API admits it exactly when the
+    trainer's own check (on GPUs, where context parallel may run) accepts it, so no EP layout
+    is refused only after the pods start."""
+    import itertools
+
+    from pydantic import ValidationError
+
+    from kubetune_api.automodel import AutomodelJobSpec
+    from kubetune_trainer.automodel.distributed import check_parallel_support
+    from kubetune_trainer.automodel.settings import ParallelSettings
+    from kubetune_trainer.common.config import ConfigError
+
+    checked = 0
+    for nodes, gpus, tp, pp, cp, ep in itertools.product((1, 2), (1, 2, 4), (1, 2), (1, 2), (1, 2), (1, 2, 4)):
+        if (nodes * gpus) % (tp * pp * cp):
+            continue  # refused by gpus-divisible-by-model-parallel, which has nothing to do with EP
+        dp = nodes * gpus // (tp * pp * cp)
+        parallelism = {
+            "num_nodes": nodes,
+            "num_gpus_per_node": gpus,
+            "tensor_parallel_size": tp,
+            "pipeline_parallel_size": pp,
+            "context_parallel_size": cp,
+            "expert_parallel_size": ep,
+        }
+        raw = {
+            "model": "base",
+            "dataset": {"training": "train"},
+            "parallelism": parallelism,
+            "batch": {"global_batch_size": 2 * dp, "micro_batch_size": 2},
+        }
+        try:
+            AutomodelJobSpec.model_validate(raw)
+            admitted = True
+        except ValidationError:
+            admitted = False
+        try:
+            check_parallel_support(ParallelSettings(nodes, gpus, tp, pp, cp, ep), "cuda")
+            runs = True
+        except ConfigError:
+            runs = False
+        assert admitted == runs, (parallelism, admitted, runs)
+        checked += 1
+    assert checked > 50
