@@ -27,6 +27,36 @@ def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny-moe"))
 
 
+@pytest.fixture(scope="module")
+def tiny_moe_fused_dir(tiny_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model with its experts stored fused (one 3D tensor per MoE layer, the model's own
+    names), the layout sharded loading can read piecewise."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-moe-fused")
+    shutil.copytree(tiny_moe_dir, out, dirs_exist_ok=True)
+    state = AutoModelForCausalLM.from_pretrained(str(tiny_moe_dir)).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_expert_parallel_reads_fused_experts_shard_wise(make_job: Callable[..., Job], tiny_moe_fused_dir: Path) -> None:
+    """With fused experts on disk, each rank builds the model on the meta device and reads only
+    its experts (the Shard(0) DTensor's rows) and its FSDP2 shards; losses as one process."""
+    single = make_job(spec({}, **overrides("all_weights")), name="fused-single", model=tiny_moe_fused_dir)
+    assert run_in_process(single) == 0
+    job = make_job(spec(EP2, **overrides("all_weights")), name="fused-ep2", model=tiny_moe_fused_dir)
+    result = run_entrypoint(job, launcher=TORCHRUN)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "tensors read shard-wise" in result.stderr, result.stderr[-4000:]
+    got, expected = curve(job), curve(single)
+    print(f"ep2 fused, sharded loading: {got} vs 1 process {expected}")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=DISTRIBUTED_RTOL, atol=0.0)
+
+
 def overrides(finetuning_type: str) -> dict[str, Any]:
     if finetuning_type == "all_weights":
         return {"training": {"finetuning_type": "all_weights", "lora": None}}
