@@ -179,3 +179,23 @@ def test_admission_and_trainer_agree_on_expert_parallel_layouts() -> None:
         assert admitted == runs, (parallelism, admitted, runs)
         checked += 1
     assert checked > 50
+
+
+def test_expert_parallel_refuses_models_it_cannot_split(tiny_moe_dir: Path) -> None:
+    """A dense model has no experts to split, and a fused-experts class whose math the EP forward
+    does not reproduce (here: a subclass under another name) is refused, not computed wrongly."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from kubetune_trainer.automodel.expert_parallel import apply_expert_parallel, expert_modules
+    from kubetune_trainer.common.termination import TrainerError
+
+    dense = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    )
+    with pytest.raises(TrainerError, match="needs a mixture-of-experts model"):
+        apply_expert_parallel(dense, mesh=None)
+    moe = AutoModelForCausalLM.from_pretrained(str(tiny_moe_dir))
+    for module in expert_modules(moe):
+        module.__class__ = type("BiasedExperts", (type(module),), {})
+    with pytest.raises(TrainerError, match=r"does not support this model's experts \(BiasedExperts\)"):
+        apply_expert_parallel(moe, mesh=None)

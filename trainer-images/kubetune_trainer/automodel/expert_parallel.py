@@ -35,6 +35,11 @@ from torch import nn
 from kubetune_trainer.common.termination import TrainerError
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+# Expert modules whose forward is exactly `_ep_forward`'s math (per expert: act(x W_gate) * x W_up,
+# then W_down, times the routing weight; no biases, no clamping), checked against transformers
+# 5.24's modeling files. Other fused-experts classes (gpt-oss's biased, clamped experts, ...)
+# would be computed wrongly without an error, so they are refused.
+SUPPORTED_EXPERTS = ("Qwen3MoeExperts", "MixtralExperts", "OlmoeExperts", "Qwen2MoeExperts")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -148,6 +153,12 @@ def apply_expert_parallel(model: nn.Module, mesh: Any) -> int:
     from torch.distributed.tensor import DTensor, Shard
 
     modules = expert_modules(model)
+    unsupported = sorted({type(m).__name__ for m in modules} - set(SUPPORTED_EXPERTS))
+    if unsupported:
+        raise TrainerError(
+            f"parallelism.expert_parallel_size > 1 does not support this model's experts ({', '.join(unsupported)}); "
+            f"supported: {', '.join(SUPPORTED_EXPERTS)} (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE)"
+        )
     if not modules:
         raise TrainerError(
             "parallelism.expert_parallel_size > 1 needs a mixture-of-experts model with transformers' fused "
