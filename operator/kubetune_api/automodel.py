@@ -165,7 +165,11 @@ class AutomodelParallelism(StrictModel):
         default=1, gt=0, description="GPUs for context parallelism (for very long sequences)."
     )
     expert_parallel_size: int | None = Field(
-        default=None, gt=0, description="Expert parallelism for MoE models; must divide the number of experts."
+        default=None,
+        gt=0,
+        description="Expert parallelism for MoE models; must divide the number of experts. "
+        "When > 1 it must equal the data-parallel size (num_nodes × num_gpus_per_node), with tensor, "
+        "pipeline and context parallel 1: the experts are split over all data-parallel ranks.",
     )
 
     @property
@@ -231,6 +235,28 @@ AUTOMODEL_RULES: tuple[CrossFieldRule, ...] = (
         check=lambda p: p.get("expert_parallel_size", 1) <= 1 or p["tensor_parallel_size"] == 1,
         message="must be 1 when expert_parallel_size > 1 (MoE models)",
         field=".tensor_parallel_size",
+    ),
+    CrossFieldRule(
+        # The Automodel trainer splits the experts over all data-parallel ranks (and runs EP with
+        # data parallel only): refused here rather than in the pod, with GPUs held.
+        name="expert-parallel-spans-data-parallel",
+        scope=("parallelism",),
+        # tensor_parallel_size > 1 is expert-parallel-needs-tp-1's to report.
+        cel="!has(self.expert_parallel_size) || self.expert_parallel_size <= 1 || self.tensor_parallel_size != 1 || "
+        "(self.pipeline_parallel_size == 1 && self.context_parallel_size == 1 && "
+        "self.expert_parallel_size == self.num_nodes * self.num_gpus_per_node)",
+        check=lambda p: (
+            p.get("expert_parallel_size", 1) <= 1
+            or p["tensor_parallel_size"] != 1
+            or (
+                p["pipeline_parallel_size"] == 1
+                and p["context_parallel_size"] == 1
+                and p["expert_parallel_size"] == _total(p)
+            )
+        ),
+        message="must equal the data-parallel size (num_nodes × num_gpus_per_node) when > 1, with "
+        "pipeline_parallel_size and context_parallel_size 1: the experts are split over all data-parallel ranks",
+        field=".expert_parallel_size",
     ),
     CrossFieldRule(
         name="distillation-needs-teacher",

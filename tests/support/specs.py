@@ -71,6 +71,15 @@ RULE_CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
             AUTOMODEL_MIN, "parallelism", {"num_gpus_per_node": 2, "tensor_parallel_size": 2, "expert_parallel_size": 2}
         ),
     ),
+    "expert-parallel-spans-data-parallel": (
+        AutomodelJobSpec,
+        with_value(AUTOMODEL_MIN, "parallelism", {"num_gpus_per_node": 2, "expert_parallel_size": 2}),
+        with_value(
+            with_value(AUTOMODEL_MIN, "parallelism", {"num_gpus_per_node": 4, "expert_parallel_size": 2}),
+            "batch",
+            {"global_batch_size": 8, "micro_batch_size": 2},
+        ),
+    ),
     "distillation-needs-teacher": (
         AutomodelJobSpec,
         with_value(AUTOMODEL_MIN, "training", {"training_type": "distillation", "teacher_model": "t"}),

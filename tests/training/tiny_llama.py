@@ -190,6 +190,58 @@ def build_tiny_llama(
     return out_dir
 
 
+def build_tiny_qwen3_moe(
+    out_dir: Path,
+    *,
+    hidden_size: int = 48,
+    num_layers: int = 2,
+    num_experts: int = 4,
+    top_k: int = 2,
+    moe_intermediate_size: int = 32,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    seed: int = 0,
+) -> Path:
+    """Save a random tiny Qwen3-MoE (every layer sparse: 4 experts, top-2) + tokenizer (fp32).
+
+    Qwen3-MoE because transformers 5 keeps its experts as one fused module (3D gate_up_proj /
+    down_proj), the layout expert parallelism shards; the router aux loss stays off
+    (output_router_logits False, the config's default).
+    """
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / ".complete").exists():
+        return out_dir
+    tokenizer = build_tokenizer(out_dir, vocab_size=vocab_size)
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * moe_intermediate_size,
+        moe_intermediate_size=moe_intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config).to(torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / ".complete").write_text("ok\n")
+    return out_dir
+
+
 def task_rows(num_rows: int, *, kind: str = "prompt_completion", seed: int = 0) -> list[dict[str, Any]]:
     """A small learnable task (addition written in words) in one of the row shapes.
 

@@ -132,9 +132,12 @@ def test_context_parallel_is_refused_on_cpu(make_job: Callable[..., Job], tmp_pa
     assert "context_parallel_size > 1 needs CUDA GPUs" in log.read_text()
 
 
-def test_expert_parallel_is_refused(make_job: Callable[..., Job], tmp_path: Any) -> None:
+def test_expert_parallel_must_span_the_data_parallel_ranks(make_job: Callable[..., Job], tmp_path: Any) -> None:
+    """EP splits experts over all dp ranks (test_expert_parallel.py): 2 expert groups in 1 process
+    are refused by the spec's own rule (as admission refuses them) before any process group."""
     job = make_job(spec({"expert_parallel_size": 2}), name="ep")
     log = tmp_path / "termination-log"
     result = run_entrypoint(job, extra_env={"KUBETUNE_TERMINATION_LOG": str(log)})
     assert result.returncode == 1
-    assert "expert_parallel_size > 1 is not supported" in log.read_text()
+    reason = log.read_text()
+    assert "spec.parallelism.expert_parallel_size" in reason and "must equal the data-parallel size" in reason

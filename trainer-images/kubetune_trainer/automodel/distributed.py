@@ -137,10 +137,19 @@ class Runtime:
 def check_parallel_support(parallel: ParallelSettings, device_type: str) -> None:
     """Refuse what this trainer cannot do, before any process group exists."""
     if parallel.ep is not None and parallel.ep > 1:
-        raise ConfigError(
-            "parallelism.expert_parallel_size > 1 is not supported by the Automodel trainer: MoE models train "
-            "with their experts replicated (data/tensor/pipeline parallel work); set expert_parallel_size to null or 1"
-        )
+        # The expert group is the data-parallel group (expert_parallel.py): experts are split
+        # over the dp ranks, everything else is FSDP2-sharded over the same ranks.
+        if parallel.tp > 1 or parallel.pp > 1 or parallel.cp > 1:
+            raise ConfigError(
+                "parallelism.expert_parallel_size > 1 runs with data parallel only in the Automodel trainer: "
+                "set tensor_parallel_size, pipeline_parallel_size and context_parallel_size to 1"
+            )
+        if parallel.ep != parallel.dp:
+            raise ConfigError(
+                f"parallelism.expert_parallel_size {parallel.ep} must equal the number of data-parallel "
+                f"processes ({parallel.dp} = num_nodes x num_gpus_per_node): the Automodel trainer splits "
+                "the experts over all data-parallel ranks"
+            )
     if parallel.cp > 1 and device_type != "cuda":
         raise ConfigError(
             "parallelism.context_parallel_size > 1 needs CUDA GPUs (ring attention over SDPA); "

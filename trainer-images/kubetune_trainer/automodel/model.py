@@ -217,6 +217,11 @@ def apply_fsdp(model: nn.Module, runtime: Runtime) -> None:
     """FSDP2: one shard group per decoder layer, then the rest at the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from kubetune_trainer.automodel.expert_parallel import expert_parameters
+
+    # With expert parallel the experts are already split over the dp ranks (Shard(0) DTensors):
+    # FSDP2 must neither gather them nor average their (different) gradients.
+    ignored = expert_parameters(model) if (runtime.parallel.ep or 1) > 1 else None
     mesh = runtime.mesh["dp"]
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -224,5 +229,5 @@ def apply_fsdp(model: nn.Module, runtime: Runtime) -> None:
         else MixedPrecisionPolicy()
     )
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)

@@ -381,6 +381,11 @@ def _train(
         model = split_for_pipeline(model, runtime)
     if settings.parallel.tp > 1:
         apply_tensor_parallel(model, runtime)
+    if (settings.parallel.ep or 1) > 1:
+        from kubetune_trainer.automodel.expert_parallel import apply_expert_parallel
+
+        layers = apply_expert_parallel(model, runtime.mesh["dp"])
+        log(runtime, f"expert parallel {settings.parallel.ep}: the experts of {layers} MoE layers split over dp ranks")
     if settings.parallel.dp > 1:
         apply_fsdp(model, runtime)
     if sharded is not None:
