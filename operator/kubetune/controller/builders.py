@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from kubetune.api.backends import Backend, JobSpec, OutputFormat
@@ -202,20 +203,29 @@ def build_config_map(inputs: JobInputs) -> dict[str, Any]:
     }
 
 
-def build_trainer_identity(inputs: JobInputs) -> list[dict[str, Any]]:
-    """A per-job ServiceAccount that may only patch this job's status (progress)."""
-    names = child_names(inputs.resource, inputs.name)
+def status_writer_identity(
+    metadata: Callable[[str], dict[str, Any]],
+    namespace: str,
+    service_account: str,
+    role: str,
+    status_of: tuple[str, str],
+) -> list[dict[str, Any]]:
+    """A ServiceAccount whose Role may only get and patch the status of one kubetune object
+    (`status_of`: its plural and name), and the RoleBinding: what a trainer (its job's
+    progress) and an initializer (its entity's download) write with. `metadata(name)` gives
+    each object's metadata (labels, owner)."""
+    plural, name = status_of
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(inputs, names.service_account)},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(service_account)},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
-            "metadata": _metadata(inputs, names.role),
+            "metadata": metadata(role),
             "rules": [
                 {
                     "apiGroups": [c.GROUP],
-                    "resources": [f"{inputs.resource.plural}/status"],
-                    "resourceNames": [inputs.name],
+                    "resources": [f"{plural}/status"],
+                    "resourceNames": [name],
                     "verbs": ["get", "patch"],
                 }
             ],
@@ -223,11 +233,23 @@ def build_trainer_identity(inputs: JobInputs) -> list[dict[str, Any]]:
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
-            "metadata": _metadata(inputs, names.role),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.role},
-            "subjects": [{"kind": "ServiceAccount", "name": names.service_account, "namespace": inputs.namespace}],
+            "metadata": metadata(role),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
         },
     ]
+
+
+def build_trainer_identity(inputs: JobInputs) -> list[dict[str, Any]]:
+    """A per-job ServiceAccount that may only patch this job's status (progress)."""
+    names = child_names(inputs.resource, inputs.name)
+    return status_writer_identity(
+        partial(_metadata, inputs),
+        inputs.namespace,
+        names.service_account,
+        names.role,
+        (inputs.resource.plural, inputs.name),
+    )
 
 
 _MOUNTS = (

@@ -25,10 +25,11 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from kubetune.api.resources import BY_KIND
-from kubetune.controller.builders import RESTRICTED_CONTAINER_SECURITY, InitializerSettings
+from kubetune.controller.builders import RESTRICTED_CONTAINER_SECURITY, InitializerSettings, status_writer_identity
 from kubetune_api import constants as c
 
 INITIALIZER_BACKOFF_LIMIT = 10
@@ -99,30 +100,9 @@ def _metadata(entity: EntityRef, name: str) -> dict[str, Any]:
 def build_initializer_identity(entity: EntityRef) -> list[dict[str, Any]]:
     """ServiceAccount, Role (get and patch this entity's status, nothing else), RoleBinding."""
     name = identity_name(entity)
-    plural = BY_KIND[entity.kind].plural
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(entity, name)},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _metadata(entity, name),
-            "rules": [
-                {
-                    "apiGroups": [c.GROUP],
-                    "resources": [f"{plural}/status"],
-                    "resourceNames": [entity.name],
-                    "verbs": ["get", "patch"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _metadata(entity, name),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": entity.namespace}],
-        },
-    ]
+    return status_writer_identity(
+        partial(_metadata, entity), entity.namespace, name, name, (BY_KIND[entity.kind].plural, entity.name)
+    )
 
 
 def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
