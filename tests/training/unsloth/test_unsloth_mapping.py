@@ -297,8 +297,7 @@ NOT_MAPPED = {
     "retries.failures": "the operator's retry budget (it stops the child); the trainer resumes either way",
     "stall_timeout_seconds": "the operator's Stalled condition, from the progress the trainer reports",
     "restart_stalled": "the operator evicts a stalled trainer's pods; the trainer resumes as after any eviction",
-    "resume_from.job": "resolved by the operator into paths.resume_from (a checkpoint mounted read only)",
-    "resume_from.step": "resolved by the operator into paths.resume_from (a checkpoint mounted read only)",
+    "resume_from": "resolved by the operator into paths.resume_from (a checkpoint mounted read only)",
     "integrations": "mapped per tracker (integrations.mlflow / integrations.wandb)",
 }
 
