@@ -336,7 +336,7 @@ def test_a_model_from_a_hub_downloads_itself_in_a_pod(
             assert time.monotonic() < deadline, (status, [p["status"] for p in pods])
             time.sleep(2)
         download = status["download"]
-        assert download["phase"] == "Complete" and download["resolved"] == sha, download
+        assert download["phase"] == "Complete" and download["resolved"] == f"commit {sha}", download
         assert download["filesDone"] == download["filesTotal"] == len(files), download
         pods = get(cluster, "pods", "-n", NAMESPACE, "-l", "kubetune.io/entity-name=tiny-from-hub")["items"]
         assert pods and all(p["spec"]["nodeName"] == REAL_NODE for p in pods), pods
