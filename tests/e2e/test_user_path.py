@@ -338,9 +338,15 @@ def test_a_model_from_a_hub_downloads_itself_in_a_pod(
         download = status["download"]
         assert download["phase"] == "Complete" and download["resolved"] == f"commit {sha}", download
         assert download["filesDone"] == download["filesTotal"] == len(files), download
-        pods = get(cluster, "pods", "-n", NAMESPACE, "-l", "kubetune.io/entity-name=tiny-from-hub")["items"]
-        assert pods and all(p["spec"]["nodeName"] == REAL_NODE for p in pods), pods
-        assert any(p["status"]["phase"] == "Succeeded" for p in pods), [p["status"] for p in pods]
+        # The pod reports Complete, then exits: it may still be running for a moment.
+        deadline = time.monotonic() + 120
+        while True:
+            pods = get(cluster, "pods", "-n", NAMESPACE, "-l", "kubetune.io/entity-name=tiny-from-hub")["items"]
+            if any(p["status"].get("phase") == "Succeeded" for p in pods):
+                break
+            assert time.monotonic() < deadline, [p["status"] for p in pods]
+            time.sleep(1)
+        assert all(p["spec"]["nodeName"] == REAL_NODE for p in pods), pods
         image = pods[0]["spec"]["containers"][0]["image"]
         assert image.startswith("127.0.0.1:5111/kubetune/kubetune-operator:"), image
         assert hub.downloads("model.safetensors"), "the pod fetched nothing from the hub"
