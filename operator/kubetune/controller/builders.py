@@ -348,6 +348,16 @@ def _command(inputs: JobInputs) -> list[str]:
     return ["python", "-m", module, "--config", c.CONFIG_PATH]
 
 
+# Pod Security "restricted" at the pod level, for every pod the operator makes (trainers,
+# initializers): one uid, so the files an initializer writes are the trainers' to read.
+RESTRICTED_POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": c.TRAINER_UID,
+    "runAsGroup": c.TRAINER_UID,
+    "fsGroup": c.TRAINER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
 RESTRICTED_CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
     "readOnlyRootFilesystem": True,
@@ -383,13 +393,7 @@ def build_pod_template(inputs: JobInputs, container_name: str, restart_policy: s
         "spec": {
             "restartPolicy": restart_policy,
             "serviceAccountName": names.service_account,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": c.TRAINER_UID,
-                "runAsGroup": c.TRAINER_UID,
-                "fsGroup": c.TRAINER_UID,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            "securityContext": RESTRICTED_POD_SECURITY,
             # A preempted trainer saves a checkpoint on SIGTERM; give it time to.
             "terminationGracePeriodSeconds": 120,
             "containers": [container],

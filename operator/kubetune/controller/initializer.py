@@ -29,7 +29,12 @@ from functools import partial
 from typing import Any
 
 from kubetune.api.resources import BY_KIND
-from kubetune.controller.builders import RESTRICTED_CONTAINER_SECURITY, InitializerSettings, status_writer_identity
+from kubetune.controller.builders import (
+    RESTRICTED_CONTAINER_SECURITY,
+    RESTRICTED_POD_SECURITY,
+    InitializerSettings,
+    status_writer_identity,
+)
 from kubetune_api import constants as c
 
 INITIALIZER_BACKOFF_LIMIT = 10
@@ -181,14 +186,7 @@ def build_initializer_job(entity: EntityRef, settings: InitializerSettings) -> d
                 "spec": {
                     "restartPolicy": "OnFailure",
                     "serviceAccountName": identity_name(entity),
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": c.TRAINER_UID,
-                        "runAsGroup": c.TRAINER_UID,
-                        # The trainers run as the same uid: the files are theirs to read.
-                        "fsGroup": c.TRAINER_UID,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": RESTRICTED_POD_SECURITY,
                     "containers": [container],
                     "volumes": [
                         {"name": "files", "persistentVolumeClaim": {"claimName": pvc["claimName"]}},
