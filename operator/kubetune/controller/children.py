@@ -176,7 +176,7 @@ class ChildPasses(RetryPasses):
 
     async def _patch_child(self, key: JobKey, spec: JobSpec, patch: Mapping[str, Any]) -> Mapping[str, Any]:
         """Merge-patch the job's child and keep what the API server returned as the cached
-        child (a patch response lacks apiVersion and kind on some servers' paths: set them)."""
+        child, with the apiVersion and kind the builders name it by (what the cache is read with)."""
         ref = child_ref(BY_KIND[key[0]], key[2], spec)
         path = object_path({**ref, "metadata": {"namespace": key[1], "name": ref["name"]}})
         patched = await self.client.merge_patch(path, patch)

@@ -104,7 +104,10 @@ class JobPasses(ChildPasses, EntityPasses):
 
     async def _wake_resumers(self, source: JobKey) -> None:
         """Jobs waiting for a checkpoint of `source` (spec.resume_from) look again: a job's
-        own events (its progress listing a new checkpoint) are all that changes for them."""
+        own events (its progress listing a new checkpoint) are all that changes for them.
+        On every job event (each progress report), so: nothing at all while no job waits."""
+        if not self.waiting:
+            return
         for key in list(self.waiting):
             if key[:2] != source[:2] or key not in self.jobs:
                 continue
