@@ -249,6 +249,9 @@ def test_deleted_trainer_pod_is_replaced_and_resumes(cluster: LocalCluster, seed
     new pod, which resumes there: every step is trained exactly once, the job succeeds, and
     status.restarts shows the preemption."""
     job = "smollm2-lora-resume"
+    # 16 steps, deleted from step 2: the trainer steps faster than this loop polls on a quiet
+    # machine, and a pod deleted after its last step exits 0 and finishes the job itself.
+    max_steps = 16
     apply_tier_document(cluster, "AutomodelJob", job)
     deadline = time.monotonic() + 900
     first: dict[str, Any] | None = None
@@ -256,7 +259,7 @@ def test_deleted_trainer_pod_is_replaced_and_resumes(cluster: LocalCluster, seed
         obj = get(cluster, "automodeljob", "-n", NAMESPACE, job)
         step = (obj.get("status", {}).get("progress") or {}).get("step") or 0
         running = [p for p in trainer_pods(cluster, job) if p["status"].get("phase") == "Running"]
-        if step >= 2 and running:
+        if 2 <= step < max_steps // 2 and running:
             first = running[0]
             break
         assert obj.get("status", {}).get("phase") not in ("Succeeded", "Failed"), "finished before the deletion"
@@ -269,7 +272,7 @@ def test_deleted_trainer_pod_is_replaced_and_resumes(cluster: LocalCluster, seed
     assert first["metadata"]["uid"] not in {p["metadata"]["uid"] for p in pods}, "the deleted pod is back?"
     assert any(p["status"]["phase"] == "Succeeded" for p in pods), "no replacement pod finished the job"
     steps = [r["step"] for r in metric_rows(output_dir(cluster, obj)) if "loss" in r]
-    assert steps == list(range(1, 7)), f"trained steps {steps}: a step twice or missing"
+    assert steps == list(range(1, max_steps + 1)), f"trained steps {steps}: a step twice or missing"
     # The operator lists the stop as a preemption (the trainer's SIGTERM exit), with the step
     # the trainer had reached: the one its checkpoint, and the new pod, started from.
     (restart,) = obj["status"]["restarts"]
