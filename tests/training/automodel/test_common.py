@@ -277,3 +277,27 @@ def test_wandb_offline_run_receives_params_and_metrics(
     # The run log is W&B's protobuf record stream; keys are stored as plain strings.
     content = log.read_bytes()
     assert b"val_loss" in content and b"tokens_per_second" in content and b"training.lora.rank" in content
+
+
+def test_flush_denormals_reaches_the_worker_threads() -> None:
+    """After flush_denormals, a subnormal multiplies to zero on the main thread and in a
+    parallel kernel (the OpenMP workers copy the flag when they start); without it, not."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "from kubetune_trainer.common.numerics import flush_denormals\n"
+        "if sys.argv[1] == 'flush':\n"
+        "    assert flush_denormals(), 'this CPU cannot flush subnormals'\n"
+        "torch.set_num_threads(2)\n"
+        "one = (torch.tensor([1e-39]) * 1.0).item()\n"
+        "many = (torch.full((1 << 20,), 1e-39) * 1.0).count_nonzero().item()\n"
+        "print(one, many)\n"
+    )
+    outputs = {}
+    for mode in ("flush", "keep"):
+        done = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True)
+        outputs[mode] = done.stdout.split()
+    assert outputs["flush"] == ["0.0", "0"], outputs
+    assert outputs["keep"][1] == str(1 << 20), outputs

@@ -42,6 +42,7 @@ from kubetune_trainer.automodel.settings import AutomodelSettings, parse_setting
 from kubetune_trainer.common.config import AutomodelTrainerConfig, TrainerConfig, expect_kind
 from kubetune_trainer.common.integrations import IntegrationLogger
 from kubetune_trainer.common.metrics import MetricsWriter
+from kubetune_trainer.common.numerics import flush_denormals
 from kubetune_trainer.common.progress import ProgressReporter
 from kubetune_trainer.common.resume import checkpoint_at
 from kubetune_trainer.common.signals import StopSignal
@@ -319,6 +320,7 @@ def train(config: TrainerConfig, *, progress: ProgressReporter | None = None) ->
     """progress: where rank 0's progress goes; default: what the config's `progress` block says."""
     cfg = expect_kind(config, AutomodelTrainerConfig)
     settings = parse_settings(cfg)
+    flush_denormals()
     runtime = init_runtime(settings.parallel)
     stop = StopSignal.install()
     try:

@@ -27,6 +27,7 @@ from kubetune_trainer.common import (
     UnslothTrainerConfig,
     expect_kind,
 )
+from kubetune_trainer.common.numerics import flush_denormals
 from kubetune_trainer.common.progress import status_checkpoint
 from kubetune_trainer.common.resume import checkpoint_at
 from kubetune_trainer.common.termination import Preempted
@@ -317,6 +318,8 @@ def run(
     requested = map_spec(cfg)
     prepare_environment(requested)
 
+    # Before `import unsloth`, whose CPU probes run the first tensor operations.
+    flush_denormals()
     started = time.monotonic()
     # unsloth before trl: importing it patches trl / transformers (on CPU: the CPU backend).
     import unsloth
