@@ -5,11 +5,12 @@ and the text, not a crash of the pass."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from aiohttp import web
 
-from kubetune.controller.kubeclient import ApiError, KubeClient
+from kubetune.controller.kubeclient import ApiError, KubeClient, without_managed_fields
 from kubetune.controller.retry import is_transient
 
 
@@ -67,3 +68,24 @@ def test_a_refusal_is_told_apart_from_missing_rbac(message: str, refusal: str | 
     err = ApiError(403, {"reason": "Forbidden", "message": message}, "POST", "/apis/batch/v1/namespaces/n/jobs")
     assert err.refusal == refusal
     assert is_transient(err) is transient
+
+
+def test_answers_come_back_without_managed_fields() -> None:
+    """What the reconciler caches from an answer carries no managedFields (a single object
+    and each item of a list); everything else is kept."""
+    managed = [{"manager": "kube-controller-manager", "operation": "Update", "fieldsV1": {"f:status": {}}}]
+    one = {"kind": "Job", "metadata": {"name": "a", "uid": "u", "managedFields": managed}, "status": {"active": 1}}
+    listed = {"kind": "JobList", "metadata": {"resourceVersion": "9"}, "items": [one, {**one, "metadata": {"name": "b"}}]}
+
+    got_one = asyncio.run(_serve_and_call(200, json.dumps(one), "application/json"))
+    got_list = asyncio.run(_serve_and_call(200, json.dumps(listed), "application/json"))
+    assert got_one == {"kind": "Job", "metadata": {"name": "a", "uid": "u"}, "status": {"active": 1}}
+    assert isinstance(got_list, dict)
+    assert [i["metadata"] for i in got_list["items"]] == [{"name": "a", "uid": "u"}, {"name": "b"}]
+
+
+def test_without_managed_fields_leaves_its_input_alone() -> None:
+    body = {"metadata": {"name": "a", "managedFields": [{"manager": "m"}]}, "spec": {"x": 1}}
+    slim = without_managed_fields(body)
+    assert slim == {"metadata": {"name": "a"}, "spec": {"x": 1}}
+    assert body["metadata"]["managedFields"] == [{"manager": "m"}]

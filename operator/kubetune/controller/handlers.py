@@ -24,7 +24,7 @@ from aiohttp import web
 from kubetune.api.resources import FILESET, JOB_RESOURCES, MODEL
 from kubetune.controller import metrics
 from kubetune.controller.builders import OperatorSettings
-from kubetune.controller.kubeclient import KubeClient
+from kubetune.controller.kubeclient import KubeClient, without_managed_fields
 from kubetune.controller.leader import LeaderElection
 from kubetune.controller.reconciler import Reconciler, job_key_of
 from kubetune_api import constants as c
@@ -70,29 +70,29 @@ async def on_job_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     if type == "DELETED":
         _rec().forget_job((body["kind"], meta["namespace"], meta["name"]))
         return
-    await _rec().on_job(dict(body))
+    await _rec().on_job(without_managed_fields(body))
 
 
 async def on_child_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     _count(body, type)
     if c.LABEL_ENTITY_KIND in (body.get("metadata", {}).get("labels") or {}):
-        await _rec().on_initializer_job(dict(body), deleted=type == "DELETED")
+        await _rec().on_initializer_job(without_managed_fields(body), deleted=type == "DELETED")
         return
     key = job_key_of(body)
     if key is not None:
-        await _rec().on_child(key, dict(body), deleted=type == "DELETED")
+        await _rec().on_child(key, without_managed_fields(body), deleted=type == "DELETED")
 
 
 async def on_pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     _count(body, type)
     key = job_key_of(body)
     if key is not None:
-        await _rec().on_pod(key, dict(body), deleted=type == "DELETED")
+        await _rec().on_pod(key, without_managed_fields(body), deleted=type == "DELETED")
 
 
 async def on_entity_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     _count(body, type)
-    await _rec().on_entity(dict(body), deleted=type == "DELETED")
+    await _rec().on_entity(without_managed_fields(body), deleted=type == "DELETED")
 
 
 async def on_claim_event(body: kopf.Body, type: str | None, namespace: str | None, name: str, **_: Any) -> None:
