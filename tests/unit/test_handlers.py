@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 import kopf
+import pytest
 
 from kubetune.controller import handlers
 
@@ -30,3 +31,24 @@ def test_the_diff_base_is_empty_and_never_stored() -> None:
     assert storage.fetch(body=body) is None
     storage.store(body=body, patch=patch, essence=storage.build(body=body))
     assert not patch
+
+
+def test_worker_limit_reaches_kopf_with_a_short_idle_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--worker-limit N bounds kopf's workers per kind, and shortens how long an idle worker
+    keeps its slot; without it kopf's defaults stay (no limit, 5 s)."""
+    monkeypatch.setattr(handlers, "_queueing", {"worker_limit": 64})
+    limited = kopf.OperatorSettings()
+    cast(Any, handlers.configure)(settings=limited)
+    assert (limited.queueing.worker_limit, limited.queueing.idle_timeout) == (64, 0.5)
+    monkeypatch.setattr(handlers, "_queueing", {})
+    default = kopf.OperatorSettings()
+    cast(Any, handlers.configure)(settings=default)
+    assert (default.queueing.worker_limit, default.queueing.idle_timeout) == (None, 5.0)
+
+
+def test_the_worker_limit_option_reads_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune import cli
+
+    monkeypatch.setenv("KUBETUNE_WORKER_LIMIT", "32")
+    assert cli.build_parser().parse_args(["operator"]).worker_limit == 32
+    assert cli.build_parser().parse_args(["operator", "--worker-limit", "8"]).worker_limit == 8

@@ -148,6 +148,9 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
+# What run_operator asks of kopf's per-object workers (configure reads it at start-up).
+_queueing: dict[str, int] = {}
+
 # What run_operator asks of the resync loop, and the loop's task once kopf has started it.
 _resync: dict[str, Any] = {}
 
@@ -159,6 +162,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.persistence.diffbase_storage = NoDiffBase()
+    if limit := _queueing.get("worker_limit", 0):
+        # kopf runs one worker per object with pending events; a burst of 1,000 jobs is 1,000
+        # passes in flight, each holding its objects and requests. A worker keeps its slot
+        # while it idles for more events of its object (5 s by default): at 64 slots that
+        # capped a burst at 12 jobs/s, hence the short idle time.
+        settings.queueing.worker_limit = limit
+        settings.queueing.idle_timeout = 0.5
     settings.networking.error_backoffs = [1, 2, 5, 10]
     # Server-side filters: without them the pod watch carried every pod of the cluster
     # (decoded, then dropped by the handler's client-side label filter). Claims carry no
@@ -210,6 +220,7 @@ async def run_operator(
     health_port: int,
     stop_flag: asyncio.Event | None = None,
     resync_seconds: float = 300.0,
+    worker_limit: int = 0,
     leadership: Leadership | None = None,
     metrics_port: int = 0,
 ) -> None:
@@ -221,6 +232,7 @@ async def run_operator(
     # Served from the start, by a waiting replica too (it reports kubetune_leader 0).
     serving = await metrics.serve(metrics_port) if metrics_port else None
     _resync.update(namespaces=list(namespaces), period=resync_seconds)
+    _queueing["worker_limit"] = worker_limit
     stop = stop_flag or asyncio.Event()
     new_kinds: list[str] = []
 
