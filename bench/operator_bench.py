@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from localcluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,23 +69,32 @@ class Seen:
     owner_of: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
+WATCHED = {  # kind -> (API prefix, plural)
+    "AutomodelJob": ("/apis/kubetune.io/v1alpha1", "automodeljobs"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
+    "Pod": ("/api/v1", "pods"),
+}
+
+
 class Watcher:
-    def __init__(self, server: str, ssl_ctx: ssl.SSLContext, namespace: str) -> None:
-        self.server, self.ssl_ctx, self.namespace = server, ssl_ctx, namespace
+    """Watches one namespace, or every namespace (namespace None: names must then be
+    unique across namespaces, as the scale run's are)."""
+
+    def __init__(
+        self, server: str, ssl_ctx: ssl.SSLContext, namespace: str | None, kinds: tuple[str, ...] = tuple(WATCHED)
+    ) -> None:
+        self.server, self.ssl_ctx, self.namespace, self.kinds = server, ssl_ctx, namespace, kinds
         self.seen = Seen()
         self.tasks: list[asyncio.Task[None]] = []
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl_ctx, limit=64))
-        ns = self.namespace
-        for kind, path in (
-            ("AutomodelJob", f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/automodeljobs"),
-            ("Job", f"/apis/batch/v1/namespaces/{ns}/jobs"),
-            ("PyTorchJob", f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"),
-            ("Pod", f"/api/v1/namespaces/{ns}/pods"),
-        ):
-            self.tasks.append(asyncio.create_task(self._watch(kind, path)))
+        scope = f"/namespaces/{self.namespace}" if self.namespace else ""
+        for kind in self.kinds:
+            prefix, plural = WATCHED[kind]
+            self.tasks.append(asyncio.create_task(self._watch(kind, f"{prefix}{scope}/{plural}")))
         await asyncio.sleep(1.0)
 
     async def _watch(self, kind: str, path: str) -> None:
@@ -591,8 +601,163 @@ async def run(n_latency: int, n_throughput: int, workdir: Path, waves: int = 5, 
     return {"rows": rows}
 
 
+def tenants(names: list[str]) -> dict[str, Any]:
+    """The namespaces and, in each, the claims and entities of examples/ (one List)."""
+    docs = [d for f in ("storage.yaml", "entities.yaml") for d in yaml.safe_load_all((EXAMPLES / f).read_text()) if d]
+    items: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
+    for namespace in names:
+        for doc in docs:
+            items.append({**doc, "metadata": {**doc["metadata"], "namespace": namespace}})
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def tenants_settled(cluster: LocalCluster) -> int:
+    """Claims Bound plus entities Ready, over every namespace (asked at most every 5 s)."""
+    if time.monotonic() - _last_check[0] < 5:
+        return 0
+    _last_check[0] = time.monotonic()
+    objects = json.loads(cluster.kubectl("get", "pvc,models,filesets", "-A", "-o", "json").stdout)["items"]
+    return sum(
+        (o.get("status") or {}).get("phase") == "Bound"
+        or any(
+            cond.get("type") == "Ready" and cond.get("status") == "True"
+            for cond in (o.get("status") or {}).get("conditions") or []
+        )
+        for o in objects
+    )
+
+
+async def create_spread(session: aiohttp.ClientSession, server: str, names: list[str], namespaces: list[str]) -> None:
+    """AutomodelJobs named `names`, dealt round-robin over the namespaces, 32 requests at a time."""
+    sem = asyncio.Semaphore(32)
+
+    async def one(i: int, name: str) -> None:
+        path = f"/apis/kubetune.io/v1alpha1/namespaces/{namespaces[i % len(namespaces)]}/automodeljobs"
+        async with sem, session.post(server + path, json=amj(name)) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(f"create {name}: {resp.status} {await resp.text()}")
+
+    await asyncio.gather(*(one(i, n) for i, n in enumerate(names)))
+
+
+async def scale_point(size: int, n_namespaces: int, workdir: Path) -> list[dict[str, Any]]:
+    """One point of the scale curve, on a fresh cluster and operator: `size` AutomodelJobs
+    created at once across `n_namespaces` namespaces; throughput to the last child, job ADDED
+    -> child ADDED latency, the operator's peak RSS and CPU per job."""
+    cluster = LocalCluster(workdir / f"cluster-{size}")
+    cluster.up()
+    operator: OperatorProcess | None = None
+    watcher: Watcher | None = None
+    session: aiohttp.ClientSession | None = None
+    try:
+        install_crds(cluster)
+        kubeconfig = grant_operator(cluster)
+        namespaces = [f"tenant-{i:03d}" for i in range(n_namespaces)]
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(tenants(namespaces)))
+        operator = OperatorProcess(kubeconfig, workdir / f"operator-{size}.log", ["--all-namespaces"]).start()
+        OPERATOR[:] = [operator]
+        ctx = cluster._ssl_context(client=True)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=64))
+        watcher = Watcher(cluster.server, ctx, None, ("AutomodelJob", "Job"))
+        await watcher.start()
+        # Every claim bound and every entity Ready before the clock starts: otherwise the
+        # operator's entity passes and the volume provisioning of 100 namespaces run inside
+        # the measured window (seen: 0.6 Model status patches per job in it).
+        expected = len(tenants(namespaces)["items"]) - len(namespaces)
+        await wait_until(lambda: tenants_settled(cluster) >= expected, 900, "every claim Bound, every entity Ready")
+        # One job through: the operator is up and has listed every entity and claim.
+        await create_spread(session, cluster.server, ["warm"], namespaces)
+        seen = watcher.seen
+        await wait_until(lambda: ("Job", "warm-automodel") in seen.added, 300, "the warm-up job's child")
+        assert operator.proc is not None
+        sampler = ProcSampler(operator.proc.pid)
+        sampler.start()
+        cpu0 = sampler.cpu_seconds()
+        # Where the cores go: every component of the control plane shares them with the operator.
+        components = {"kubetune operator": sampler, **{n: ProcSampler(pr.pid) for n, pr in cluster.procs.items()}}
+        busy0 = {n: s.cpu_seconds() for n, s in components.items()}
+        requests0 = await request_counts(session, cluster.server)
+        names = [f"j{i:05d}" for i in range(size)]
+        t0 = time.perf_counter()
+        await create_spread(session, cluster.server, names, namespaces)
+        await wait_until(
+            lambda: all(("Job", f"{n}-automodel") in seen.added for n in names), 3600, f"the children of {size} jobs"
+        )
+        t1 = max(seen.added[("Job", f"{n}-automodel")] for n in names)
+        cpu = sampler.cpu_seconds() - cpu0
+        busy = {n: round(s.cpu_seconds() - busy0[n], 1) for n, s in components.items()}
+        requests = await request_counts(session, cluster.server)
+        sampler.stop()
+        per_job = {
+            f"{verb} {resource}{'/' + sub if sub else ''}": round((n - requests0[(resource, sub, verb)]) / size, 2)
+            for (resource, sub, verb), n in requests.items()
+            if verb not in ("GET", "LIST", "WATCH") and n - requests0[(resource, sub, verb)] >= size / 20
+        }
+        latency = latencies(seen, "AutomodelJob", names, lambda n: seen.added.get(("Job", f"{n}-automodel")))
+        settings = {"jobs": size, "namespaces": n_namespaces}
+        return [
+            {
+                "name": f"scale {size}: throughput",
+                "unit": "jobs/s",
+                "value": round(size / (t1 - t0), 2),
+                "settings": settings,
+            },
+            *(
+                {**r, "name": f"scale {size}: {r['name']}", "settings": settings}
+                for r in summary("job → child Job", latency)
+            ),
+            {
+                "name": f"scale {size}: operator peak RSS",
+                "unit": "MB",
+                "value": round(sampler.peak_rss / 1e6, 1),
+                "settings": settings,
+            },
+            {
+                "name": f"scale {size}: operator CPU per job",
+                "unit": "ms",
+                "value": round(1000 * cpu / size, 2),
+                "settings": settings,
+            },
+            {
+                "name": f"scale {size}: CPU seconds of the whole control plane until the last child",
+                "unit": "s",
+                "value": round(sum(busy.values()), 1),
+                "wall_s": round(t1 - t0, 1),
+                "by_component": dict(sorted(busy.items(), key=lambda kv: -kv[1])),
+                "settings": settings,
+            },
+            {
+                "name": f"scale {size}: API writes per job until the last child (every client)",
+                "unit": "requests",
+                "value": round(sum(per_job.values()), 2),
+                "breakdown": dict(sorted(per_job.items(), key=lambda kv: -kv[1])),
+                "settings": settings,
+            },
+        ]
+    finally:
+        if watcher is not None:
+            await watcher.stop()
+        if session is not None:
+            await session.close()
+        if operator is not None:
+            operator.stop()
+        cluster.down()
+
+
+async def scale(sizes: list[int], n_namespaces: int, workdir: Path) -> dict[str, Any]:
+    for size in sizes:
+        ROWS.extend(await scale_point(size, n_namespaces, workdir))
+    return {"rows": ROWS}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--scale",
+        help="comma-separated job counts, e.g. 1000,3000,10000: measure only the scale curve, "
+        "each size on a fresh cluster",
+    )
+    parser.add_argument("--scale-namespaces", type=int, default=100)
     parser.add_argument("--latency-jobs", type=int, default=200)
     parser.add_argument("--throughput-jobs", type=int, default=1000)
     parser.add_argument("--churn-waves", type=int, default=5)
@@ -603,7 +768,13 @@ def main() -> int:
     # A timeout's SIGTERM must still stop the cluster and the operator (the finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        result = asyncio.run(run(args.latency_jobs, args.throughput_jobs, workdir, args.churn_waves, args.churn_jobs))
+        if args.scale:
+            sizes = [int(n) for n in args.scale.split(",")]
+            result = asyncio.run(scale(sizes, args.scale_namespaces, workdir))
+        else:
+            result = asyncio.run(
+                run(args.latency_jobs, args.throughput_jobs, workdir, args.churn_waves, args.churn_jobs)
+            )
     except BaseException as err:
         # What was measured before the failure is kept, with the failure as a row.
         result = {"rows": [*ROWS, {"name": "operator bench", "error": repr(err)}]}

@@ -9,7 +9,9 @@
 # running it again, BENCH_TRAINER_JSON=FILE likewise for trainer_bench.py (its --work
 # must still exist for Unsloth); BENCH_UNSLOTH_MODELS="tiny Llama" limits Unsloth to those
 # models (comma-separated labels); BENCH_RUNS=N repeats each trainer comparison N times, alternating
-# sides (default 1; medians over runs); BENCH_SKIP_UNSLOTH=1 leaves Unsloth out; BENCH_SKIP_SHARDED=1 leaves
+# sides (default 1; medians over runs; Unsloth's HF baseline is run beside it in its venv);
+# BENCH_SCALE=1000,3000 sets the scale curve's sizes ("" leaves it out; full default
+# 1000,3000,10000, ~15 min; BENCH_SCALE_TIMEOUT=S, default 3600) and draws bench/scale.png; BENCH_SKIP_UNSLOTH=1 leaves Unsloth out; BENCH_SKIP_SHARDED=1 leaves
 # out the sharded-loading memory part (sharded_loading_bench.py, ~6 min); BENCH_WORK=DIR keeps the
 # intermediate files (default: a temp dir, removed at the end).
 set -euo pipefail
@@ -50,6 +52,19 @@ fi
 parts+=(--part "$work/operator.json")
 echo "bench: operator done at $((SECONDS - started)) s"
 
+# The scale curve (issue 18): each size on a fresh cluster, jobs spread over 100 namespaces.
+scale=${BENCH_SCALE-$([[ "$quick" == 1 ]] && echo "" || echo "1000,3000,10000")}
+if [[ -n "$scale" ]]; then
+  echo "bench: operator scale curve ($scale jobs over 100 namespaces) ..."
+  if timeout --signal=TERM --kill-after=30 "${BENCH_SCALE_TIMEOUT:-3600}" bash hack/run-in-venv.sh dev \
+      python bench/operator_bench.py --scale "$scale" --scale-namespaces 100 --out "$work/scale.json"; then
+    parts+=(--part "$work/scale.json")
+  else
+    echo "bench: the scale curve failed or ran past ${BENCH_SCALE_TIMEOUT:-3600}s; its rows are missing" >&2
+  fi
+  echo "bench: scale curve done at $((SECONDS - started)) s"
+fi
+
 if [[ -n "${BENCH_TRAINER_JSON:-}" ]]; then
   echo "bench: trainer rows reused from $BENCH_TRAINER_JSON"
   [[ "$BENCH_TRAINER_JSON" -ef "$work/trainer.json" ]] || cp "$BENCH_TRAINER_JSON" "$work/trainer.json"
@@ -72,7 +87,7 @@ fi
 if [[ "${BENCH_SKIP_UNSLOTH:-0}" != 1 ]]; then
   echo "bench: Unsloth vs the same HF baseline ..."
   bash hack/run-in-venv.sh unsloth python bench/unsloth_bench.py --trainer-rows "$work/trainer.json" \
-    --out "$work/unsloth.json" ${BENCH_UNSLOTH_MODELS:+--models "$BENCH_UNSLOTH_MODELS"}
+    --out "$work/unsloth.json" --runs "${BENCH_RUNS:-1}" ${BENCH_UNSLOTH_MODELS:+--models "$BENCH_UNSLOTH_MODELS"}
   parts+=(--part "$work/unsloth.json")
   echo "bench: unsloth done at $((SECONDS - started)) s"
 fi
@@ -113,5 +128,10 @@ print(json.dumps({
 }, indent=2))
 EOF
 
-bash hack/run-in-venv.sh dev python bench/merge.py "${parts[@]}" --versions "$work/versions.json" --mode "$mode"
+bash hack/run-in-venv.sh dev python bench/merge.py "${parts[@]}" --versions "$work/versions.json" --mode "$mode" \
+  | tee "$work/merge.txt"
+if [[ -f "$work/scale.json" ]]; then
+  results=$(sed -n 's/^results: //p' "$work/merge.txt")
+  bash hack/run-in-venv.sh dev python bench/scale_plot.py "$results" --out bench/scale.png
+fi
 echo "bench: total $((SECONDS - started)) s"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "training")]
 
 from trainer_common import (  # noqa: E402
     ROOT,
+    combine,
     peak_memory_mib,
     run_measured,
     settings_label,
@@ -45,6 +45,14 @@ from trainer_common import (  # noqa: E402
 
 LORA = {"rank": 16, "alpha": 32, "merge": False, "target_modules": None}
 LEARNING_RATE = {"lora": 1e-3, "all_weights": 1e-4}
+
+
+def contract_weight_decay() -> float:
+    """optimizer.weight_decay's default in the AutomodelJob contract: both sides train with it
+    (HF's own default is 0, which would be less work than ours)."""
+    from trainer_config import AUTOMODEL_DEFAULT_SPEC
+
+    return float(AUTOMODEL_DEFAULT_SPEC["optimizer"]["weight_decay"])
 
 
 def on_gpu() -> bool:
@@ -98,7 +106,7 @@ def measure_ours(a: argparse.Namespace) -> dict[str, Any]:
         # Validation only before step 1 and after the last step: outside every timed step.
         schedule={"max_steps": a.steps, "seed": 0, "val_check_interval": a.steps},
         batch={"global_batch_size": a.micro, "micro_batch_size": a.micro, "sequence_packing": a.packing},
-        optimizer={"learning_rate": LEARNING_RATE[a.finetuning]},
+        optimizer={"learning_rate": LEARNING_RATE[a.finetuning], "weight_decay": a.weight_decay},
     )
     output = work / "output"
     config = write_trainer_config(
@@ -176,6 +184,9 @@ def measure_hf(a: argparse.Namespace) -> dict[str, Any]:
         per_device_train_batch_size=a.micro,
         max_steps=a.steps,
         learning_rate=LEARNING_RATE[a.finetuning],
+        # The same work as ours: the same weight decay on the same parameters (HF, like our
+        # loop, leaves biases and norm weights out).
+        weight_decay=a.weight_decay,
         logging_steps=a.steps,
         save_strategy="no",
         report_to=[],
@@ -210,6 +221,7 @@ def measure_main(argv: list[str]) -> None:
     for name in ("steps", "warmup", "micro", "seq"):
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--packing", action="store_true")
+    p.add_argument("--weight-decay", type=float, required=True)
     a = p.parse_args(argv)
     out = measure_ours(a) if a.trainer == "ours" else measure_hf(a)
     Path(a.result).write_text(json.dumps(out))
@@ -245,14 +257,6 @@ def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median of each figure over the repetitions."""
-    return {
-        key: statistics.median(r[key] for r in runs) if isinstance(runs[0][key], (int, float)) else runs[0][key]
-        for key in runs[0]
-    }
-
-
 def ratio(value: float, baseline: float) -> float:
     return round(value / baseline, 3) if baseline else float("nan")
 
@@ -276,6 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     steps = args.steps or (5 if args.quick else 12)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    weight_decay = contract_weight_decay()
     work = args.work or Path(tempfile.mkdtemp(prefix="kubetune-trainer-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -295,6 +300,7 @@ def main() -> None:
         argv += ["--validation", str(validation), "--scratch", str(scratch), "--result", str(scratch / "result.json")]
         argv += ["--finetuning", finetuning, "--steps", str(steps), "--warmup", str(warmup)]
         argv += ["--micro", str(args.micro), "--seq", str(args.seq)] + (["--packing"] if packing else [])
+        argv += ["--weight-decay", str(weight_decay)]
         started = time.monotonic()
         load = load_average()
         result = run_measured(argv, scratch / "result.json", scratch / "log.txt")
@@ -393,6 +399,7 @@ def main() -> None:
         "warmup": warmup,
         "micro_batch": args.micro,
         "seq": args.seq,
+        "weight_decay": weight_decay,
         "runs": args.runs,
         "work": str(work),
         "models": {k: str(v) for k, v in models.items()},

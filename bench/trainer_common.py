@@ -74,6 +74,14 @@ def warm_median(values: list[float], warmup: int) -> tuple[float, int]:
     return statistics.median(kept), len(kept)
 
 
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each figure over the repetitions."""
+    return {
+        key: statistics.median(r[key] for r in runs) if isinstance(runs[0][key], (int, float)) else runs[0][key]
+        for key in runs[0]
+    }
+
+
 def run_measured(argv: list[str], result: Path, log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; it writes `result` (JSON)."""
     full_env = {

@@ -24,7 +24,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "training" / "unsloth")]
 
-from trainer_common import peak_memory_mib, run_measured, settings_label, warm_median  # noqa: E402
+from trainer_common import combine, peak_memory_mib, run_measured, settings_label, warm_median  # noqa: E402
 
 
 def measure(a: argparse.Namespace) -> dict[str, Any]:
@@ -48,7 +48,13 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
         training=training,
         schedule={"max_steps": a.steps, "logging_steps": 1, "seed": 0},
         batch={"per_device_train_batch_size": a.micro},
-        optimizer={"learning_rate": 1e-3 if a.finetuning == "lora" else 1e-4},
+        # The HF baseline's optimizer: AdamW with its weight decay (Unsloth's CPU backend then
+        # runs torch's fused AdamW, the same update rule; the trainer says so in its log).
+        optimizer={
+            "learning_rate": 1e-3 if a.finetuning == "lora" else 1e-4,
+            "weight_decay": a.weight_decay,
+            "optim": "adamw_torch",
+        },
     )
     work = Path(a.scratch)
     output = work / "output"
@@ -66,12 +72,28 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     return {"tokens_per_second": tps, "steps_measured": n, "peak_memory_mib": memory, "memory_kind": memory_kind}
 
 
+def load_average() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def measured(argv: list[str], scratch: Path, what: str) -> dict[str, Any]:
+    """One measurement in a fresh interpreter, with the load average around it."""
+    started, load = time.monotonic(), load_average()
+    res = run_measured(argv, scratch / "result.json", scratch / "log.txt")
+    res["load_average"] = round((load + load_average()) / 2, 2)
+    elapsed = time.monotonic() - started
+    print(f"unsloth bench: {what}: {res['tokens_per_second']:.1f} tokens/s, "
+          f"{res['peak_memory_mib']:.0f} MiB ({elapsed:.0f} s)", flush=True)  # fmt: skip
+    return res
+
+
 def measure_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="unsloth_bench.py measure")
     for name in ("model", "data", "scratch", "result", "finetuning"):
         p.add_argument(f"--{name}", required=True)
     for name in ("steps", "warmup", "micro", "seq"):
         p.add_argument(f"--{name}", type=int, required=True)
+    p.add_argument("--weight-decay", type=float, required=True)
     a = p.parse_args(argv)
     Path(a.result).write_text(json.dumps(measure(a)))
 
@@ -84,9 +106,11 @@ def main() -> None:
     parser.add_argument("--trainer-rows", type=Path, required=True, help="trainer_bench.py's --out file")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", help="comma-separated model labels to measure (default: all of trainer-rows)")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="repetitions of each pair (Unsloth, then HF in this venv); medians"
+    )
     args = parser.parse_args()
     base = json.loads(args.trainer_rows.read_text())
-    by_name = {r["name"]: r for r in base["rows"]}
     work = Path(base["work"])
     steps, warmup, micro, seq = base["steps"], base["warmup"], base["micro_batch"], base["seq"]
 
@@ -104,34 +128,55 @@ def main() -> None:
         settings = settings_label(label, micro, seq, steps, warmup, device)
         for finetuning in ("lora", "all_weights"):
             tag = f"unsloth-{label.split()[0].lower()}-{finetuning}"
-            scratch = work / "runs" / tag
-            scratch.mkdir(parents=True, exist_ok=True)
-            argv = [str(Path(__file__).resolve()), "measure", "--model", model]
-            argv += ["--data", str(work / "data" / "uniform"), "--scratch", str(scratch)]
-            argv += ["--result", str(scratch / "result.json"), "--finetuning", finetuning]
-            argv += ["--steps", str(steps), "--warmup", str(warmup), "--micro", str(micro), "--seq", str(seq)]
-            started = time.monotonic()
-            load = float(Path("/proc/loadavg").read_text().split()[0])
-            res = run_measured(argv, scratch / "result.json", scratch / "log.txt")
-            load = round((load + float(Path("/proc/loadavg").read_text().split()[0])) / 2, 2)
-            print(f"unsloth bench: {tag}: {res['tokens_per_second']:.1f} tokens/s, "
-                  f"{res['peak_memory_mib']:.0f} MiB ({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+            common = ["--finetuning", finetuning, "--steps", str(steps), "--warmup", str(warmup)]
+            common += ["--micro", str(micro), "--seq", str(seq), "--weight-decay", str(base.get("weight_decay", 0.0))]
+            sides: dict[str, list[dict[str, Any]]] = {"unsloth": [], "hf": []}
+            for r in range(args.runs):
+                # Alternating, each in a fresh interpreter of this venv: HF Trainer + peft with this
+                # venv's transformers and peft (the versions Unsloth patches), beside Unsloth.
+                for side in ("unsloth", "hf"):
+                    scratch = work / "runs" / f"{tag}-{side}-{r}"
+                    scratch.mkdir(parents=True, exist_ok=True)
+                    if side == "unsloth":
+                        argv = [str(Path(__file__).resolve()), "measure", "--model", model]
+                        argv += ["--data", str(work / "data" / "uniform")]
+                    else:
+                        argv = [str(HERE / "trainer_bench.py"), "measure", "hf", "--model", model]
+                        argv += ["--data", str(work / "data" / "uniform" / "train.jsonl")]
+                        argv += ["--validation", str(work / "data" / "validation" / "val.jsonl")]
+                    argv += ["--scratch", str(scratch), "--result", str(scratch / "result.json"), *common]
+                    sides[side].append(measured(argv, scratch, f"{tag} {side} run {r}"))
+            res, hf = combine(sides["unsloth"]), combine(sides["hf"])
+            load = res["load_average"]
             what = f"{label}, {finetuning}"
             for kind, key, unit, digits in (
                 ("tokens/s", "tokens_per_second", "tokens/s", 1),
                 ("peak memory", "peak_memory_mib", "MiB", 0),
             ):
-                hf_name = f"trainer {kind}: HF Trainer + peft, {what}"
+                hf_name = f"trainer {kind}: HF Trainer + peft (unsloth venv), {what}"
+                rows.append(
+                    {
+                        "name": hf_name,
+                        "value": round(hf[key], digits),
+                        "unit": unit,
+                        "settings": settings,
+                        "runs": args.runs,
+                    }
+                )
                 row: dict[str, Any] = {
                     "name": f"trainer {kind}: Unsloth, {what}",
                     "value": round(res[key], digits),
                     "unit": unit,
-                    "settings": settings + (", fp32, no 4-bit, no gradient checkpointing" if "CPU" in device else ""),
+                    "settings": settings
+                    + (
+                        ", fp32, no 4-bit, no gradient checkpointing, fused AdamW (Unsloth's CPU backend)"
+                        if "CPU" in device
+                        else ""
+                    ),
                 }
-                if hf_name in by_name:
-                    hf_value = float(by_name[hf_name]["value"])
-                    row |= {"baseline": hf_value, "baseline_name": hf_name,
-                            "ratio": round(res[key] / hf_value, 3) if hf_value else None}  # fmt: skip
+                hf_value = float(hf[key])
+                row |= {"baseline": round(hf_value, digits), "baseline_name": hf_name, "runs": args.runs,
+                        "ratio": round(res[key] / hf_value, 3) if hf_value else None}  # fmt: skip
                 if kind == "tokens/s":
                     row["steps_measured"] = res["steps_measured"]
                     row["load_average"] = load
