@@ -75,7 +75,8 @@ def test_answers_come_back_without_managed_fields() -> None:
     and each item of a list); everything else is kept."""
     managed = [{"manager": "kube-controller-manager", "operation": "Update", "fieldsV1": {"f:status": {}}}]
     one = {"kind": "Job", "metadata": {"name": "a", "uid": "u", "managedFields": managed}, "status": {"active": 1}}
-    listed = {"kind": "JobList", "metadata": {"resourceVersion": "9"}, "items": [one, {**one, "metadata": {"name": "b"}}]}
+    other = {**one, "metadata": {"name": "b"}}
+    listed = {"kind": "JobList", "metadata": {"resourceVersion": "9"}, "items": [one, other]}
 
     got_one = asyncio.run(_serve_and_call(200, json.dumps(one), "application/json"))
     got_list = asyncio.run(_serve_and_call(200, json.dumps(listed), "application/json"))
