@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -79,14 +80,14 @@ def test_answers_come_back_without_managed_fields() -> None:
     listed = {"kind": "JobList", "metadata": {"resourceVersion": "9"}, "items": [one, other]}
 
     got_one = asyncio.run(_serve_and_call(200, json.dumps(one), "application/json"))
-    got_list = asyncio.run(_serve_and_call(200, json.dumps(listed), "application/json"))
+    got_list: Any = asyncio.run(_serve_and_call(200, json.dumps(listed), "application/json"))
     assert got_one == {"kind": "Job", "metadata": {"name": "a", "uid": "u"}, "status": {"active": 1}}
     assert isinstance(got_list, dict)
     assert [i["metadata"] for i in got_list["items"]] == [{"name": "a", "uid": "u"}, {"name": "b"}]
 
 
 def test_without_managed_fields_leaves_its_input_alone() -> None:
-    body = {"metadata": {"name": "a", "managedFields": [{"manager": "m"}]}, "spec": {"x": 1}}
+    body: dict[str, Any] = {"metadata": {"name": "a", "managedFields": [{"manager": "m"}]}, "spec": {"x": 1}}
     slim = without_managed_fields(body)
     assert slim == {"metadata": {"name": "a"}, "spec": {"x": 1}}
     assert body["metadata"]["managedFields"] == [{"manager": "m"}]
