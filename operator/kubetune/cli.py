@@ -52,6 +52,10 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+# kopf workers (objects handled at once) per watched kind: see --worker-limit and bench/README.md.
+DEFAULT_WORKER_LIMIT = 128
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune", description=f"LLM fine-tuning jobs as Kubernetes resources ({JOB_KINDS})."
@@ -247,10 +251,11 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--worker-limit",
         type=int,
-        default=int(_env_default("KUBETUNE_WORKER_LIMIT", "0")),
-        help="at most this many objects handled at once per watched kind (env KUBETUNE_WORKER_LIMIT; 0: no "
-        "limit). Lower peak memory under a burst of jobs for less throughput: 64 gave 162 MB and 29 jobs/s "
-        "against 250 MB and 40 jobs/s at 1,000 jobs at once (bench/README.md)",
+        default=int(_env_default("KUBETUNE_WORKER_LIMIT", str(DEFAULT_WORKER_LIMIT))),
+        help=f"at most this many objects handled at once per watched kind (env KUBETUNE_WORKER_LIMIT; default "
+        f"{DEFAULT_WORKER_LIMIT}; 0: no limit). Without a limit a burst of 10,000 jobs put 10,000 passes in "
+        "flight, whose requests timed out in the queue for connections and were retried: the operator "
+        "stalled at 1 GB (bench/README.md, 'Operator at scale')",
     )
     p.add_argument(
         "--resync-seconds",

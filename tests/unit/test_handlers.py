@@ -35,7 +35,7 @@ def test_the_diff_base_is_empty_and_never_stored() -> None:
 
 def test_worker_limit_reaches_kopf_with_a_short_idle_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """--worker-limit N bounds kopf's workers per kind, and shortens how long an idle worker
-    keeps its slot; without it kopf's defaults stay (no limit, 5 s)."""
+    keeps its slot; --worker-limit 0 leaves kopf's defaults (no limit, 5 s)."""
     monkeypatch.setattr(handlers, "_queueing", {"worker_limit": 64})
     limited = kopf.OperatorSettings()
     cast(Any, handlers.configure)(settings=limited)
@@ -49,6 +49,8 @@ def test_worker_limit_reaches_kopf_with_a_short_idle_time(monkeypatch: pytest.Mo
 def test_the_worker_limit_option_reads_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     from kubetune import cli
 
+    monkeypatch.delenv("KUBETUNE_WORKER_LIMIT", raising=False)
+    assert cli.build_parser().parse_args(["operator"]).worker_limit == cli.DEFAULT_WORKER_LIMIT > 0
     monkeypatch.setenv("KUBETUNE_WORKER_LIMIT", "32")
     assert cli.build_parser().parse_args(["operator"]).worker_limit == 32
     assert cli.build_parser().parse_args(["operator", "--worker-limit", "8"]).worker_limit == 8
