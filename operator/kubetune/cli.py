@@ -56,6 +56,17 @@ def cmd_crds(args: argparse.Namespace) -> int:
 DEFAULT_WORKER_LIMIT = 128
 
 
+def _worker_limit(text: str) -> int:
+    """--worker-limit's value: a whole number, 0 or more (kopf would take a negative one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 0 (no limit) or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune", description=f"LLM fine-tuning jobs as Kubernetes resources ({JOB_KINDS})."
@@ -250,8 +261,8 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--verbose", action="store_true", help="log every handled event (kopf.objects at INFO)")
     p.add_argument(
         "--worker-limit",
-        type=int,
-        default=int(_env_default("KUBETUNE_WORKER_LIMIT", str(DEFAULT_WORKER_LIMIT))),
+        type=_worker_limit,
+        default=_env_default("KUBETUNE_WORKER_LIMIT", str(DEFAULT_WORKER_LIMIT)),  # a string: argparse converts it
         help=f"at most this many objects handled at once per watched kind (env KUBETUNE_WORKER_LIMIT; default "
         f"{DEFAULT_WORKER_LIMIT}; 0: no limit). Without a limit a burst of 10,000 jobs put 10,000 passes in "
         "flight, whose requests timed out in the queue for connections and were retried: the operator "

@@ -54,3 +54,12 @@ def test_the_worker_limit_option_reads_its_environment_variable(monkeypatch: pyt
     monkeypatch.setenv("KUBETUNE_WORKER_LIMIT", "32")
     assert cli.build_parser().parse_args(["operator"]).worker_limit == 32
     assert cli.build_parser().parse_args(["operator", "--worker-limit", "8"]).worker_limit == 8
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_a_bad_worker_limit_is_refused_naming_the_option(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from kubetune import cli
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["operator", "--worker-limit", value])
+    assert "--worker-limit" in capsys.readouterr().err
