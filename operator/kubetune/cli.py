@@ -53,7 +53,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 
 # kopf workers (objects handled at once) per watched kind: see --worker-limit and bench/README.md.
-DEFAULT_WORKER_LIMIT = 128
+DEFAULT_WORKER_LIMIT = 0
 
 
 def _worker_limit(text: str) -> int:
@@ -263,10 +263,10 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--worker-limit",
         type=_worker_limit,
         default=_env_default("KUBETUNE_WORKER_LIMIT", str(DEFAULT_WORKER_LIMIT)),  # a string: argparse converts it
-        help=f"at most this many objects handled at once per watched kind (env KUBETUNE_WORKER_LIMIT; default "
-        f"{DEFAULT_WORKER_LIMIT}; 0: no limit). Without a limit a burst of 10,000 jobs put 10,000 passes in "
-        "flight, whose requests timed out in the queue for connections and were retried: the operator "
-        "stalled at 1 GB (bench/README.md, 'Operator at scale')",
+        help="at most this many objects handled at once per watched kind (env KUBETUNE_WORKER_LIMIT; default 0: "
+        "no limit). Without a limit a burst of 10,000 jobs put 10,000 passes in flight, whose requests timed "
+        "out in the queue for connections and were retried; 128 let it complete, but slowed a 1,000-job burst "
+        "in one namespace to 4.5 jobs/s, not yet explained (bench/README.md, 'Operator at scale')",
     )
     p.add_argument(
         "--resync-seconds",

@@ -50,7 +50,7 @@ def test_the_worker_limit_option_reads_its_environment_variable(monkeypatch: pyt
     from kubetune import cli
 
     monkeypatch.delenv("KUBETUNE_WORKER_LIMIT", raising=False)
-    assert cli.build_parser().parse_args(["operator"]).worker_limit == cli.DEFAULT_WORKER_LIMIT > 0
+    assert cli.build_parser().parse_args(["operator"]).worker_limit == cli.DEFAULT_WORKER_LIMIT == 0
     monkeypatch.setenv("KUBETUNE_WORKER_LIMIT", "32")
     assert cli.build_parser().parse_args(["operator"]).worker_limit == 32
     assert cli.build_parser().parse_args(["operator", "--worker-limit", "8"]).worker_limit == 8
