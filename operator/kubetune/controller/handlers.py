@@ -87,7 +87,7 @@ async def on_pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     _count(body, type)
     key = job_key_of(body)
     if key is not None:
-        await _rec().on_pod(key, without_managed_fields(body), deleted=type == "DELETED")
+        await _rec().on_pod(key, dict(body), deleted=type == "DELETED")  # read, never cached: no copy to slim
 
 
 async def on_entity_event(body: kopf.Body, type: str | None, **_: Any) -> None:

@@ -66,8 +66,8 @@ def without_managed_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
 
     managedFields is the API server's server-side-apply bookkeeping, a third to half of a
     child Job's JSON, and nothing the reconciler decides reads it (the watch-lag metric
-    reads it from the watch event, before this). Kept, it was most of the operator's
-    memory per job at 1,000 jobs. Objects sent back with PUT keep the server's
+    reads it from the watch event, before this). Dropping it lowered the operator's peak
+    at 1,000 jobs from 278 to 255 MB (bench/README.md). Objects sent back with PUT keep the server's
     managedFields: an update that omits the field leaves it as it is."""
     meta = obj.get("metadata")
     if not isinstance(meta, Mapping) or "managedFields" not in meta:
