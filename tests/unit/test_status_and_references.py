@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Container
 from typing import Any, cast
 
@@ -333,6 +334,59 @@ def test_forget_job_empties_every_per_job_table() -> None:
     reconciler.forget_job(key)
     left = [name for name in PER_JOB_TABLES if key in cast(Container[Any], tables[name])]
     assert not left, f"forget_job keeps {left}"
+
+
+class _EventsLister:
+    """Answers the one request _creation_refusal makes (a LIST of Events) and records it;
+    no API server is needed for counting requests. The cluster tier's
+    test_refused_pod_creation_is_shown runs the same code against a real one."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+        self.calls: list[tuple[str, str | None]] = []
+
+    async def list(self, path: str, label_selector: str | None = None, field_selector: str | None = None) -> Any:
+        self.calls.append((path, field_selector))
+        await asyncio.sleep(0)  # the other children ask while this LIST is in flight
+        return {"items": self.events}
+
+
+def test_pod_less_children_of_one_namespace_share_one_events_list() -> None:
+    """Many children without pods in one namespace: one LIST of its FailedCreate Events
+    serves them all (a field selector does not index Events, so a LIST per child cost the
+    API server the whole namespace's Events once per child), and each child still gets its
+    own refusal, matched by uid."""
+    from kubetune.controller.builders import OperatorSettings
+    from kubetune.controller.reconciler import Reconciler
+
+    def refused(uid: str) -> dict[str, Any]:
+        return {
+            "reason": "FailedCreate",
+            "lastTimestamp": "t1",
+            "involvedObject": {"uid": uid},
+            "message": f"quota refused {uid}",
+        }
+
+    lister = _EventsLister([refused("u0"), refused("u2")])
+    reconciler = Reconciler(lister, OperatorSettings(), lambda *_: None)  # type: ignore[arg-type]
+    children = {f"j{i}": {"kind": "Job", "metadata": {"name": f"j{i}-automodel", "uid": f"u{i}"}} for i in range(4)}
+
+    async def check_all() -> list[tuple[str, str] | None]:
+        found = await asyncio.gather(
+            *(reconciler._creation_refusal(("AutomodelJob", "team-a", name), child) for name, child in children.items())
+        )
+        for task in reconciler._retries.values():
+            task.cancel()
+        return list(found)
+
+    found = asyncio.run(check_all())
+    assert lister.calls == [("/api/v1/namespaces/team-a/events", "reason=FailedCreate")]
+    assert [f and f[1] for f in found] == [
+        "Job j0-automodel cannot create its pods: quota refused u0",
+        None,
+        "Job j2-automodel cannot create its pods: quota refused u2",
+        None,
+    ]
 
 
 def _pod(status: dict[str, Any], name: str = "j-automodel-0") -> dict[str, Any]:

@@ -5,6 +5,7 @@ child; why a child has no pods; and the output Model a finished child leaves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ log = logging.getLogger("kubetune.operator")
 # A child without pods is looked at again this often, for a refused pod creation.
 POD_CREATION_CHECK_S = 10.0
 POD_CREATION_CHECK_MAX_S = 160.0
+# A namespace's FailedCreate Events are listed at most this often, for all its children.
+FAILED_CREATE_LIST_S = 5.0
 
 
 def job_key_of(child: Mapping[str, Any]) -> JobKey | None:
@@ -203,15 +206,44 @@ class ChildPasses(RetryPasses):
         self._retry_later(key, interval)
         found: tuple[str, str] | None = None
         try:
-            events = await self.client.list(
-                f"/api/v1/namespaces/{key[1]}/events", field_selector=f"involvedObject.uid={uid},reason=FailedCreate"
-            )
+            refused = await self._failed_creates_in(key[1])
         except ApiError as err:
             log.warning("%s %s/%s: cannot list the child's events: %s", *key, err)
         else:
-            found = st.creation_refusal(child, events.get("items") or [])
+            found = st.creation_refusal(child, refused.get(uid, []))
         self._pod_checks[key] = PodCheck(uid, now + interval, interval, found)
         return found
+
+    async def _failed_creates_in(self, namespace: str) -> dict[str, list[Mapping[str, Any]]]:
+        """The namespace's FailedCreate Events by involved object uid, listed at most every
+        FAILED_CREATE_LIST_S and shared by all its pod-less children. A field selector does
+        not index Events: each LIST costs the API server every Event of the namespace, so one
+        LIST per child made 1,000 jobs in one namespace quadratic (the API server spent the
+        burst on these LISTs and timed the operator's writes out)."""
+        now = time.monotonic()
+        cached = self._failed_creates.get(namespace)
+        if cached is not None and now - cached[0] < FAILED_CREATE_LIST_S:
+            return await asyncio.shield(cached[1])
+        # Listings of namespaces no child asked about for a while go; the rest are small.
+        for stale in [ns for ns, (when, _) in self._failed_creates.items() if now - when > POD_CREATION_CHECK_MAX_S]:
+            del self._failed_creates[stale]
+        listing = asyncio.ensure_future(self._list_failed_creates(namespace))
+        self._failed_creates[namespace] = (now, listing)
+        try:
+            return await asyncio.shield(listing)
+        except Exception:
+            if self._failed_creates.get(namespace, (0.0, None))[1] is listing:
+                del self._failed_creates[namespace]  # the next child asks again
+            raise
+
+    async def _list_failed_creates(self, namespace: str) -> dict[str, list[Mapping[str, Any]]]:
+        events = await self.client.list(f"/api/v1/namespaces/{namespace}/events", field_selector="reason=FailedCreate")
+        by_uid: dict[str, list[Mapping[str, Any]]] = {}
+        for event in events.get("items") or []:
+            uid = (event.get("involvedObject") or {}).get("uid")
+            if uid:
+                by_uid.setdefault(str(uid), []).append(event)
+        return by_uid
 
     async def _create_output_model(self, key: JobKey, spec: JobSpec) -> str:
         """The output Model's name, created once per process (every later pass of a finished

@@ -94,6 +94,9 @@ class ReconcilerState(ABC):
         self.on_new_child_kind: Callable[[list[str]], None] = lambda kinds: None
         self._outputs_made: dict[JobKey, str] = {}  # output Model created (or found) by this process
         self._pod_checks: dict[JobKey, PodCheck] = {}  # Events looked at for a child without pods
+        # namespace -> (when listed, that listing in flight or done): its FailedCreate Events by
+        # involved uid, one LIST shared by every pod-less child of the namespace (children.py)
+        self._failed_creates: dict[str, tuple[float, asyncio.Future[dict[str, list[Mapping[str, Any]]]]]] = {}
         self._memory_risks: dict[JobKey, tuple[tuple[Any, ...], str | None]] = {}  # per generation, GPU size
 
     def _lock(self, key: JobKey) -> asyncio.Lock:
