@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# End-to-end run on a kind cluster (needs Docker): build and load the images, install the Kubeflow
-# training-operator and the chart, put a model and data on the claims, apply the jobs and wait
-# until each is Succeeded and has produced its output Model. Not run in CI (no Docker engine there).
+# End-to-end run on a kind cluster (needs Docker): create the cluster, build and load the images,
+# install the Kubeflow training-operator, advertise fake GPUs, then run the end-to-end tier's own
+# tests (tests/e2e, the body `make test` runs on the local cluster's real node) against it: they
+# install the chart, seed the claims through a pod, and train SmolLM2 jobs in pods.
+# Not run in CI (no Docker engine there).
 #
-# Usage: e2e/run.sh            (E2E_MODE=cpu: tiny model, no GPU needed; a laptop can run it)
+# Usage: e2e/run.sh            (E2E_MODE=cpu: SmolLM2-135M on the CPU, no GPU needed; a laptop can run it)
 #        E2E_MODE=examples E2E_CLUSTER=current e2e/run.sh
 #                              (examples/*.yaml on the current kubectl context: needs NVIDIA GPUs,
 #                               ReadWriteMany storage and internet for the SmolLM2 download)
@@ -12,10 +14,12 @@
 #   E2E_CLUSTER       kind (default: create/reuse kind cluster $KIND_CLUSTER_NAME) | current
 #   KIND_CLUSTER_NAME kubetune-e2e
 #   KIND_NODE_IMAGE   kind node image (default: kind's own; the chart needs Kubernetes 1.30+)
-#   E2E_NAMESPACE     namespace of the jobs (default kubetune-e2e)
+#   E2E_NAMESPACE     namespace of the jobs in E2E_MODE=examples (default kubetune-e2e; the cpu
+#                     mode uses the README's team-a)
 #   E2E_EXAMPLES      example files for E2E_MODE=examples (default: automodel-lora.yaml unsloth-qlora.yaml)
 #   E2E_SKIP_BUILD    1: do not run hack/images.sh (the images already exist locally / in the registry)
-#   E2E_TIMEOUT       seconds to wait for each job to finish (default 1800)
+#   E2E_TIMEOUT       seconds to wait for each job to finish in E2E_MODE=examples (default 1800)
+#   E2E_PYTEST_ARGS   extra pytest arguments in E2E_MODE=cpu (e.g. "-k unsloth")
 #   KUBETUNE_HELM     helm binary (default: helm on PATH, else the one hack/cluster/build.sh builds)
 # Leaves the cluster up for inspection; e2e/down.sh deletes it.
 set -euo pipefail
@@ -103,6 +107,29 @@ elif [[ "$mode" == cpu ]]; then
   done
 fi
 
+# --- E2E_MODE=cpu: the end-to-end tier's tests ------------------------------------------
+if [[ "$mode" == cpu ]]; then
+  kubeconfig=$(mktemp -t kubetune-e2e-kubeconfig-XXXXXX)
+  trap 'rm -f "$kubeconfig"' EXIT
+  if [[ "$cluster" == kind ]]; then
+    kind get kubeconfig --name "$kind_name" > "$kubeconfig"
+    # Pods reach this machine at the kind network's gateway: the Hub stand-in of the
+    # initializer's test serves there.
+    hub_host=$(docker network inspect kind -f '{{range .IPAM.Config}}{{.Gateway}} {{end}}' \
+      | tr ' ' '\n' | grep -m1 -E '^[0-9]+\.' || true)
+  else
+    kubectl config view --minify --flatten --context "$ctx" > "$kubeconfig"
+    hub_host=${KUBETUNE_E2E_HUB_HOST:-}
+  fi
+  say "running tests/e2e on $ctx (the tier make test runs on the local cluster's real node)"
+  # shellcheck disable=SC2086  # E2E_PYTEST_ARGS is a list of words
+  KUBECONFIG=$kubeconfig KUBETUNE_E2E_CLUSTER=current KUBETUNE_E2E_IMAGES="${images[*]}" \
+    KUBETUNE_E2E_HUB_HOST=$hub_host KUBETUNE_HELM=$helm_bin \
+    bash hack/run-in-venv.sh test python -m pytest tests/e2e -q -s --durations=0 ${E2E_PYTEST_ARGS:-}
+  say "PASSED (the cluster is left up; e2e/down.sh deletes it)"
+  exit 0
+fi
+
 # --- the chart -------------------------------------------------------------------------
 say "installing the chart (namespaced RBAC, watching $ns)"
 for namespace in "$release_ns" "$ns"; do
@@ -122,14 +149,8 @@ h upgrade --install kubetune helm/kubetune --namespace "$release_ns" \
   --wait --timeout 5m
 
 # --- storage, entities, data -----------------------------------------------------------
-if [[ "$mode" == cpu ]]; then
-  storage=e2e/manifests/storage.yaml entities=e2e/manifests/cpu-entities.yaml jobs=(e2e/manifests/cpu-jobs.yaml)
-  seed_model=tiny
-else
-  storage=examples/storage.yaml entities=examples/entities.yaml jobs=()
-  for example in $examples; do jobs+=("examples/$example"); done
-  seed_model=hub
-fi
+storage=examples/storage.yaml entities=examples/entities.yaml jobs=()
+for example in $examples; do jobs+=("examples/$example"); done
 say "applying $storage $entities"
 k -n "$ns" apply -f "$storage" -f "$entities"
 
@@ -137,12 +158,10 @@ job_names=()
 for file in "${jobs[@]}"; do
   while read -r name; do job_names+=("$name"); done < <(k -n "$ns" create --dry-run=client -f "$file" -o name | sed 's|.*/||')
 done
-say "seeding the claims (model: $seed_model) with e2e/seed/seed.py"
+say "seeding the claims (SmolLM2 from the Hub) with e2e/seed/seed.py"
 k -n "$ns" delete job kubetune-e2e-seed --ignore-not-found --wait
 k -n "$ns" create configmap kubetune-e2e-seed --from-file=seed.py=e2e/seed/seed.py --dry-run=client -o yaml | k apply -f -
-seed_args='"--model", "'"$seed_model"'"'
-offline=1
-[[ "$seed_model" == hub ]] && offline=0
+seed_args=''
 for name in "${job_names[@]}"; do seed_args+=', "--job", "'"$name"'"'; done
 # Runs as the trainers' user (65532, kubetune_api.constants.TRAINER_UID), so the trainers can write what the seed created.
 k -n "$ns" apply -f - <<EOF
@@ -165,12 +184,12 @@ spec:
         - name: seed
           image: ${automodel_image}
           imagePullPolicy: IfNotPresent
-          command: ["python", "/seed/seed.py", ${seed_args}]
+          command: ["python", "/seed/seed.py"${seed_args}]
           env:
             - {name: HOME, value: /tmp}
-            # The trainer image is offline by design; the hub seed must download.
-            - {name: HF_HUB_OFFLINE, value: "${offline}"}
-            - {name: TRANSFORMERS_OFFLINE, value: "${offline}"}
+            # The trainer image is offline by design; the seed must download.
+            - {name: HF_HUB_OFFLINE, value: "0"}
+            - {name: TRANSFORMERS_OFFLINE, value: "0"}
           securityContext:
             allowPrivilegeEscalation: false
             capabilities: {drop: [ALL]}

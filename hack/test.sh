@@ -41,7 +41,7 @@ for stage in "${stages[@]}"; do
       bash hack/run-in-venv.sh dev ruff check operator tests hack bench trainer-images e2e examples
       bash hack/run-in-venv.sh dev ruff format --check operator tests hack bench trainer-images e2e examples
       bash hack/run-in-venv.sh dev mypy
-      MYPYPATH=operator:tests:hack/cluster:tests/unit bash hack/run-in-venv.sh dev mypy --strict \
+      MYPYPATH=operator:tests:hack/cluster:tests/unit:tests/e2e bash hack/run-in-venv.sh dev mypy --strict \
         --ignore-missing-imports --explicit-package-bases tests/support tests/cluster tests/unit tests/e2e \
         hack/cluster/localcluster hack/cluster/wrapmod.py hack/cluster/tcpforward.py bench/operator_bench.py
       # The trainer package needs torch's types, which only the test environment has;

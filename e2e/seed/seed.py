@@ -1,9 +1,9 @@
 """Put a base model and a chat dataset on the e2e claims; runs in a Job on the cluster, in the
 Automodel trainer image (it has torch, transformers and tokenizers).
 
-  --model tiny   a tiny random Llama and a BPE tokenizer trained here (no download; CPU runs)
-  --model hub    SmolLM2-135M-Instruct and SmolLM2-360M-Instruct from the Hugging Face Hub,
-                 at the paths examples/entities.yaml names (needs internet from the pod)
+SmolLM2-135M-Instruct and SmolLM2-360M-Instruct from the Hugging Face Hub, at the paths
+examples/entities.yaml names (needs internet from the pod). e2e/run.sh's E2E_MODE=examples runs
+it; the CPU mode seeds through the end-to-end tier's claims pod instead (tests/e2e).
 
 Writes, under the mounted claims (under $KUBETUNE_SEED_ROOT instead of / when set, for tests):
   /models/<model dirs>                    Hugging Face format
@@ -20,14 +20,6 @@ import os
 import random
 from pathlib import Path
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' }}\n{{ message['content'] }}<|end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-SPECIAL = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -44,38 +36,8 @@ def chat_rows(count: int, seed: int) -> list[dict[str, list[dict[str, str]]]]:
     return rows
 
 
-def write_tiny_model(out: Path, rows: list[dict[str, list[dict[str, str]]]]) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [m["content"] for row in rows for m in row["messages"]]
-    tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=256, special_tokens=SPECIAL))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>", chat_template=CHAT_TEMPLATE
-    )
-    tokenizer.save_pretrained(out)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("tiny", "hub"), required=True)
     parser.add_argument("--job", action="append", default=[], help="job name whose output directory to create")
     args = parser.parse_args()
 
@@ -85,21 +47,16 @@ def main() -> None:
         directory = root / "datasets" / "chat" / split
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    if args.model == "tiny":
-        write_tiny_model(root / "models" / "tiny-llama", rows)
-    else:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        for repo, path in (
-            ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct"),
-            ("HuggingFaceTB/SmolLM2-360M-Instruct", "smollm2-360m-instruct"),
-        ):
-            snapshot_download(
-                repo, local_dir=root / "models" / path, allow_patterns=["*.json", "*.safetensors", "*.txt"]
-            )
+    for repo, path in (
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct"),
+        ("HuggingFaceTB/SmolLM2-360M-Instruct", "smollm2-360m-instruct"),
+    ):
+        snapshot_download(repo, local_dir=root / "models" / path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     for job in args.job:
         (root / "output" / job).mkdir(parents=True, exist_ok=True)
-    print(f"seeded: model={args.model}, {len(rows)} chat rows, output dirs for {args.job}")
+    print(f"seeded: SmolLM2 135M and 360M, {len(rows)} chat rows, output dirs for {args.job}")
 
 
 if __name__ == "__main__":
