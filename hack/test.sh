@@ -51,7 +51,10 @@ for stage in "${stages[@]}"; do
       ;;
     unit)
       run "unit tests: schema, rules, CRDs, CLI, builders, chart, images"
-      bash hack/cluster/build.sh helm
+      # Every control-plane binary, not only helm: test_helm's real-API-server test needs them,
+      # and on a cold machine their Go build (over 15 min beside the background image build)
+      # ran past that test's pytest timeout. Built here, outside any test's clock; cached after.
+      bash hack/cluster/build.sh
       bash hack/run-in-venv.sh dev python -m pytest tests/unit -q
       ;;
     cluster)

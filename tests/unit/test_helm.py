@@ -738,8 +738,9 @@ def test_chart_installs_on_a_real_api_server(tmp_path: Path) -> None:
     Pod Security admission, kwok nodes): the CRDs are accepted, the operator pod is admitted in a
     namespace that enforces "restricted", and both RBAC scopes are served with the operator's rules.
     About 30 s: a control plane of its own starts and stops here."""
-    # The control-plane binaries: cached after the first build (seconds when warm); the unit
-    # stage may run before the cluster stage has built them.
+    # The control-plane binaries: hack/test.sh's unit stage builds them before pytest (a cold Go
+    # build ran past this test's timeout); here it only finds them cached (seconds), or builds
+    # them when the test runs on its own.
     build = subprocess.run(["bash", "hack/cluster/build.sh"], cwd=ROOT, capture_output=True, text=True)
     assert build.returncode == 0, f"`bash hack/cluster/build.sh` failed:\n{build.stdout[-3000:]}{build.stderr[-3000:]}"
     from localcluster import LocalCluster
