@@ -265,8 +265,8 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         default=_env_default("KUBETUNE_WORKER_LIMIT", str(DEFAULT_WORKER_LIMIT)),  # a string: argparse converts it
         help="at most this many objects handled at once per watched kind (env KUBETUNE_WORKER_LIMIT; default 0: "
         "no limit). Without a limit a burst of 10,000 jobs put 10,000 passes in flight, whose requests timed "
-        "out in the queue for connections and were retried; 128 let it complete, but slowed a 1,000-job burst "
-        "in one namespace to 4.5 jobs/s, not yet explained (bench/README.md, 'Operator at scale')",
+        "out in the queue for connections and were retried; 128 let it complete. Not re-measured since a "
+        "1,000-job burst in one namespace stopped being slow (bench/README.md, 'One namespace')",
     )
     p.add_argument(
         "--resync-seconds",
