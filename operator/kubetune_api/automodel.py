@@ -162,7 +162,11 @@ class AutomodelParallelism(StrictModel):
         default=1, gt=0, description="GPUs for pipeline parallelism (splits model stages)."
     )
     context_parallel_size: int = Field(
-        default=1, gt=0, description="GPUs for context parallelism (for very long sequences)."
+        default=1,
+        gt=0,
+        description="GPUs for context parallelism (for very long sequences): each row's tokens are split over "
+        "this many GPUs, which run ring attention over SDPA. When > 1, tensor and pipeline parallel must be 1, "
+        "sequence_packing false and training_type sft.",
     )
     expert_parallel_size: int | None = Field(
         default=None,
@@ -257,6 +261,38 @@ AUTOMODEL_RULES: tuple[CrossFieldRule, ...] = (
         message="must equal the data-parallel size (num_nodes × num_gpus_per_node) when > 1, with "
         "pipeline_parallel_size and context_parallel_size 1: the experts are split over all data-parallel ranks",
         field=".expert_parallel_size",
+    ),
+    # Context parallel (PyTorch's ring attention over SDPA) is composed with FSDP2 data parallel
+    # only, and needs plain causal attention over whole rows: what it cannot run is refused here,
+    # not in a pod with GPUs held (the trainer's check_context_parallel says the same).
+    CrossFieldRule(
+        name="context-parallel-with-data-parallel-only",
+        scope=("parallelism",),
+        cel="self.context_parallel_size <= 1 || (self.tensor_parallel_size == 1 && self.pipeline_parallel_size == 1)",
+        check=lambda p: (
+            p["context_parallel_size"] <= 1 or (p["tensor_parallel_size"] == 1 and p["pipeline_parallel_size"] == 1)
+        ),
+        message="must be 1 unless tensor_parallel_size and pipeline_parallel_size are 1: the Automodel trainer "
+        "composes context parallel with data parallel (FSDP2) only",
+        field=".context_parallel_size",
+    ),
+    CrossFieldRule(
+        name="context-parallel-without-packing",
+        scope=(),
+        cel="self.parallelism.context_parallel_size <= 1 || !self.batch.sequence_packing",
+        check=lambda s: s["parallelism"]["context_parallel_size"] <= 1 or not s["batch"]["sequence_packing"],
+        message="must be false when parallelism.context_parallel_size > 1: ring attention runs one causal "
+        "attention over the whole row, and packed samples would attend to each other",
+        field=".batch.sequence_packing",
+    ),
+    CrossFieldRule(
+        name="context-parallel-sft-only",
+        scope=(),
+        cel="self.parallelism.context_parallel_size <= 1 || self.training.training_type == 'sft'",
+        check=lambda s: s["parallelism"]["context_parallel_size"] <= 1 or s["training"]["training_type"] == "sft",
+        message="must be sft when parallelism.context_parallel_size > 1: the Automodel trainer does not run "
+        "the distillation teacher under context parallel; set context_parallel_size to 1",
+        field=".training.training_type",
     ),
     CrossFieldRule(
         name="distillation-needs-teacher",

@@ -80,6 +80,33 @@ RULE_CASES: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
             {"global_batch_size": 8, "micro_batch_size": 2},
         ),
     ),
+    "context-parallel-with-data-parallel-only": (
+        AutomodelJobSpec,
+        with_value(AUTOMODEL_MIN, "parallelism", {"num_gpus_per_node": 2, "context_parallel_size": 2}),
+        with_value(
+            AUTOMODEL_MIN,
+            "parallelism",
+            {"num_gpus_per_node": 4, "context_parallel_size": 2, "tensor_parallel_size": 2},
+        ),
+    ),
+    "context-parallel-without-packing": (
+        AutomodelJobSpec,
+        with_value(AUTOMODEL_MIN, "parallelism", {"num_gpus_per_node": 2, "context_parallel_size": 2}),
+        with_value(
+            with_value(AUTOMODEL_MIN, "parallelism", {"num_gpus_per_node": 2, "context_parallel_size": 2}),
+            "batch.sequence_packing",
+            True,
+        ),
+    ),
+    "context-parallel-sft-only": (
+        AutomodelJobSpec,
+        with_value(AUTOMODEL_MIN, "parallelism", {"num_gpus_per_node": 2, "context_parallel_size": 2}),
+        with_value(
+            with_value(AUTOMODEL_MIN, "parallelism", {"num_gpus_per_node": 2, "context_parallel_size": 2}),
+            "training",
+            {"training_type": "distillation", "teacher_model": "t"},
+        ),
+    ),
     "distillation-needs-teacher": (
         AutomodelJobSpec,
         with_value(AUTOMODEL_MIN, "training", {"training_type": "distillation", "teacher_model": "t"}),

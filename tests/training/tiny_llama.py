@@ -153,6 +153,7 @@ def build_tiny_llama(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 256,
 ) -> Path:
     """Save a random tiny Llama + tokenizer into out_dir (fp32) and return it.
 
@@ -175,7 +176,7 @@ def build_tiny_llama(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        max_position_embeddings=256,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

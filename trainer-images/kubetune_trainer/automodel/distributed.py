@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from kubetune_trainer.automodel.settings import ParallelSettings
+from kubetune_trainer.automodel.context_parallel import check_context_parallel
+from kubetune_trainer.automodel.settings import AutomodelSettings, ParallelSettings
 from kubetune_trainer.common.config import ConfigError
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")
@@ -102,8 +103,25 @@ class Runtime:
 
     @property
     def reports_loss(self) -> bool:
-        """One rank per data-parallel replica contributes a loss to global sums."""
-        return self.is_last_stage and self.coordinate("tp") == 0 and self.coordinate("cp") == 0
+        """The ranks whose loss sums add up to the global one: one per tensor-parallel group on the
+        last stage. Context-parallel ranks each hold a different part of every row, so all count."""
+        return self.is_last_stage and self.coordinate("tp") == 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """One rank per data-parallel replica counts a batch's (unsharded) target tokens."""
+        return self.reports_loss and self.coordinate("cp") == 0
+
+    @property
+    def grad_ranks(self) -> int:
+        """How many ranks FSDP2 averages gradients over (dp x cp; see apply_fsdp)."""
+        return self.parallel.dp * self.parallel.cp
+
+    @property
+    def fsdp_mesh(self) -> Any:
+        """dp, or with context parallel the flattened dp x cp mesh: cp ranks hold the same
+        parameters and each computes gradients from its part of the tokens."""
+        return self.mesh["dp_cp"] if self.parallel.cp > 1 else self.mesh["dp"]
 
     def group(self, dim: str) -> Any:
         return None if self.mesh is None else self.mesh[dim].get_group()
@@ -134,7 +152,9 @@ class Runtime:
                 dist.destroy_process_group()
 
 
-def check_parallel_support(parallel: ParallelSettings, device_type: str) -> None:
+def check_parallel_support(
+    parallel: ParallelSettings, *, sequence_packing: bool = False, training_type: str = "sft"
+) -> None:
     """Refuse what this trainer cannot do, before any process group exists."""
     if parallel.ep is not None and parallel.ep > 1:
         # The expert group is the data-parallel group (expert_parallel.py): experts are split
@@ -150,22 +170,20 @@ def check_parallel_support(parallel: ParallelSettings, device_type: str) -> None
                 f"processes ({parallel.dp} = num_nodes x num_gpus_per_node): the Automodel trainer splits "
                 "the experts over all data-parallel ranks"
             )
-    if parallel.cp > 1 and device_type != "cuda":
-        raise ConfigError(
-            "parallelism.context_parallel_size > 1 needs CUDA GPUs (ring attention over SDPA); "
-            "on CPU set context_parallel_size to 1"
-        )
+    check_context_parallel(parallel, sequence_packing=sequence_packing, training_type=training_type)
 
 
-def init_runtime(parallel: ParallelSettings) -> Runtime:
+def init_runtime(settings: AutomodelSettings) -> Runtime:
     import torch
+
+    parallel = settings.parallel
 
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun() else 1
     rank = int(os.environ.get("RANK", "0")) if under_torchrun() else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if under_torchrun() else 0
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    check_parallel_support(parallel, device.type)
+    check_parallel_support(parallel, sequence_packing=settings.sequence_packing, training_type=settings.training_type)
     if world_size != parallel.world_size:
         raise ConfigError(
             f"parallelism asks for {parallel.world_size} processes (num_nodes {parallel.num_nodes} x "
@@ -183,4 +201,8 @@ def init_runtime(parallel: ParallelSettings) -> Runtime:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     shape = (parallel.pp, parallel.dp, parallel.cp, parallel.tp)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+    if parallel.cp > 1:
+        # FSDP2 shards over dp x cp as one dimension (Runtime.fsdp_mesh). _flatten is private,
+        # but it is how torch's own multi-dimensional recipes (torchtitan) build that mesh.
+        mesh["dp", "cp"]._flatten(mesh_dim_name="dp_cp")
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh, parallel=parallel)

@@ -222,7 +222,7 @@ def apply_fsdp(model: nn.Module, runtime: Runtime) -> None:
     # With expert parallel the experts are already split over the dp ranks (Shard(0) DTensors):
     # FSDP2 must neither gather them nor average their (different) gradients.
     ignored = expert_parameters(model) if (runtime.parallel.ep or 1) > 1 else None
-    mesh = runtime.mesh["dp"]
+    mesh = runtime.fsdp_mesh
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if runtime.device.type == "cuda"

@@ -4,7 +4,8 @@ One optimizer step per global batch. Each data-parallel rank runs
 `grad_accumulation` micro batches; the loss is summed over target tokens and
 divided by the global batch's target-token count (all ranks), so the result is
 the same per-token loss whatever the split, and data parallel (FSDP2 averages
-gradients over ranks) is corrected by a factor dp.
+gradients over ranks) is corrected by a factor dp (dp x cp with context parallel,
+whose ranks each hold part of every row: context_parallel.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kubetune_api import constants as c
 from kubetune_trainer.automodel import checkpoint as ckpt
 from kubetune_trainer.automodel.batches import Batch, collate, global_batch_indices, rank_micro_batches
 from kubetune_trainer.automodel.cadence import validation_cadence
+from kubetune_trainer.automodel.context_parallel import ContextParallel, ModelInputs, use_causal_sdpa
 from kubetune_trainer.automodel.distributed import Runtime, init_runtime
 from kubetune_trainer.automodel.loading import ShardedLoad, materialise, plan_sharded_load
 from kubetune_trainer.automodel.losses import sft_or_distillation_loss
@@ -166,22 +168,31 @@ class Engine:
         self.teacher = teacher
         self.pad_to: int | None = None
         self.n_micro = 1
+        self.context_parallel: ContextParallel | None = None
 
     def _autocast(self) -> Any:
         if self.runtime.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def inputs(self, batch: Batch) -> contextlib.AbstractContextManager[ModelInputs]:
+        """The forward's inputs; with context parallel, this rank's shard, and the forward and
+        backward must both run inside the context (ring attention's backward is collective too)."""
+        if self.context_parallel is not None:
+            return self.context_parallel.shard(batch.input_ids, batch.labels, batch.position_ids)
+        return contextlib.nullcontext(ModelInputs(batch.input_ids, batch.labels, batch.position_ids, False))
+
+    def losses(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         with self._autocast():
-            logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-        teacher_logits = self.teacher.logits(batch.input_ids, batch.position_ids) if self.teacher else None
+            logits = self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False).logits
+        teacher_logits = self.teacher.logits(inputs.input_ids, inputs.position_ids) if self.teacher else None
         parts = sft_or_distillation_loss(
             logits,
-            batch.labels,
+            inputs.labels,
             teacher_logits,
             self.settings.distillation_ratio,
             self.settings.distillation_temperature,
+            labels_shifted=inputs.labels_shifted,
         )
         return parts.total, parts.ce_sum, parts.kd_sum
 
@@ -189,7 +200,7 @@ class Engine:
         """Backward over the rank's micro batches; returns local (loss, ce, kd) sums."""
         self.model.train()
         loss_sum = ce_sum = kd_sum = 0.0
-        scale = self.runtime.parallel.dp / max(1, target_tokens)
+        scale = self.runtime.grad_ranks / max(1, target_tokens)
         from torch.distributed.fsdp import FSDPModule
 
         fsdp = self.model if isinstance(self.model, FSDPModule) else None
@@ -197,8 +208,9 @@ class Engine:
             if fsdp is not None:
                 # Reduce-scatter gradients once per optimizer step, not per micro batch.
                 fsdp.set_requires_gradient_sync(index == len(batches) - 1)
-            total, ce, kd = self.losses(batch.to(self.runtime.device))
-            (total * scale).backward()  # type: ignore[no-untyped-call]
+            with self.inputs(batch.to(self.runtime.device)) as inputs:
+                total, ce, kd = self.losses(inputs)
+                (total * scale).backward()  # type: ignore[no-untyped-call]
             loss_sum += float(total.detach())
             ce_sum += float(ce.detach())
             kd_sum += float(kd.detach()) if kd is not None else 0.0
@@ -209,7 +221,8 @@ class Engine:
         self.model.eval()
         ce_total = kd_total = 0.0
         for batch in batches:
-            _, ce, kd = self.losses(batch.to(self.runtime.device))
+            with self.inputs(batch.to(self.runtime.device)) as inputs:
+                _, ce, kd = self.losses(inputs)
             ce_total += float(ce)
             kd_total += float(kd) if kd is not None else 0.0
         return ce_total, kd_total
@@ -261,6 +274,7 @@ def run_validation(
         if runtime.reports_loss:
             ce_total += ce
             kd_total += kd
+        if runtime.counts_tokens:
             tokens += sum(b.target_tokens for b in chunk)
     ce_total, kd_total, tokens = runtime.all_reduce_sum([ce_total, kd_total, tokens])
     return {"val_loss": ce_total / max(tokens, 1.0), "val_kl": kd_total / max(tokens, 1.0)}
@@ -321,7 +335,7 @@ def train(config: TrainerConfig, *, progress: ProgressReporter | None = None) ->
     cfg = expect_kind(config, AutomodelTrainerConfig)
     settings = parse_settings(cfg)
     flush_denormals()
-    runtime = init_runtime(settings.parallel)
+    runtime = init_runtime(settings)
     stop = StopSignal.install()
     try:
         return _train(cfg, settings, runtime, stop, progress)
@@ -348,9 +362,6 @@ def _train(
         f"world {runtime.world_size} = pp {settings.parallel.pp} x dp {settings.parallel.dp} x "
         f"cp {settings.parallel.cp} x tp {settings.parallel.tp}; device {runtime.device}",
     )
-    if settings.parallel.cp > 1:
-        raise TrainerError("parallelism.context_parallel_size > 1 is not implemented in this trainer yet; set it to 1")
-
     tokenizer = load_tokenizer(cfg.paths.model)
     teacher: Teacher | None = None
     if settings.training_type == "distillation":
@@ -388,7 +399,10 @@ def _train(
 
         layers = apply_expert_parallel(model, runtime.mesh["dp"])
         log(runtime, f"expert parallel {settings.parallel.ep}: the experts of {layers} MoE layers split over dp ranks")
-    if settings.parallel.dp > 1:
+    if settings.parallel.cp > 1:
+        use_causal_sdpa(model)
+        log(runtime, f"context parallel {settings.parallel.cp}: ring attention over SDPA, rows split over cp ranks")
+    if runtime.grad_ranks > 1:
         apply_fsdp(model, runtime)
     if sharded is not None:
         read = materialise(sharded, runtime)
@@ -415,6 +429,8 @@ def _train(
         engine = PipelineEngine(model, settings, runtime, teacher)
     else:
         engine = Engine(model, settings, runtime, teacher)
+        if settings.parallel.cp > 1:
+            engine.context_parallel = ContextParallel(runtime.mesh["cp"], settings.parallel.cp, data.pad_id)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
