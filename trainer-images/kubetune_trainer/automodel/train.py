@@ -156,6 +156,17 @@ def grad_norm_and_clip(params: list[nn.Parameter], runtime: Runtime, max_norm: f
     return norm_value
 
 
+def fused_adamw(params: list[nn.Parameter], runtime: Runtime) -> bool:
+    """Fused AdamW (one kernel over all parameters, DTensor shards included), as HF Trainer's
+    default (adamw_torch_fused since torch 2.8); unfused AdamW on CPU is torch's per-tensor
+    loop. Not where the parameters mix DTensors and plain tensors (tensor parallel with LoRA
+    and no FSDP2 leaves some adapters plain): the fused kernel refuses such a mix."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in params}
+    return runtime.device.type in ("cpu", "cuda") and len(kinds) <= 1
+
+
 class Engine:
     """Forward/backward of one micro batch for models that run whole on each rank (single, FSDP2, TP)."""
 
@@ -434,7 +445,11 @@ def _train(
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        decay_groups(model, settings.weight_decay), lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8
+        decay_groups(model, settings.weight_decay),
+        lr=settings.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=fused_adamw(params, runtime),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(settings.warmup_steps, total_steps))
 
