@@ -81,6 +81,28 @@ def make_job(tmp_path: Path, tiny_llama_dir: Path, task_data: Path, task_validat
     return make
 
 
+def admitted_and_runs(raw_spec: dict[str, Any], parallel: Any, **trainer_options: Any) -> tuple[bool, bool]:
+    """Whether the API admits an AutomodelJob spec, and whether the trainer's own parallelism
+    check accepts its layout (`parallel`: a ParallelSettings): the two must agree."""
+    from pydantic import ValidationError
+
+    from kubetune_api.automodel import AutomodelJobSpec
+    from kubetune_trainer.automodel.distributed import check_parallel_support
+    from kubetune_trainer.common.config import ConfigError
+
+    try:
+        AutomodelJobSpec.model_validate(raw_spec)
+        admitted = True
+    except ValidationError:
+        admitted = False
+    try:
+        check_parallel_support(parallel, **trainer_options)
+        runs = True
+    except ConfigError:
+        runs = False
+    return admitted, runs
+
+
 def run_in_process(job: Job) -> int:
     """Run the trainer in this process (no torch start-up per run; what most tests need)."""
     from kubetune_trainer.automodel.train import train

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from automodel_helpers import trainer_env  # noqa: E402
+from gpu_check import rows  # noqa: E402
 from tiny_llama import build_tiny_llama, write_jsonl  # noqa: E402
 from trainer_config import automodel_spec, write_trainer_config  # noqa: E402
 
@@ -45,16 +45,6 @@ from trainer_config import automodel_spec, write_trainer_config  # noqa: E402
 # gradient scale moves them by far more (losses by ~1e-1, grad norms by 2x).
 RTOL = 2e-2
 SEQ = 1024
-
-
-def long_rows(count: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
-        prompt = " ".join(f"Add {a} and {b}, then say the sum once more." for _ in range(rng.randint(20, 30)))
-        rows.append({"prompt": prompt + " Answer: ", "completion": f"{a} plus {b} is {a + b}."})
-    return rows
 
 
 def run(work: Path, model: Path, data: Path, name: str, finetuning_type: str, gpus: int, cpu: bool) -> list[float]:
@@ -97,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_tiny_llama(work / "model", num_heads=4, num_kv_heads=2, max_position_embeddings=4096)
-        data = write_jsonl(work / "data" / "train.jsonl", long_rows(24, seed=0))
+        data = write_jsonl(work / "data" / "train.jsonl", rows(24, seed=0, repeats=(20, 28)))
         for finetuning_type in ("lora", "all_weights"):
             reference = run(work, model, data, f"cp1-{finetuning_type}", finetuning_type, 1, cpu)
             sharded = run(work, model, data, f"cp2-{finetuning_type}", finetuning_type, 2, cpu)

@@ -31,12 +31,13 @@ from tiny_llama import write_jsonl  # noqa: E402
 from trainer_config import automodel_spec, write_trainer_config  # noqa: E402
 
 
-def rows(count: int, seed: int) -> list[dict[str, Any]]:
+def rows(count: int, seed: int, repeats: tuple[int, int] = (4, 8)) -> list[dict[str, Any]]:
+    """Addition rows whose prompt repeats the question a number of times in `repeats` (length)."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
         a, b = rng.randint(10, 999), rng.randint(10, 999)
-        question = " ".join(f"Please add the numbers {a} and {b} carefully." for _ in range(rng.randint(4, 8)))
+        question = " ".join(f"Please add the numbers {a} and {b} carefully." for _ in range(rng.randint(*repeats)))
         out.append({"prompt": question + " Answer: ", "completion": f"{a} plus {b} is {a + b}."})
     return out
 

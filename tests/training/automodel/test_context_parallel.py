@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from automodel_helpers import admitted_and_runs
 
 pytestmark = pytest.mark.training
 
@@ -23,12 +24,7 @@ pytestmark = pytest.mark.training
 def test_admission_and_trainer_agree_on_context_parallel_layouts() -> None:
     """Every small layout x packing x training type: the API admits it exactly when the trainer's
     own check (on GPUs) accepts it, so no context-parallel job is refused only in its pods."""
-    from pydantic import ValidationError
-
-    from kubetune_api.automodel import AutomodelJobSpec
-    from kubetune_trainer.automodel.distributed import check_parallel_support
     from kubetune_trainer.automodel.settings import ParallelSettings
-    from kubetune_trainer.common.config import ConfigError
 
     checked = refused = 0
     layouts = itertools.product((1, 2), (1, 2, 4), (1, 2), (1, 2), (1, 2, 4), (False, True), ("sft", "distillation"))
@@ -52,20 +48,9 @@ def test_admission_and_trainer_agree_on_context_parallel_layouts() -> None:
             },
             "batch": {"global_batch_size": 2 * dp, "micro_batch_size": 2, "sequence_packing": packing},
         }
-        try:
-            AutomodelJobSpec.model_validate(raw)
-            admitted = True
-        except ValidationError:
-            admitted = False
-        try:
-            check_parallel_support(
-                ParallelSettings(nodes, gpus, tp, pp, cp, None),
-                sequence_packing=packing,
-                training_type=training_type,
-            )
-            runs = True
-        except ConfigError:
-            runs = False
+        admitted, runs = admitted_and_runs(
+            raw, ParallelSettings(nodes, gpus, tp, pp, cp, None), sequence_packing=packing, training_type=training_type
+        )
         assert admitted == runs, (raw, admitted, runs)
         checked += 1
         refused += not admitted

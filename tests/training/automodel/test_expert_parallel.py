@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec
+from automodel_helpers import Job, admitted_and_runs, run_entrypoint, run_in_process, tiny_spec
 from test_distributed import DISTRIBUTED_RTOL, STEPS, TORCHRUN, curve, spec
 from tiny_llama import build_tiny_qwen3_moe
 
@@ -140,12 +140,7 @@ def test_admission_and_trainer_agree_on_expert_parallel_layouts() -> None:
     is refused only after the pods start."""
     import itertools
 
-    from pydantic import ValidationError
-
-    from kubetune_api.automodel import AutomodelJobSpec
-    from kubetune_trainer.automodel.distributed import check_parallel_support
     from kubetune_trainer.automodel.settings import ParallelSettings
-    from kubetune_trainer.common.config import ConfigError
 
     checked = 0
     for nodes, gpus, tp, pp, cp, ep in itertools.product((1, 2), (1, 2, 4), (1, 2), (1, 2), (1, 2), (1, 2, 4)):
@@ -166,16 +161,7 @@ def test_admission_and_trainer_agree_on_expert_parallel_layouts() -> None:
             "parallelism": parallelism,
             "batch": {"global_batch_size": 2 * dp, "micro_batch_size": 2},
         }
-        try:
-            AutomodelJobSpec.model_validate(raw)
-            admitted = True
-        except ValidationError:
-            admitted = False
-        try:
-            check_parallel_support(ParallelSettings(nodes, gpus, tp, pp, cp, ep))
-            runs = True
-        except ConfigError:
-            runs = False
+        admitted, runs = admitted_and_runs(raw, ParallelSettings(nodes, gpus, tp, pp, cp, ep))
         assert admitted == runs, (parallelism, admitted, runs)
         checked += 1
     assert checked > 50
