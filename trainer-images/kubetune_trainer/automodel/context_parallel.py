@@ -70,6 +70,14 @@ def check_context_parallel(parallel: ParallelSettings, *, sequence_packing: bool
         )
 
 
+def repeat_kv_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: each key/value head repeated for the query heads it serves."""
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return key, value
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
 def causal_sdpa_attention(
     module: Any,
     query: torch.Tensor,
@@ -96,10 +104,7 @@ def causal_sdpa_attention(
     gathered = _ALL_GATHER.get()
     if gathered is not None:
         return gathered.attend(query, key, value, dropout_p, scaling), None
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value = repeat_kv_heads(query, key, value)
     output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, is_causal=True, scale=scaling)
     return output.transpose(1, 2).contiguous(), None
 
@@ -208,10 +213,7 @@ class AllGatherAttention:
 
         key = _gather_sequence(key, self.group, self.cp, self.rank)
         value = _gather_sequence(value, self.group, self.cp, self.rank)
-        groups = query.shape[1] // key.shape[1]
-        if groups > 1:
-            key = key.repeat_interleave(groups, dim=1)
-            value = value.repeat_interleave(groups, dim=1)
+        key, value = repeat_kv_heads(query, key, value)
         causal = self.key_places[None, :] <= self.query_places[:, None]
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, dropout_p=dropout, scale=scaling)
         return output.transpose(1, 2).contiguous()
