@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from localcluster import LocalCluster
+from localcluster import LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests/ for the operator-process helpers the cluster tier uses too (support.kube); the
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
 from kubetune.controller.reconciler import PER_JOB_TABLES  # noqa: E402
-from support.kube import Metrics, OperatorProcess, free_port, grant_operator, install_crds  # noqa: E402
+from support.kube import Metrics, OperatorProcess, grant_operator, install_crds  # noqa: E402
 from support.kube import scrape as scrape_now  # noqa: E402
 
 EXAMPLES = ROOT / "examples"

@@ -6,6 +6,8 @@ collection. Pods never run: kwok (a fake kubelet) moves their status."""
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from localcluster import (
     GPU_NODES,
     STORAGE_CLASS,
     LocalCluster,
+    free_port,
 )
 
 IMAGE = "kubetune.invalid/noop:0"  # never pulled: kwok has no container runtime
@@ -26,6 +29,19 @@ def apply(cluster: LocalCluster, manifest: dict[str, Any]) -> None:
 
 def get(cluster: LocalCluster, *args: str) -> dict[str, Any]:
     return cluster.get_json(*args)
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> None:
+    """The components' ports: an ephemeral one could be taken by any of the cluster's own
+    outgoing connections before its component binds it (kwok lost its port so once)."""
+    floor = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports), "a port was handed out twice"
+    if floor > 11000:  # room below the range (Linux's default range starts at 32768)
+        assert all(10000 <= p < floor for p in ports), [p for p in ports if not 10000 <= p < floor]
+    for port in ports[:20]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:

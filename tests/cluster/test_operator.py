@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import yaml
+from localcluster import free_port
 
 from kubetune.controller.rbac import OPERATOR_RULES
 from kubetune.controller.reconciler import PER_JOB_TABLES
 from support.helm import render
 from support.kube import (
     OperatorProcess,
-    free_port,
     get,
     grant_operator,
     install_crds,

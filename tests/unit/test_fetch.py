@@ -200,7 +200,7 @@ def test_missing_repository_and_revision_are_named(hub: HubServer, tmp_path: Pat
 
 
 def test_unreachable_hub_is_retryable(tmp_path: Path) -> None:
-    from support.kube import free_port
+    from localcluster import free_port
 
     with pytest.raises(FetchError, match=r"cannot reach http://127.0.0.1") as info:
         fetch_source(hf_source(), tmp_path, hf_endpoint=f"http://127.0.0.1:{free_port()}")

@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -169,13 +170,49 @@ def binary_path(component: str, cache: Path | None = None) -> Path:
     return (cache or default_cache()) / "bin" / f"{component}-{version}" / component
 
 
-def free_port() -> int:
-    # Bind-then-release can race with another process; every component fails
-    # loudly on a taken port and up() reports its log, so a retry is obvious.
+# Ports handed out by this process: nothing binds them between free_port() and the
+# component's start, so without this two calls could return the same one.
+_GIVEN_PORTS: set[int] = set()
+_PORT_FLOOR = 10000  # below: well-known and commonly configured ports
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range starts here
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, below the kernel's ephemeral range.
+
+    Port 0 picks from the ephemeral range, which every outgoing connection also takes its
+    local port from: between the pick and the component's bind, one of the cluster's own
+    client connections took kwok's port ("bind: address already in use", seen in make
+    bench). Below that range only another listener can take it. Every component still fails
+    loudly on a taken port, and up() reports its log."""
+    floor = _ephemeral_floor()
+    rng = random.SystemRandom()
+    if floor - _PORT_FLOOR >= 1000:
+        for _ in range(200):
+            port = rng.randrange(_PORT_FLOOR, floor)
+            if port not in _GIVEN_PORTS and _bindable(port):
+                _GIVEN_PORTS.add(port)
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no room below: the kernel's pick
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        port = int(sock.getsockname()[1])
+    _GIVEN_PORTS.add(port)
+    return port
 
 
 def _proc_start_ticks(pid: int) -> int | None:

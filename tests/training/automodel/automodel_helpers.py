@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -128,12 +127,6 @@ def run_entrypoint(
     """Run `python -m kubetune_trainer.automodel --config ...` (optionally under a launcher) in a subprocess."""
     command = [*(launcher or [sys.executable]), "-m", "kubetune_trainer.automodel", "--config", str(job.config)]
     return subprocess.run(command, env=trainer_env(extra_env), capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class StatusServer(HTTPServer):

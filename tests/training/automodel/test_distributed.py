@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from automodel_helpers import Job, free_port, run_entrypoint, run_in_process, tiny_spec, trainer_env
+from automodel_helpers import Job, run_entrypoint, run_in_process, tiny_spec, trainer_env
+from localcluster import free_port
 
 pytestmark = pytest.mark.training
 

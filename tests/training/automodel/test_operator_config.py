@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from automodel_helpers import Job, free_port, run_entrypoint, run_in_process
+from automodel_helpers import Job, run_entrypoint, run_in_process
+from localcluster import free_port
 
 from kubetune.api.resources import AUTOMODEL
 from kubetune.render import NO_PROGRESS, TrainerPaths, dumps_config, render_trainer_config
