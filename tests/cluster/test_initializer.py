@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from localcluster import free_port
 
 from kubetune_api import constants as c
 from support.hfhub import HubServer, tiny_model_files
@@ -327,9 +327,7 @@ def dev_python() -> str:
 @pytest.fixture
 def s3_server(tmp_path: Path) -> Iterator[str]:
     """moto's S3 server on loopback, a real S3 HTTP endpoint (SigV4, ranges, ETags)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = (tmp_path / "moto.log").open("wb")
     proc = subprocess.Popen(
         [*DEV, "moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
