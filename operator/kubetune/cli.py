@@ -54,10 +54,14 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 # kopf workers (objects handled at once) per watched kind: see --worker-limit and bench/README.md.
 DEFAULT_WORKER_LIMIT = 0
+# Job starts creating their objects at once: see --start-limit. Measured at 1,000 jobs over 100
+# namespaces (bench/README.md, "Start limit"): 8 starved the client, 32 matched no limit's throughput
+# with 38 % less peak memory and a lower median latency than no limit.
+DEFAULT_START_LIMIT = 32
 
 
-def _worker_limit(text: str) -> int:
-    """--worker-limit's value: a whole number, 0 or more (kopf would take a negative one)."""
+def _limit(text: str) -> int:
+    """--worker-limit's and --start-limit's value: a whole number, 0 (no limit) or more."""
     try:
         value = int(text)
     except ValueError:
@@ -157,6 +161,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
             args.health_port,
             resync_seconds=args.resync_seconds,
             worker_limit=args.worker_limit,
+            start_limit=args.start_limit,
             leadership=leadership,
             metrics_port=args.metrics_port,
         )
@@ -261,12 +266,21 @@ def _add_late_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--verbose", action="store_true", help="log every handled event (kopf.objects at INFO)")
     p.add_argument(
         "--worker-limit",
-        type=_worker_limit,
+        type=_limit,
         default=_env_default("KUBETUNE_WORKER_LIMIT", str(DEFAULT_WORKER_LIMIT)),  # a string: argparse converts it
         help="at most this many objects handled at once per watched kind (env KUBETUNE_WORKER_LIMIT; default 0: "
         "no limit). Without a limit a burst of 10,000 jobs put 10,000 passes in flight, whose requests timed "
         "out in the queue for connections and were retried; 128 let it complete. Not re-measured since a "
         "1,000-job burst in one namespace stopped being slow (bench/README.md, 'One namespace')",
+    )
+    p.add_argument(
+        "--start-limit",
+        type=_limit,
+        default=_env_default("KUBETUNE_START_LIMIT", str(DEFAULT_START_LIMIT)),  # a string: argparse converts it
+        help=f"at most this many new jobs creating their objects at once (env KUBETUNE_START_LIMIT; default "
+        f"{DEFAULT_START_LIMIT}; 0: no limit). The others wait their turn, counted in "
+        "kubetune_job_starts_waiting; running jobs' status passes never wait. Without it a burst of 10,000 "
+        "jobs timed out in the queue for the client's 32 connections (bench/README.md, 'Scale curve')",
     )
     p.add_argument(
         "--resync-seconds",

@@ -21,17 +21,21 @@ from kubetune.controller.rbac import OPERATOR_RULES
 from kubetune.controller.reconciler import PER_JOB_TABLES
 from support.helm import render
 from support.kube import (
+    EXAMPLES,
+    LORA,
     OperatorProcess,
+    apply,
     get,
     grant_operator,
     install_crds,
+    job,
+    prepare,
     scrape,
     wait_condition_reason,
     wait_phase,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 JOB_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name not in ("entities.yaml", "storage.yaml"))
 
 
@@ -47,25 +51,6 @@ def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     proc.stop()
 
 
-def apply(cluster: Any, namespace: str, *paths: Path, text: str | None = None) -> None:
-    if text is not None:
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=text)
-    for path in paths:
-        cluster.kubectl("apply", "-n", namespace, "-f", str(path))
-
-
-def prepare(cluster: Any, namespace: str) -> None:
-    apply(cluster, namespace, EXAMPLES / "storage.yaml", EXAMPLES / "entities.yaml")
-
-
-def job(kind: str, name: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> str:
-    meta: dict[str, Any] = {"name": name}
-    if annotations:
-        meta["annotations"] = annotations
-    return yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": kind, "metadata": meta, "spec": spec})
-
-
-LORA = {"model": "smollm2-135m", "dataset": {"training": "chat-train"}}
 # A Model that states its size (spec.parameters), for the memory pre-flight check.
 LLAMA_8B = {
     "apiVersion": "kubetune.io/v1alpha1",

@@ -21,6 +21,26 @@ from kubetune.controller.rbac import LEADER_ELECTION_RULES, OPERATOR_RULES, VOLU
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NAMESPACE = "kubetune-system"
 OPERATOR_SA = "kubetune-operator"
+EXAMPLES = ROOT / "examples"
+LORA = {"model": "smollm2-135m", "dataset": {"training": "chat-train"}}  # the smallest AutomodelJob spec
+
+
+def apply(cluster: Any, namespace: str, *paths: Path, text: str | None = None) -> None:
+    if text is not None:
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=text)
+    for path in paths:
+        cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+
+
+def prepare(cluster: Any, namespace: str) -> None:
+    apply(cluster, namespace, EXAMPLES / "storage.yaml", EXAMPLES / "entities.yaml")
+
+
+def job(kind: str, name: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> str:
+    meta: dict[str, Any] = {"name": name}
+    if annotations:
+        meta["annotations"] = annotations
+    return yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": kind, "metadata": meta, "spec": spec})
 
 
 def install_crds(cluster: Any) -> None:

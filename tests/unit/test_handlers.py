@@ -46,20 +46,28 @@ def test_worker_limit_reaches_kopf_with_a_short_idle_time(monkeypatch: pytest.Mo
     assert (default.queueing.worker_limit, default.queueing.idle_timeout) == (None, 5.0)
 
 
-def test_the_worker_limit_option_reads_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("option", "env", "default"),
+    [("worker_limit", "KUBETUNE_WORKER_LIMIT", 0), ("start_limit", "KUBETUNE_START_LIMIT", 32)],
+)
+def test_the_limit_options_read_their_environment_variables(
+    option: str, env: str, default: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kubetune import cli
 
-    monkeypatch.delenv("KUBETUNE_WORKER_LIMIT", raising=False)
-    assert cli.build_parser().parse_args(["operator"]).worker_limit == cli.DEFAULT_WORKER_LIMIT == 0
-    monkeypatch.setenv("KUBETUNE_WORKER_LIMIT", "32")
-    assert cli.build_parser().parse_args(["operator"]).worker_limit == 32
-    assert cli.build_parser().parse_args(["operator", "--worker-limit", "8"]).worker_limit == 8
+    flag = "--" + option.replace("_", "-")
+    monkeypatch.delenv(env, raising=False)
+    assert getattr(cli.build_parser().parse_args(["operator"]), option) == default
+    monkeypatch.setenv(env, "17")  # neither option's default, so a test that ignored the variable fails
+    assert getattr(cli.build_parser().parse_args(["operator"]), option) == 17
+    assert getattr(cli.build_parser().parse_args(["operator", flag, "0"]), option) == 0
 
 
+@pytest.mark.parametrize("flag", ["--worker-limit", "--start-limit"])
 @pytest.mark.parametrize("value", ["-1", "many"])
-def test_a_bad_worker_limit_is_refused_naming_the_option(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_limit_is_refused_naming_the_option(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from kubetune import cli
 
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["operator", "--worker-limit", value])
-    assert "--worker-limit" in capsys.readouterr().err
+        cli.build_parser().parse_args(["operator", flag, value])
+    assert flag in capsys.readouterr().err

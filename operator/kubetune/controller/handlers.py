@@ -221,12 +221,13 @@ async def run_operator(
     stop_flag: asyncio.Event | None = None,
     resync_seconds: float = 300.0,
     worker_limit: int = 0,
+    start_limit: int = 0,
     leadership: Leadership | None = None,
     metrics_port: int = 0,
 ) -> None:
     global _reconciler
     client = KubeClient.from_environment()
-    _reconciler = Reconciler(client, settings, _post_event)
+    _reconciler = Reconciler(client, settings, _post_event, start_limit=start_limit)
     metrics.track(metrics.TableCollector(_reconciler.tables, _reconciler.job_phases))
     metrics.LEADER.set(0 if leadership is not None else 1)
     # Served from the start, by a waiting replica too (it reports kubetune_leader 0).

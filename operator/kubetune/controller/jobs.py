@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, cast
@@ -16,6 +17,7 @@ from typing import Any, cast
 from pydantic import ValidationError
 
 from kubetune.api.resources import BY_KIND, spec_backend
+from kubetune.controller import metrics
 from kubetune.controller import status as st
 from kubetune.controller.builders import (
     MAX_JOB_NAME,
@@ -65,6 +67,23 @@ class _Leftover(Exception):
 
 
 LEFTOVER_RETRY_S = 2.0
+
+
+class _Waiting:
+    """A semaphore's slot, counted in kubetune_job_starts_waiting while it is waited for."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+
+    async def __aenter__(self) -> None:
+        metrics.STARTS_WAITING.inc()
+        try:
+            await self._slots.acquire()
+        finally:
+            metrics.STARTS_WAITING.dec()
+
+    async def __aexit__(self, *_: object) -> None:
+        self._slots.release()
 
 
 class JobPasses(ChildPasses, EntityPasses):
@@ -306,6 +325,34 @@ class JobPasses(ChildPasses, EntityPasses):
         )
         *support, child = build_all(inputs)
         uid = meta["uid"]
+        async with self._start_slot():
+            if self.jobs.get(key, {}).get("metadata", {}).get("uid") != uid:
+                return  # deleted while it waited for a slot: creating its objects would only feed the GC
+            await self._create_and_report(key, spec, support, child, resume, generation, now)
+
+    def _start_slot(self) -> AbstractAsyncContextManager[Any]:
+        """One of --start-limit slots for creating a job's objects. Without a bound, a burst of
+        10,000 new jobs put 10,000 starts' requests in the client's 32-connection queue, where
+        the 30 s timeout (which counts the wait) fired for most of them and every pass was
+        retried: 11 jobs/s and 14.7 writes per job (bench/README.md, "Scale curve"). Waiting
+        here costs no timeout, and passes of running jobs (status) do not wait at all."""
+        if self._start_slots is None:
+            return nullcontext()
+        return _Waiting(self._start_slots)
+
+    async def _create_and_report(
+        self,
+        key: JobKey,
+        spec: JobSpec,
+        support: list[dict[str, Any]],
+        child: dict[str, Any],
+        resume: ResumePoint | None,
+        generation: int | None,
+        now: str,
+    ) -> None:
+        """Create-or-get the job's objects, child last, then write the status they give."""
+        body = self.jobs[key]
+        current, uid = body.get("status") or {}, body["metadata"]["uid"]
         try:
             # Two round trips instead of five: the pod needs its ConfigMap and ServiceAccount
             # before the child exists, and a RoleBinding needs its Role first.

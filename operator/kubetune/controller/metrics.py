@@ -77,6 +77,12 @@ API_SECONDS = Histogram(
     ["verb", "code"],
     registry=REGISTRY,
 )
+STARTS_WAITING = Gauge(
+    "kubetune_job_starts_waiting",
+    "Job starts waiting for one of --start-limit slots (a burst of new jobs queues here, not in "
+    "the client's connection pool, where requests time out).",
+    registry=REGISTRY,
+)
 RESYNC_SECONDS = Histogram(
     "kubetune_resync_duration_seconds",
     "Time of one periodic resync over every job (children listed afresh).",

@@ -69,7 +69,9 @@ class ReconcilerState(ABC):
     """The tables every pass reads and writes, and `_reconcile`, the one pass every
     concern starts (for a watch event, a retry or a resync); jobs.py defines it."""
 
-    def __init__(self, client: KubeClient, settings: OperatorSettings, post_event: EventPoster) -> None:
+    def __init__(
+        self, client: KubeClient, settings: OperatorSettings, post_event: EventPoster, start_limit: int = 0
+    ) -> None:
         self.client = client
         self.settings = settings
         self.post_event = post_event
@@ -98,6 +100,8 @@ class ReconcilerState(ABC):
         # involved uid, one LIST shared by every pod-less child of the namespace (children.py)
         self._failed_creates: dict[str, tuple[float, asyncio.Future[dict[str, list[Mapping[str, Any]]]]]] = {}
         self._memory_risks: dict[JobKey, tuple[tuple[Any, ...], str | None]] = {}  # per generation, GPU size
+        # Job starts creating objects at once (--start-limit; 0: no limit), see JobPasses._start.
+        self._start_slots = asyncio.Semaphore(start_limit) if start_limit else None
 
     def _lock(self, key: JobKey) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
