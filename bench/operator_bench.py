@@ -3,8 +3,9 @@
 1. reconcile latency: N AutomodelJobs (1 GPU) created at once; job ADDED → child Job
    ADDED, from one watch. Baselines: N batch/v1 Jobs → their pod (kube-controller-manager's
    Job controller), N PyTorchJobs → their pod (training-operator).
-2. throughput: M AutomodelJobs at once → all children; jobs/s, the operator's peak RSS
-   and CPU seconds per job.
+2. throughput: M AutomodelJobs at once → all children, and → every job's status naming
+   its child (the operator's start done); jobs/s, the operator's peak RSS and CPU seconds
+   per job (counted to the second).
 3. status latency: child Job Complete → our job Succeeded (same watch).
 4. API cost: requests per job over its whole life, from the API server's
    apiserver_request_total deltas for the resources only the operator writes.
@@ -66,6 +67,8 @@ class Seen:
 
     added: dict[tuple[str, str], float] = field(default_factory=dict)
     done: dict[tuple[str, str], float] = field(default_factory=dict)
+    # A job's status names its child: the operator's whole start (creates, status write) is done.
+    named: dict[tuple[str, str], float] = field(default_factory=dict)
     owner_of: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
@@ -140,6 +143,8 @@ class Watcher:
         )
         if finished and key not in self.seen.done:
             self.seen.done[key] = now
+        if status.get("child") and key not in self.seen.named:
+            self.seen.named[key] = now
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -570,6 +575,11 @@ async def run(n_latency: int, n_throughput: int, workdir: Path, waves: int = 5, 
             lambda: all(("Job", f"{n}-automodel") in w_big.seen.added for n in big), 1800, "every child at scale"
         )
         t1 = max(w_big.seen.added[("Job", f"{n}-automodel")] for n in big)
+        # As in the scale curve: the start is done when the job's status names its child.
+        await wait_until(
+            lambda: all(("AutomodelJob", n) in w_big.seen.named for n in big), 1800, "every status at scale"
+        )
+        t2 = max(w_big.seen.named[("AutomodelJob", n)] for n in big)
         cpu = sampler.cpu_seconds() - cpu0
         sampler.stop()
         rows.append(
@@ -582,6 +592,14 @@ async def run(n_latency: int, n_throughput: int, workdir: Path, waves: int = 5, 
         )
         rows.append(
             {
+                "name": f"throughput: {n_throughput} AutomodelJobs at once → every status names its child",
+                "unit": "jobs/s",
+                "value": round(n_throughput / (t2 - t0), 2),
+                "target": ">= 100",
+            }
+        )
+        rows.append(
+            {
                 "name": "operator peak RSS during the throughput run",
                 "unit": "MB",
                 "value": round(sampler.peak_rss / 1e6, 1),
@@ -590,7 +608,7 @@ async def run(n_latency: int, n_throughput: int, workdir: Path, waves: int = 5, 
         )
         rows.append(
             {
-                "name": "operator CPU per job (throughput run)",
+                "name": "operator CPU per job (throughput run, until every status names its child)",
                 "unit": "ms",
                 "value": round(1000 * cpu / n_throughput, 2),
             }
@@ -710,6 +728,14 @@ async def scale_point(size: int, n_namespaces: int, workdir: Path) -> list[dict[
             lambda: all(("Job", f"{n}-automodel") in seen.added for n in names), 3600, f"the children of {size} jobs"
         )
         t1 = max(seen.added[("Job", f"{n}-automodel")] for n in names)
+        # The work is counted to where every job's status names its child, not to the last
+        # child: a start's status write (and its Event) comes after its child, so counting to
+        # the last child favoured an operator that makes every child first and writes every
+        # status after the clock stopped (seen with --start-limit, bench/README.md).
+        await wait_until(
+            lambda: all(("AutomodelJob", n) in seen.named for n in names), 3600, f"the statuses of {size} jobs"
+        )
+        t2 = max(seen.named[("AutomodelJob", n)] for n in names)
         cpu = sampler.cpu_seconds() - cpu0
         busy = {n: round(s.cpu_seconds() - busy0[n], 1) for n, s in components.items()}
         requests = await request_counts(session, cluster.server)
@@ -720,6 +746,7 @@ async def scale_point(size: int, n_namespaces: int, workdir: Path) -> list[dict[
             if verb not in ("GET", "LIST", "WATCH") and n - requests0[(resource, sub, verb)] >= size / 20
         }
         latency = latencies(seen, "AutomodelJob", names, lambda n: seen.added.get(("Job", f"{n}-automodel")))
+        named = latencies(seen, "AutomodelJob", names, lambda n: seen.named.get(("AutomodelJob", n)))
         settings = {"jobs": size, "namespaces": n_namespaces}
         return [
             {
@@ -728,9 +755,19 @@ async def scale_point(size: int, n_namespaces: int, workdir: Path) -> list[dict[
                 "value": round(size / (t1 - t0), 2),
                 "settings": settings,
             },
+            {
+                "name": f"scale {size}: throughput until every job's status names its child",
+                "unit": "jobs/s",
+                "value": round(size / (t2 - t0), 2),
+                "settings": settings,
+            },
             *(
                 {**r, "name": f"scale {size}: {r['name']}", "settings": settings}
                 for r in summary("job → child Job", latency)
+            ),
+            *(
+                {**r, "name": f"scale {size}: {r['name']}", "settings": settings}
+                for r in summary("job → its status names the child", named)
             ),
             {
                 "name": f"scale {size}: operator peak RSS",
@@ -745,15 +782,15 @@ async def scale_point(size: int, n_namespaces: int, workdir: Path) -> list[dict[
                 "settings": settings,
             },
             {
-                "name": f"scale {size}: CPU seconds of the whole control plane until the last child",
+                "name": f"scale {size}: CPU seconds of the whole control plane until every status names its child",
                 "unit": "s",
                 "value": round(sum(busy.values()), 1),
-                "wall_s": round(t1 - t0, 1),
+                "wall_s": round(t2 - t0, 1),
                 "by_component": dict(sorted(busy.items(), key=lambda kv: -kv[1])),
                 "settings": settings,
             },
             {
-                "name": f"scale {size}: API writes per job until the last child (every client)",
+                "name": f"scale {size}: API writes per job until every status names its child (every client)",
                 "unit": "requests",
                 "value": round(sum(per_job.values()), 2),
                 "breakdown": dict(sorted(per_job.items(), key=lambda kv: -kv[1])),
